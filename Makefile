@@ -1,0 +1,30 @@
+# Two commands users need: `make demo` and `make test`. Both create .venv (Python 3.11) if missing.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-fast demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	bash infra/demo.sh
+
+bench: $(STAMP)
+	$(PY) bench/at_step.py
+
+clean:
+	rm -rf $(VENV) mlflow.db mlruns ray_results .pytest_cache

@@ -1,0 +1,67 @@
+"""Our own L-inf PGD, the attack inside adversarial training.
+
+Written here (not taken from torchattacks) because training needs two things a generic attack
+library does not give: gradients with respect to the input only (no parameter gradients are
+computed or accumulated during the k inner steps), and a hook to average the gradient over
+several fresh paths (EOT). Randomness comes from a passed generator.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def random_start(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
+    """x plus uniform noise in [-eps, eps], clamped to [0, 1]; drawn on the generator's device."""
+    gen_device = generator.device if generator is not None else x.device
+    noise = torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
+    return (x + (noise * 2 - 1) * eps).clamp_(0, 1)
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, repeats: int = 1) -> torch.Tensor:
+    """d loss / d x summed over `repeats` forwards (each may run a fresh path), input only."""
+    grad = torch.zeros_like(x)
+    for _ in range(repeats):
+        x_req = x.detach().requires_grad_(True)
+        loss = loss_fn(model(x_req), y)
+        (g,) = torch.autograd.grad(loss, [x_req])
+        grad += g
+    return grad
+
+
+def pgd_linf(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    step_size: float,
+    steps: int,
+    use_random_start: bool = True,
+    generator: torch.Generator | None = None,
+    loss_fn: LossFn | None = None,
+    grad_repeats: int = 1,
+    active_mask_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Projected gradient ascent in the L-inf ball of radius `eps` around x, inside [0, 1].
+
+    `grad_repeats` > 1 averages the gradient over that many forwards (EOT when the model draws a
+    fresh path on every forward). `active_mask_fn(x_adv)` may return a boolean mask of examples
+    still to attack (early stopping); inactive examples keep their current value.
+    """
+    loss_fn = loss_fn or (lambda logits, target: F.cross_entropy(logits, target))
+    x = x.detach()
+    x_adv = random_start(x, eps, generator) if use_random_start else x.clone()
+    for _ in range(steps):
+        grad = input_gradient(model, x_adv, y, loss_fn, grad_repeats)
+        step = step_size * grad.sign()
+        if active_mask_fn is not None:
+            mask = active_mask_fn(x_adv).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+            step = step * mask
+        x_adv = torch.min(torch.max(x_adv + step, x - eps), x + eps).clamp_(0, 1).detach()
+    return x_adv

@@ -1,0 +1,368 @@
+"""One tree of frozen dataclasses for every job, loaded from YAML with `--set key=value` overrides.
+
+The tree flattens to `{"train.lr": 0.1, ...}` for `mlflow.log_params` and rebuilds from that dict
+(which is what Ray passes to workers). Every value is validated on construction, so a bad config
+fails on the driver with one clear line, before any cluster work starts.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path as FsPath
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .norms import parse_space
+from .paths import parse_strategy
+
+TRAIN_MODES = ("blackbox", "whitebox", "eot", "natural")
+SCHEDULES = ("multistep", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network, which randomization method and which random space."""
+
+    name: str = "resnet18"
+    method: str = "rna"  # rna: random norms; rpt: random precision (RPI+RPT)
+    norm: str = "bn,gns:1"  # a single spec or a comma-separated random space
+    precisions: str = "4-16"  # rpt only: bit widths, a range "4-16" or a list "4,8,16"
+    rpt_draws: str = "per_iteration"  # rpt only: one precision per iteration, or "attack_and_update"
+
+    def validate(self) -> None:
+        from .models import list_methods, list_models
+
+        if self.name not in list_models():
+            raise ConfigError(f"model.name '{self.name}' is unknown; valid: {', '.join(list_models())}")
+        if self.method not in list_methods():
+            raise ConfigError(f"model.method '{self.method}' is unknown; valid: {', '.join(list_methods())}")
+        parse_space(self.norm)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how it is batched."""
+
+    dataset: str = "cifar10"  # cifar10 | cifar100 | synthetic
+    data_dir: str | None = None  # folder (or URI) with train.parquet/test.parquet, or torchvision root
+    download: bool = False
+    synthetic_size: int = 512
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    augment: bool = True
+    train_limit: int = 0  # 0 = the whole training set
+    eval_limit: int = 1000  # size of the held-out slice evaluated during and after training
+
+    def validate(self) -> None:
+        if self.dataset not in ("cifar10", "cifar100", "synthetic"):
+            raise ConfigError(f"data.dataset '{self.dataset}' is unknown; valid: cifar10, cifar100, synthetic")
+        for name in ("batch_size", "eval_batch_size", "synthetic_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.train_limit < 0 or self.eval_limit < 0:
+            raise ConfigError("data.train_limit and data.eval_limit must be >= 0 (0 = all)")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """PGD settings of adversarial training; eps and step_size in pixels/255."""
+
+    eps: float = 8.0
+    step_size: float = 2.0
+    steps: int = 10
+    random_start: bool = True
+
+    def validate(self) -> None:
+        if self.eps < 0 or self.step_size < 0 or self.steps < 0:
+            raise ConfigError("train.attack.eps, step_size and steps must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The paper's recipe by default: SGD 0.1, momentum 0.9, wd 5e-4, 200 epochs, /10 at 50% and 75%."""
+
+    epochs: int = 200
+    mode: str = "blackbox"  # blackbox | whitebox | eot | natural
+    sampling: str = "uniform"  # uniform | shared | fixed:<path> | far:<fraction>
+    eot_iter: int = 4
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "multistep"  # multistep | cosine | constant
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    seed: int = 0
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    eval_pgd_steps: int = 20
+    eval_every: int = 1  # epochs between per-epoch clean/pgd20 evaluations
+
+    def validate(self) -> None:
+        if self.mode not in TRAIN_MODES:
+            raise ConfigError(f"train.mode '{self.mode}' is unknown; valid: {', '.join(TRAIN_MODES)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule '{self.schedule}' is unknown; valid: {', '.join(SCHEDULES)}")
+        parse_strategy(self.sampling)
+        if self.epochs <= 0:
+            raise ConfigError(f"train.epochs must be positive, got {self.epochs}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.eot_iter <= 0:
+            raise ConfigError(f"train.eot_iter must be positive, got {self.eot_iter}")
+        if any(not 0 < m < 1 for m in self.milestones):
+            raise ConfigError("train.milestones are fractions of the run in (0, 1), e.g. [0.5, 0.75]")
+        self.attack.validate()
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """How the job runs on Ray."""
+
+    num_workers: int = 1
+    use_gpu: str = "auto"  # auto | true | false
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    storage_path: str = "./ray_results"
+    max_failures: int = 0
+    address: str | None = None  # Ray address; None = connect to a running cluster or start a local one
+
+    def validate(self) -> None:
+        if self.num_workers <= 0:
+            raise ConfigError(f"ray.num_workers must be positive, got {self.num_workers}")
+        if str(self.use_gpu).lower() not in ("auto", "true", "false"):
+            raise ConfigError(f"ray.use_gpu must be auto, true or false, got {self.use_gpu}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: experiment and run names (the tracking URI comes from MLFLOW_TRACKING_URI)."""
+
+    experiment: str = "rna"
+    run_name: str | None = None
+
+    def validate(self) -> None:
+        if not self.experiment:
+            raise ConfigError("mlflow.experiment must not be empty")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of a job."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: ScalingConfig = field(default_factory=ScalingConfig)
+    mlflow: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> "Config":
+        for f in fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def num_classes(self) -> int:
+        return 100 if self.data.dataset == "cifar100" else 10
+
+
+# ---------------------------------------------------------------- building from dicts and text
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise ConfigError."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin is tuple:
+        (inner, *_rest) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        return tuple(_coerce(v, inner, key) for v in value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}") from None
+    if typ is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = _field_types(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys in {where}: {', '.join(sorted(names))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        typ = hints[name]
+        if is_dataclass(typ):
+            kwargs[name] = _build(typ, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, typ, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (as read from YAML)."""
+    return _build(Config, data or {}, "").validate()
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (tuples become lists), suitable for YAML."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            out[f.name] = to_dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """`{"train.lr": 0.1, "train.attack.eps": 8.0, ...}`; tuples become comma-joined strings."""
+    flat: dict[str, Any] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            elif isinstance(value, tuple):
+                flat[f"{prefix}{f.name}"] = ",".join(map(str, value))
+            else:
+                flat[f"{prefix}{f.name}"] = value
+
+    walk(cfg, "")
+    return flat
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = nested
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config key '{key}' conflicts with '{p}', which is not a section")
+            node = child
+        node[parts[-1]] = value
+    return nested
+
+
+def unflatten(flat: dict[str, Any]) -> Config:
+    """Rebuild a Config from :func:`flatten`'s dict."""
+    return config_from_dict(_nest(flat))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=0.05` -> ("train.lr", 0.05); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' is not key=value; write e.g. --set train.lr=0.05")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Merge `key=value` overrides into a nested dict (before validation)."""
+    merged = _nest({})
+    merged.update({k: dict(v) if isinstance(v, dict) else v for k, v in (data or {}).items()})
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        node = merged
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{p}' is a value, not a section")
+            else:
+                child = node[p] = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return merged
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML preset (or the defaults when path is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = FsPath(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; presets live in configs/ (e.g. configs/smoke.yaml)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" at line {line + 1}" if line is not None else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix the syntax") from None
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def with_changes(cfg: Config, **sections: Any) -> Config:
+    """Return a copy with some sections replaced (`with_changes(cfg, train=replace(cfg.train, lr=1))`)."""
+    return replace(cfg, **sections).validate()
+
+
+__all__ = [
+    "AttackConfig",
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "ScalingConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "dump_yaml",
+    "flatten",
+    "load_config",
+    "parse_override",
+    "to_dict",
+    "unflatten",
+    "with_changes",
+]

@@ -1,0 +1,57 @@
+"""Building blocks shared by every model: input standardisation and the layer factory.
+
+Models never construct a norm or a conv directly; they ask a :class:`LayerFactory`. The default
+factory makes plain convolutions and, per norm position, either one norm (a single spec) or a
+:class:`RandomNorm` over a space. Other factories (quantized layers for RPI+RPT) plug in here
+without touching model code.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from ..norms import build_norm, parse_space
+from ..random_layer import RandomNorm
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+class Standardize(nn.Module):
+    """First layer of every model: (x - mean) / std, so attacks work in [0, 1] pixel space."""
+
+    def __init__(self, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class LayerFactory:
+    """Makes the convs, linears and norms of a model from a norm spec or random space."""
+
+    def __init__(self, norm: str = "bn"):
+        self.norm_text = norm
+        self.space = parse_space(norm)
+
+    def norm(self, channels: int, where: str) -> nn.Module:
+        if len(self.space) == 1:
+            return build_norm(self.space[0], channels, where)
+        return RandomNorm(self.space, channels, where)
+
+    def conv(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0) -> nn.Module:
+        return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, bias=False)
+
+    def linear(self, in_features: int, out_features: int) -> nn.Module:
+        return nn.Linear(in_features, out_features)
+
+    def describe(self) -> dict[str, str]:
+        """What the factory builds, for checkpoints and model cards."""
+        return {"norm": ",".join(map(str, self.space))}

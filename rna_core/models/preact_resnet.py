@@ -1,0 +1,60 @@
+"""PreActResNet-18 (the model of Double-Win Quant), CIFAR variant, norms from the layer factory."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import LayerFactory, Standardize
+from .registry import register_model
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, f: LayerFactory, in_ch: int, out_ch: int, stride: int, where: str):
+        super().__init__()
+        self.bn1 = f.norm(in_ch, f"{where}.bn1")
+        self.conv1 = f.conv(in_ch, out_ch, 3, stride, 1)
+        self.bn2 = f.norm(out_ch, f"{where}.bn2")
+        self.conv2 = f.conv(out_ch, out_ch, 3, 1, 1)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = f.conv(in_ch, out_ch, 1, stride, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet(nn.Module):
+    def __init__(self, f: LayerFactory, blocks: tuple[int, ...], num_classes: int, standardize: Standardize):
+        super().__init__()
+        self.standardize = standardize
+        self.conv1 = f.conv(3, 64, 3, 1, 1)
+        stages = []
+        in_ch = 64
+        for i, (n, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
+            layers = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                layers.append(PreActBlock(f, in_ch, width, stride, f"layer{i + 1}.{j}"))
+                in_ch = width
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.bn = f.norm(512, "bn")
+        self.linear = f.linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(self.standardize(x))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.relu(self.bn(out))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+@register_model("preact_resnet18")
+def preact_resnet18(factory: LayerFactory, num_classes: int, standardize: Standardize) -> nn.Module:
+    return PreActResNet(factory, (2, 2, 2, 2), num_classes, standardize)

@@ -1,0 +1,37 @@
+"""A small CNN for smoke runs and fast tests (not a paper model): 4 norm layers, seconds on a CPU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import LayerFactory, Standardize
+from .registry import register_model
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, f: LayerFactory, num_classes: int, standardize: Standardize, width: int = 16):
+        super().__init__()
+        self.standardize = standardize
+        chans = (width, width * 2, width * 4, width * 4)
+        convs, norms = [], []
+        in_ch = 3
+        for i, ch in enumerate(chans):
+            convs.append(f.conv(in_ch, ch, 3, 1 if i == 0 else 2, 1))
+            norms.append(f.norm(ch, f"norm{i + 1}"))
+            in_ch = ch
+        self.convs = nn.ModuleList(convs)
+        self.norms = nn.ModuleList(norms)
+        self.linear = f.linear(in_ch, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.standardize(x)
+        for conv, norm in zip(self.convs, self.norms):
+            out = F.relu(norm(conv(out)))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+@register_model("small_cnn")
+def small_cnn(factory: LayerFactory, num_classes: int, standardize: Standardize) -> nn.Module:
+    return SmallCNN(factory, num_classes, standardize)

@@ -1,0 +1,70 @@
+"""WideResNet-34-10 (the RNA paper's "WideResNet32"): pre-activation wide blocks, factory norms."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import LayerFactory, Standardize
+from .registry import register_model
+
+
+class WideBlock(nn.Module):
+    def __init__(self, f: LayerFactory, in_ch: int, out_ch: int, stride: int, where: str):
+        super().__init__()
+        self.bn1 = f.norm(in_ch, f"{where}.bn1")
+        self.conv1 = f.conv(in_ch, out_ch, 3, stride, 1)
+        self.bn2 = f.norm(out_ch, f"{where}.bn2")
+        self.conv2 = f.conv(out_ch, out_ch, 3, 1, 1)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = f.conv(in_ch, out_ch, 1, stride, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + skip
+
+
+class WideResNet(nn.Module):
+    def __init__(self, f: LayerFactory, depth: int, widen: int, num_classes: int, standardize: Standardize):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        widths = (16, 16 * widen, 32 * widen, 64 * widen)
+        self.standardize = standardize
+        self.conv1 = f.conv(3, widths[0], 3, 1, 1)
+        stages = []
+        in_ch = widths[0]
+        for i, width in enumerate(widths[1:]):
+            layers = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                layers.append(WideBlock(f, in_ch, width, stride, f"block{i + 1}.{j}"))
+                in_ch = width
+            stages.append(nn.Sequential(*layers))
+        self.block1, self.block2, self.block3 = stages
+        self.bn = f.norm(in_ch, "bn")
+        self.linear = f.linear(in_ch, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(self.standardize(x))
+        out = self.block3(self.block2(self.block1(out)))
+        out = F.relu(self.bn(out))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+@register_model("wrn34_10")
+def wrn34_10(factory: LayerFactory, num_classes: int, standardize: Standardize) -> nn.Module:
+    return WideResNet(factory, 34, 10, num_classes, standardize)
+
+
+@register_model("wrn16_2")
+def wrn16_2(factory: LayerFactory, num_classes: int, standardize: Standardize) -> nn.Module:
+    """A small WideResNet for fast experiments and tests (not a paper model)."""
+    return WideResNet(factory, 16, 2, num_classes, standardize)

@@ -1,0 +1,172 @@
+"""The adversarial training step and epoch loop (the paper's recipe), readable top to bottom.
+
+Blackbox mode (the paper): draw an attack path, craft PGD-k on it, draw an independent update path,
+take the SGD step on the adversarial batch through the update path. The step returns tensors, not
+Python numbers, so there is no host sync inside it; the epoch loop syncs once at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attacks.pgd import pgd_linf
+from .config import AttackConfig, TrainConfig
+from .paths import PathSampler, fresh_path_every_forward, set_path
+
+
+@dataclass
+class StepOutput:
+    """Sums over the batch, kept on the device (no `.item()` inside the step)."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    n: int
+
+
+def craft_adversarial(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: AttackConfig,
+    generator: torch.Generator | None,
+    eot_sampler: PathSampler | None = None,
+    eot_iter: int = 1,
+) -> torch.Tensor:
+    """PGD on the model's current path, or averaged over fresh paths when `eot_sampler` is given."""
+    kwargs = dict(
+        eps=attack.eps / 255,
+        step_size=attack.step_size / 255,
+        steps=attack.steps,
+        use_random_start=attack.random_start,
+        generator=generator,
+    )
+    if eot_sampler is None:
+        return pgd_linf(model, x, y, **kwargs)
+    with fresh_path_every_forward(model, eot_sampler):
+        return pgd_linf(model, x, y, grad_repeats=eot_iter, **kwargs)
+
+
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    sampler: PathSampler,
+    attack_model: nn.Module | None = None,
+) -> StepOutput:
+    """One adversarial training step in `cfg.mode`; the model is in train mode throughout (paper).
+
+    `attack_model` is the module used to craft the examples (the bare model when `model` is a
+    DDP wrapper, so the attack's forwards do not trigger gradient synchronisation).
+    """
+    attacker = attack_model if attack_model is not None else model
+    target = attacker  # the module whose random layers paths are set on
+    model.train()
+    if cfg.mode == "natural":
+        sampler.apply(target)
+        x_train = x
+    elif cfg.mode == "eot":
+        x_train = craft_adversarial(attacker, x, y, cfg.attack, sampler.generator, sampler, cfg.eot_iter)
+        sampler.apply(target)
+    else:
+        attack_path = sampler.apply(target)
+        x_train = craft_adversarial(attacker, x, y, cfg.attack, sampler.generator)
+        if cfg.mode == "blackbox":
+            sampler.apply(target, relative_to=attack_path)
+        else:
+            set_path(target, attack_path)
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(x_train)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        correct = (logits.argmax(1) == y).sum()
+    return StepOutput(loss.detach() * y.shape[0], correct, y.shape[0])
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    sampler: PathSampler,
+    attack_model: nn.Module | None = None,
+) -> dict[str, float]:
+    """Run one epoch; returns train_loss, train_acc, images, epoch_seconds, images_per_second."""
+    start = time.perf_counter()
+    loss_sum = torch.zeros(())
+    correct = torch.zeros((), dtype=torch.long)
+    n = 0
+    for x, y in batches:
+        out = train_step(model, x, y, optimizer, cfg, sampler, attack_model)
+        loss_sum = loss_sum.to(out.loss_sum.device) + out.loss_sum
+        correct = correct.to(out.correct.device) + out.correct
+        n += out.n
+    seconds = time.perf_counter() - start
+    n_safe = max(n, 1)
+    return {
+        "train_loss": float(loss_sum.item()) / n_safe,
+        "train_acc": float(correct.item()) / n_safe,
+        "images": float(n),
+        "epoch_seconds": seconds,
+        "images_per_second": n / seconds if seconds > 0 else 0.0,
+    }
+
+
+@torch.no_grad()
+def evaluate_clean(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], sampler: PathSampler
+) -> tuple[int, int]:
+    """(correct, n) with a fresh path drawn for every batch, model in eval mode."""
+    model.eval()
+    correct, n = 0, 0
+    for x, y in batches:
+        sampler.apply(model)
+        correct += int((model(x).argmax(1) == y).sum().item())
+        n += y.shape[0]
+    return correct, n
+
+
+def evaluate_pgd(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    sampler: PathSampler,
+    protocol: str = "transfer",
+    eps: float = 8.0,
+    step_size: float = 2.0,
+    steps: int = 20,
+    eot_iter: int = 4,
+) -> tuple[int, int]:
+    """PGD accuracy (correct, n) in eval mode under `transfer`, `fixed-path` or `eot`.
+
+    transfer: attack one path per batch, score on a fresh path. fixed-path: score on the attacked
+    path. eot: every forward of the attack draws a fresh path and each step averages `eot_iter`
+    gradients; a fresh path scores. (The full protocol set lives in `rna_core.evaluation`.)
+    """
+    if protocol not in ("transfer", "fixed-path", "eot"):
+        raise ValueError(f"unknown protocol {protocol!r}")
+    model.eval()
+    attack = AttackConfig(eps=eps, step_size=step_size, steps=steps, random_start=True)
+    correct, n = 0, 0
+    for x, y in batches:
+        attack_path = sampler.apply(model)
+        if protocol == "eot":
+            x_adv = craft_adversarial(model, x, y, attack, sampler.generator, sampler, eot_iter)
+        else:
+            x_adv = craft_adversarial(model, x, y, attack, sampler.generator)
+        if protocol == "fixed-path":
+            set_path(model, attack_path)
+        else:
+            sampler.apply(model, relative_to=attack_path)
+        with torch.no_grad():
+            correct += int((model(x_adv).argmax(1) == y).sum().item())
+        n += y.shape[0]
+    return correct, n
