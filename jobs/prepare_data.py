@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> list[Path]:
 
     # Load both splits before writing anything, so a missing split leaves no new files behind.
     splits = {
-        split: load_torchvision_cifar(args.dataset, root=args.root, train=split == "train", download=not args.no_download)
+        split: load_torchvision_cifar(
+            args.dataset, root=args.root, train=split == "train", download=not args.no_download
+        )
         for split in ("train", "test")
     }
     written = []

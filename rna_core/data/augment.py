@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 
-def crop_flip(x: torch.Tensor, offset_y: torch.Tensor, offset_x: torch.Tensor, flip: torch.Tensor, padding: int) -> torch.Tensor:
+def crop_flip(
+    x: torch.Tensor, offset_y: torch.Tensor, offset_x: torch.Tensor, flip: torch.Tensor, padding: int
+) -> torch.Tensor:
     """Deterministic core: crop each zero-padded image at its offsets, then flip where asked.
 
     ``offset_y``/``offset_x`` are ``(B,)`` ints in ``[0, 2 * padding]``; ``flip`` is ``(B,)`` bool.

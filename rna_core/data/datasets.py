@@ -75,5 +75,6 @@ def load_dataset(
             raise
         raise DatasetNotFoundError(
             f"{name} {split}: neither {split}.parquet nor torchvision files in {os.path.abspath(root)}; "
-            f"set data.download=true, or run `python jobs/prepare_data.py --dataset {name} --out DIR` and set data_dir=DIR"
+            f"set data.download=true, or run `python jobs/prepare_data.py --dataset {name} --out DIR` "
+            "and set data_dir=DIR"
         ) from e

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -43,24 +44,38 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"cannot open dataset URI {uri!r}: {msg}; use a local path or a URI pyarrow supports (file://, s3://, gs://)") from e
+        raise ConfigError(
+            f"cannot open dataset URI {uri!r}: {_first_line(e)}; "
+            "use a local path or a URI pyarrow supports (file://, s3://, gs://)"
+        ) from e
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _file_info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
+    try:
+        return fs.get_file_info(path)
+    except OSError as e:  # object-store credentials, network, permissions
+        raise DatasetNotFoundError(f"cannot reach dataset file {uri}: {_first_line(e)}") from e
 
 
 def dataset_exists(uri: str) -> bool:
     """Whether ``uri`` names an existing file (used to pick Parquet over torchvision)."""
     fs, path = _resolve(uri)
-    return fs.get_file_info(path).type == pafs.FileType.File
+    return _file_info(fs, path, uri).type == pafs.FileType.File
 
 
 def _run_chunks(n: int, work: Callable[[int, int], None], threads: int | None) -> None:
-    """Run ``work(start, stop)`` over ``[0, n)`` in chunks, on a thread pool when it pays.
+    """Run ``work(start, stop)`` over ``[0, n)`` in chunks, optionally on a thread pool.
 
-    Pillow releases the GIL while its C codecs run, so threads give a real speed-up on the
-    decode-heavy part without the cost of shipping bytes to processes.
+    The codecs release the GIL, but for 32x32 images the per-image Python overhead dominates:
+    on 2 cores, 2 threads were no faster (often slower) than 1 for both decode and encode of
+    CIFAR, hence the default of 1. ``threads=None`` uses every core, for larger images.
     """
     if threads is None:
-        threads = min(8, os.cpu_count() or 1)
+        threads = os.cpu_count() or 1
     bounds = [(s, min(s + _CHUNK, n)) for s in range(0, n, _CHUNK)]
     if threads <= 1 or len(bounds) <= 1:
         for s, e in bounds:
@@ -79,10 +94,14 @@ def _decode_pil(data: bytes) -> np.ndarray:
 
 
 def _torchvision_decoder() -> Callable[[bytes], np.ndarray] | None:
-    """torchvision's libpng/libjpeg decode: ~3x faster than PIL per 32x32 image, same pixels."""
+    """torchvision's libjpeg-turbo/libpng decode: ~3x faster than PIL on 32x32 JPEGs, same pixels.
+
+    torchvision 0.29 deprecates its image codecs (in favour of torchcodec); when they are gone
+    or not built, this returns None and PIL takes over.
+    """
     try:
         from torchvision.io import ImageReadMode, decode_image
-    except Exception:  # torchvision missing or its image extension not built
+    except Exception:
         return None
 
     def decode(data: bytes) -> np.ndarray:
@@ -93,68 +112,103 @@ def _torchvision_decoder() -> Callable[[bytes], np.ndarray] | None:
     return decode
 
 
-def decode_images(blobs: Sequence[bytes], threads: int | None = None, backend: str = "auto") -> torch.Tensor:
+def decode_images(blobs: Sequence[bytes], threads: int | None = 1, backend: str = "auto") -> torch.Tensor:
     """Decode encoded images (all one size) into one ``(N, 3, H, W)`` uint8 tensor.
 
-    ``backend``: "torchvision", "pil", or "auto" (torchvision when importable, else PIL). Both
-    give identical pixels for PNG and for the JPEG files of this project (libjpeg-turbo).
+    ``backend``: "torchvision", "pil", or "auto" (torchvision when it can decode the first
+    image, else PIL). Both give identical pixels for PNG and for this project's JPEG files.
     """
     if backend not in ("auto", "torchvision", "pil"):
         raise ConfigError(f"unknown image decoder {backend!r}; use auto, torchvision or pil")
-    decode = _torchvision_decoder() if backend != "pil" else None
-    if decode is None:
-        if backend == "torchvision":
-            raise ConfigError("torchvision image decoding is unavailable; install torchvision or use backend='pil'")
-        decode = _decode_pil
     n = len(blobs)
     if n == 0:
         return torch.empty((0, 3, 0, 0), dtype=torch.uint8)
-    first = decode(blobs[0])
-    out = np.empty((n, *first.shape), dtype=np.uint8)  # NHWC: what both decoders hand out
+    with warnings.catch_warnings():
+        # One deprecation notice per image would bury real warnings; see _torchvision_decoder.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        decode, first = _pick_decoder(blobs[0], backend)
+        if first.ndim != 3 or first.shape[2] != 3:
+            raise ConfigError(f"image 0 decodes to shape {first.shape}, expected (H, W, 3)")
+        out = np.empty((n, *first.shape), dtype=np.uint8)  # NHWC: what both decoders hand out
+        out[0] = first
 
-    def work(start: int, stop: int) -> None:
-        for i in range(start, stop):
-            arr = decode(blobs[i])
-            if arr.shape != first.shape:
-                raise ConfigError(f"image {i} is {arr.shape[1]}x{arr.shape[0]} but image 0 is {first.shape[1]}x{first.shape[0]}; all images of a dataset must share one size")
-            out[i] = arr
+        def work(start: int, stop: int) -> None:
+            for i in range(max(start, 1), stop):
+                arr = _checked(decode, blobs[i], i)
+                if arr.shape != first.shape:
+                    raise ConfigError(
+                        f"image {i} is {arr.shape[1]}x{arr.shape[0]} but image 0 is "
+                        f"{first.shape[1]}x{first.shape[0]}; all images of a dataset must share one size"
+                    )
+                out[i] = arr
 
-    _run_chunks(n, work, threads)
+        _run_chunks(n, work, threads)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
+def _checked(decode: Callable[[bytes], np.ndarray], data: bytes, i: int) -> np.ndarray:
+    """Decode one image; a corrupt one is the file's fault, reported as one line."""
+    try:
+        return decode(data)
+    except (OSError, RuntimeError, ValueError) as e:  # PIL: UnidentifiedImageError is an OSError
+        raise ConfigError(f"image {i} cannot be decoded ({_first_line(e)})") from e
+
+
+def _pick_decoder(sample: bytes, backend: str) -> tuple[Callable[[bytes], np.ndarray], np.ndarray]:
+    """The decoder to use and the decoded ``sample``; falls back to PIL when torchvision fails."""
+    if backend != "pil":
+        tv = _torchvision_decoder()
+        if tv is not None:
+            try:
+                return tv, tv(sample)
+            except RuntimeError:  # codec not built, or a format it does not read
+                if backend == "torchvision":
+                    return tv, _checked(tv, sample, 0)
+        elif backend == "torchvision":
+            raise ConfigError("torchvision image decoding is unavailable; install torchvision or use backend='pil'")
+    return _decode_pil, _checked(_decode_pil, sample, 0)
+
+
 def read_parquet_dataset(
-    uri: str, name: str | None = None, threads: int | None = None, backend: str = "auto"
+    uri: str, name: str | None = None, threads: int | None = 1, backend: str = "auto"
 ) -> ImageTensorDataset:
     """Read a dataset file (local path or URI) and decode every image once."""
     fs, path = _resolve(uri)
-    try:
-        info = fs.get_file_info(path)
-    except OSError as e:  # e.g. object-store credentials or network
-        raise DatasetNotFoundError(f"cannot reach dataset file {uri}: {str(e).splitlines()[0]}") from e
-    if info.type != pafs.FileType.File:
-        raise DatasetNotFoundError(f"dataset file not found: {uri}; create it with `{PREPARE_HINT}` or point data_dir elsewhere")
+    if _file_info(fs, path, uri).type != pafs.FileType.File:
+        raise DatasetNotFoundError(
+            f"dataset file not found: {uri}; create it with `{PREPARE_HINT}` or point data_dir elsewhere"
+        )
     try:
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             schema = pf.schema_arrow
             missing = [c for c in ("image", "label") if c not in schema.names]
             if missing:
-                raise ConfigError(f"{uri} is not an image dataset file: missing column(s) {', '.join(missing)} (has {', '.join(schema.names)}); write it with `{PREPARE_HINT}`")
+                raise ConfigError(
+                    f"{uri} is not an image dataset file: missing column(s) {', '.join(missing)} "
+                    f"(has {', '.join(schema.names)}); write it with `{PREPARE_HINT}`"
+                )
             table = pf.read(columns=["image", "label"])
-    except pa.ArrowException as e:
-        raise ConfigError(f"{uri} is not a readable Parquet file ({str(e).splitlines()[0]}); recreate it with `{PREPARE_HINT}`") from e
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(
+            f"{uri} is not a readable Parquet file ({_first_line(e)}); recreate it with `{PREPARE_HINT}`"
+        ) from e
 
     meta = _read_metadata(schema, uri)
     labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
-    blobs = table.column("image").to_pylist()
-    images = decode_images(blobs, threads=threads, backend=backend)
+    try:
+        images = decode_images(table.column("image").to_pylist(), threads=threads, backend=backend)
+    except ConfigError as e:
+        raise ConfigError(f"{uri}: {e}; recreate it with `{PREPARE_HINT}`") from e
     classes = meta.get("classes")
     if not classes:  # tolerate foreign files: name classes by their index
         classes = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
     classes = [str(c) for c in classes]
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(classes)):
-        raise ConfigError(f"{uri} has labels outside 0..{len(classes) - 1} for its {len(classes)} classes; recreate it with `{PREPARE_HINT}`")
+        raise ConfigError(
+            f"{uri} has labels outside 0..{len(classes) - 1} for its {len(classes)} classes; "
+            f"recreate it with `{PREPARE_HINT}`"
+        )
     if name is None:
         name = str(meta.get("name") or Path(path).stem)
     return ImageTensorDataset(images=images, labels=labels, classes=classes, name=name)
@@ -167,7 +221,9 @@ def _read_metadata(schema: pa.Schema, uri: str) -> dict[str, Any]:
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{uri} has invalid JSON in schema metadata key 'dataset' ({e.msg}); recreate it with `{PREPARE_HINT}`") from e
+        raise ConfigError(
+            f"{uri} has invalid JSON in schema metadata key 'dataset' ({e.msg}); recreate it with `{PREPARE_HINT}`"
+        ) from e
     return meta if isinstance(meta, dict) else {}
 
 
@@ -175,7 +231,9 @@ def _to_nhwc(images: torch.Tensor | np.ndarray) -> np.ndarray:
     """uint8 NHWC numpy array; NCHW input (channels at dim 1) is transposed."""
     arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if arr.dtype != np.uint8 or arr.ndim != 4:
-        raise ConfigError(f"images must be a uint8 array of shape (N,H,W,3) or (N,3,H,W), got {arr.dtype} {arr.shape}")
+        raise ConfigError(
+            f"images must be a uint8 array of shape (N,H,W,3) or (N,3,H,W), got {arr.dtype} {arr.shape}"
+        )
     if arr.shape[1] == 3:  # NCHW wins ties (N,3,H,3): it is this project's layout
         arr = arr.transpose(0, 2, 3, 1)
     elif arr.shape[3] != 3:
@@ -203,7 +261,7 @@ def write_parquet_dataset(
     name: str,
     encoding: str = "png",
     jpeg_quality: int = 95,
-    threads: int | None = None,
+    threads: int | None = 1,
 ) -> Path:
     """Write a dataset file atomically: readers never see a half-written file.
 
@@ -226,7 +284,9 @@ def write_parquet_dataset(
     if lab.shape != (arr.shape[0],):
         raise ConfigError(f"got {arr.shape[0]} images but labels of shape {lab.shape}")
     if len(lab) and (lab.min() < 0 or lab.max() >= len(classes)):
-        raise ConfigError(f"labels must lie in 0..{len(classes) - 1} for {len(classes)} classes, got {lab.min()}..{lab.max()}")
+        raise ConfigError(
+            f"labels must lie in 0..{len(classes) - 1} for {len(classes)} classes, got {lab.min()}..{lab.max()}"
+        )
 
     blobs: list[bytes] = [b""] * len(arr)
     save_kw: dict[str, Any] = {"quality": jpeg_quality} if fmt == "JPEG" else {}

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from rna_core import CheckpointMismatchError, ConfigError, create_model
+from rna_core.checkpoint import checkpoint_config, load_checkpoint, read_checkpoint, save_checkpoint
+from rna_core.config import Config, ModelConfig, TrainConfig
+from rna_core.optim import build_optimizer, build_scheduler
+
+
+def _setup(norm="bn,gns:1", name="small_cnn"):
+    torch.manual_seed(0)
+    model = create_model(name, norm=norm)
+    cfg = Config(model=ModelConfig(name=name, norm=norm), train=TrainConfig(epochs=4))
+    opt = build_optimizer(model, cfg.train)
+    sched = build_scheduler(opt, cfg.train)
+    return model, cfg, opt, sched
+
+
+def test_round_trip_restores_everything(tmp_path):
+    model, cfg, opt, sched = _setup()
+    model(torch.rand(4, 3, 32, 32)).sum().backward()
+    opt.step()
+    sched.step()
+    gen = torch.Generator().manual_seed(3)
+    path = save_checkpoint(tmp_path / "ck.pt", model, opt, sched, epoch=2, config=cfg, rng_state={"paths": gen.get_state()})
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left behind
+    model2, _, opt2, sched2 = _setup()
+    payload = load_checkpoint(path, model2, opt2, sched2)
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert opt2.state_dict()["state"][0]["momentum_buffer"].equal(opt.state_dict()["state"][0]["momentum_buffer"])
+    assert sched2.last_epoch == sched.last_epoch == 1
+    assert payload["epoch"] == 2 and checkpoint_config(payload) == cfg
+    restored = torch.Generator()
+    restored.set_state(payload["rng_state"]["paths"])
+    assert torch.equal(torch.rand(3, generator=restored), torch.rand(3, generator=gen))
+    torch.load(path, weights_only=True)  # safe loading works on our files
+
+
+@pytest.mark.parametrize("other", [dict(norm="bn,in"), dict(norm="bn"), dict(name="resnet18")])
+def test_mismatching_model_is_refused(tmp_path, other):
+    model, cfg, opt, sched = _setup()
+    path = save_checkpoint(tmp_path / "ck.pt", model, epoch=1, config=cfg)
+    wrong, *_ = _setup(**other)
+    before = {k: v.clone() for k, v in wrong.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_checkpoint(path, wrong)
+    assert "does not match" in str(err.value) and "\n" not in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in wrong.state_dict().items())
+
+
+def test_missing_or_foreign_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_checkpoint(tmp_path / "none.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        read_checkpoint(junk)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="not a checkpoint of this project"):
+        read_checkpoint(tmp_path / "other.pt")
