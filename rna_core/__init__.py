@@ -25,6 +25,7 @@ from .paths import (
     set_path,
 )
 from .random_layer import RandomLayer, RandomNorm
+from .rpt import path_for_precision, precision_of  # also registers the method "rpt"
 
 __all__ = [
     "BatchGroupNorm",
@@ -48,6 +49,8 @@ __all__ = [
     "list_models",
     "parse_norm_spec",
     "parse_space",
+    "path_for_precision",
+    "precision_of",
     "random_layers",
     "register_method",
     "register_model",

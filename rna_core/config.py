@@ -41,6 +41,10 @@ class ModelConfig:
         if self.method not in list_methods():
             raise ConfigError(f"model.method '{self.method}' is unknown; valid: {', '.join(list_methods())}")
         parse_space(self.norm)
+        if self.method == "rpt":
+            from .rpt import validate_model_config
+
+            validate_model_config(self)
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,10 @@ class TrainConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     eval_pgd_steps: int = 20
     eval_every: int = 1  # epochs between per-epoch clean/pgd20 evaluations
+    # Speed (rna_core/speed.py, docs/benchmarks.md); off by default: they change results within rounding.
+    channels_last: bool = False  # channels_last memory format for the model and batches
+    amp_bf16: bool = False  # bf16 autocast for forwards (attack and update); meant for CUDA
+    compile: bool = False  # torch.compile the model (see docs/benchmarks.md: does not pay with random paths)
 
     def validate(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -129,12 +137,15 @@ class ScalingConfig:
     storage_path: str = "./ray_results"
     max_failures: int = 0
     address: str | None = None  # Ray address; None = connect to a running cluster or start a local one
+    checkpoints_to_keep: int = 2  # newest epoch checkpoints kept in storage_path (each holds optimizer state)
 
     def validate(self) -> None:
         if self.num_workers <= 0:
             raise ConfigError(f"ray.num_workers must be positive, got {self.num_workers}")
         if str(self.use_gpu).lower() not in ("auto", "true", "false"):
             raise ConfigError(f"ray.use_gpu must be auto, true or false, got {self.use_gpu}")
+        if self.checkpoints_to_keep < 1:
+            raise ConfigError(f"ray.checkpoints_to_keep must be >= 1, got {self.checkpoints_to_keep}")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ def lr_factor(cfg: TrainConfig, epoch: int) -> float:
         return 1.0
     if cfg.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-    passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
+    # a milestone never falls on epoch 0 (Python's round(0.5) == 0 would decay a 1-epoch run at once)
+    passed = sum(epoch >= max(1, math.floor(m * cfg.epochs + 0.5)) for m in cfg.milestones)
     return cfg.gamma**passed
 
 

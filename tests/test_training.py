@@ -143,3 +143,9 @@ def test_evaluation_helpers_count_examples():
     assert n == 64 and 0 <= correct <= 64
     rob, n2 = evaluate_pgd(model, BatchIterator(data, 32, shuffle=False, seed=0), sampler, steps=2)
     assert n2 == 64 and rob <= 64
+
+
+def test_short_runs_start_at_the_base_lr():
+    assert lr_factor(TrainConfig(epochs=1), 0) == 1
+    two = TrainConfig(epochs=2)
+    assert [lr_factor(two, e) for e in (0, 1)] == pytest.approx([1, 0.01])
