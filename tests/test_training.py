@@ -148,4 +148,4 @@ def test_evaluation_helpers_count_examples():
 def test_short_runs_start_at_the_base_lr():
     assert lr_factor(TrainConfig(epochs=1), 0) == 1
     two = TrainConfig(epochs=2)
-    assert [lr_factor(two, e) for e in (0, 1)] == pytest.approx([1, 0.01])
+    assert [lr_factor(two, e) for e in (0, 1)] == pytest.approx([1, 0.1])
