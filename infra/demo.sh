@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# What `make demo` runs: get CIFAR-10, train the smoke preset with 2 Ray workers (adversarial
+# training, then a final evaluation: clean, PGD-20 transfer, EOT-PGD), and say where to look.
+#
+#   make demo                                  # downloads CIFAR-10 once into data/
+#   RNA_DATA_DIR=/path/with/parquet make demo  # offline: a folder with train.parquet/test.parquet
+#   bash infra/demo.sh --set train.epochs=3    # extra arguments go to jobs/train.py
+#
+# A few minutes on 2 CPU cores. Ray is started by the job itself (local, stopped at the end);
+# the MLflow store is mlflow.db + mlruns/ in the repository.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="$ROOT/.venv/bin/python"
+if [ ! -x "$PY" ] || [ ! -f "$ROOT/.venv/.installed" ]; then
+    echo "demo: installing into .venv (once) ..."
+    make -C "$ROOT" install
+fi
+
+if [ -n "${RNA_DATA_DIR:-}" ]; then
+    DATA="$(cd "$RNA_DATA_DIR" 2>/dev/null && pwd || true)"
+    if [ -z "$DATA" ] || [ ! -f "$DATA/train.parquet" ] || [ ! -f "$DATA/test.parquet" ]; then
+        echo "demo: RNA_DATA_DIR=$RNA_DATA_DIR has no train.parquet and test.parquet; write them with" \
+             "'python jobs/prepare_data.py --dataset cifar10 --out DIR' on a machine with internet" >&2
+        exit 2
+    fi
+else
+    DATA="$ROOT/data/cifar10"
+    if [ ! -f "$DATA/train.parquet" ] || [ ! -f "$DATA/test.parquet" ]; then
+        echo "demo: downloading CIFAR-10 and writing Parquet files to $DATA (once) ..."
+        "$PY" jobs/prepare_data.py --dataset cifar10 --out "$DATA" --root "$ROOT/data"
+    fi
+fi
+
+echo "demo: training configs/smoke.yaml with 2 workers on $DATA"
+unset RAY_ADDRESS
+"$PY" jobs/train.py --config configs/smoke.yaml --set ray.num_workers=2 --set "data.data_dir=$DATA" "$@"
+
+BASE="${RNA_BASE_DIR:-$ROOT}"
+STORE="${MLFLOW_TRACKING_URI:-sqlite:///$BASE/mlflow.db}"
+cat <<MSG
+
+demo: finished. Where to look:
+  - the lines above: per-epoch loss/accuracy, final clean / PGD-20 (transfer) / EOT-PGD accuracy,
+    the MLflow run id and the checkpoint path
+  - MLflow UI:   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui --workers 1 --host 127.0.0.1 --backend-store-uri $STORE
+                 then open http://127.0.0.1:5000 (experiment 'rna-smoke': params, metrics per epoch, config, checkpoint, model card)
+  - checkpoints: $BASE/ray_results/
+  - a paper run: .venv/bin/python jobs/train.py --config configs/paper_resnet18_cifar10.yaml   (GPUs; or via ray job submit)
+MSG

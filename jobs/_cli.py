@@ -1,0 +1,86 @@
+"""Shared command-line plumbing for every job (train, sweep, evaluate, ...).
+
+Why one module: every job must treat user mistakes the same way (DESIGN.md 4): one line on
+stderr naming what is wrong and what to do, exit code 2, no traceback, and nothing started
+(no Ray cluster, no MLflow run) before the configuration has been validated.
+
+    from jobs._cli import OneLineParser, add_config_arguments, config_from_args, run_main
+
+Jobs run as `python jobs/<job>.py` from the repository root without installing the project,
+so each job puts the repository root on `sys.path` before importing this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from rna_core.config import Config, load_config  # noqa: E402
+from rna_core.errors import RnaError  # noqa: E402
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but usage mistakes are one line on stderr and exit code 2, like every job."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: {message} (see --help)\n")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """`--config PRESET.yaml` and repeated `--set key=value` (e.g. `--set train.lr=0.05`)."""
+    parser.add_argument(
+        "--config",
+        required=required,
+        metavar="YAML",
+        help="config preset, e.g. configs/smoke.yaml" + ("" if required else " (optional)"),
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value; repeatable, e.g. --set train.epochs=5 --set ray.num_workers=2",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Load and validate the config named by `--config` with the `--set` overrides applied."""
+    return load_config(getattr(args, "config", None), list(getattr(args, "overrides", []) or []))
+
+
+def run_main(prog: str, job: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run `job(argv)`; a user error (RnaError) becomes one stderr line and exit code 2.
+
+    Anything else propagates with its traceback: it is a bug, and the traceback is what
+    whoever fixes it needs.
+    """
+    try:
+        code = job(argv)
+    except RnaError as exc:
+        message = " ".join(str(exc).split())  # guarantee one line
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return int(code or 0)
+
+
+__all__ = [
+    "EXIT_USER_ERROR",
+    "OneLineParser",
+    "REPO_ROOT",
+    "add_config_arguments",
+    "config_from_args",
+    "run_main",
+]

@@ -1,0 +1,9 @@
+"""Ray and MLflow around rna_core: the Ray Train job, sweeps, the evaluation fan-out, tracking.
+
+Modules (import the one you need; this package imports nothing heavy on its own):
+- `pipelines.trainer`: the driver of a training job (`run_training`): validate, MLflow run,
+  Ray Train `TorchTrainer`, final artifacts.
+- `pipelines.train_loop`: the per-worker function (DDP over the rna_core epoch loop).
+- `pipelines.tracking`: MLflow helpers (store resolution, one run per job, clean ends).
+- `pipelines.model_card`: the Markdown card logged with every trained model.
+"""

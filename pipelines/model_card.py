@@ -1,0 +1,99 @@
+"""A short Markdown model card logged with every trained model.
+
+Why: an MLflow run holds a checkpoint and dozens of params; the card says in one screen what the
+model is (method, random space, number of paths), how it was trained (the recipe) and how robust
+it came out, with the protocol of every number, so a result is never quoted without its protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from rna_core.config import Config
+
+METHOD_NAMES = {
+    "rna": "Random Normalization Aggregation (RNA; Dong et al., NeurIPS 2022)",
+    "rpt": "Random Precision Training/Inference (RPI+RPT; Fu et al., ICML 2021)",
+}
+
+RESULT_ROWS = (
+    ("final_clean_acc", "Natural (clean)", "a fresh random path per batch"),
+    ("final_pgd20_transfer_acc", "PGD-20", "transfer: attack one path, score a fresh one (the paper's setting)"),
+    ("final_eot_pgd_acc", "EOT-PGD", "eot: every attack forward draws a fresh path (adaptive attack)"),
+)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def render_model_card(
+    cfg: Config,
+    results: Mapping[str, Any],
+    *,
+    run_name: str,
+    run_id: str | None = None,
+    checkpoint: str | None = None,
+    num_paths: int | None = None,
+    epochs_done: int | None = None,
+    git_commit: str | None = None,
+) -> str:
+    """Markdown for the trained model `cfg` with its final `results` (metric name -> value)."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    a = t.attack
+    method = METHOD_NAMES.get(m.method, m.method)
+    space = m.norm if m.method == "rna" else f"precisions {m.precisions} ({m.rpt_draws})"
+    n_eval = results.get("final_eval_images")
+    lines = [
+        f"# Model card: {run_name}",
+        "",
+        f"- **Model**: `{m.name}` for `{d.dataset}` ({cfg.num_classes()} classes)",
+        f"- **Method**: {method}",
+        f"- **Random space**: `{space}`" + (f", {num_paths:,} paths" if num_paths is not None else ""),
+        f"- **Path sampling**: `{t.sampling}`, training mode `{t.mode}`"
+        + (f" (EOT over {t.eot_iter} paths)" if t.mode == "eot" else ""),
+        "",
+        "## Training recipe",
+        "",
+        f"- Adversarial training: PGD-{a.steps}, L-inf eps {a.eps:g}/255, step {a.step_size:g}/255, "
+        f"{'random' if a.random_start else 'no random'} start"
+        + (" (no attack: natural training)" if t.mode == "natural" else ""),
+        f"- SGD lr {t.lr:g}, momentum {t.momentum:g}, weight decay {t.weight_decay:g}"
+        + (", Nesterov" if t.nesterov else ""),
+        f"- Schedule `{t.schedule}`"
+        + (f" (x{t.gamma:g} at {', '.join(f'{x:g}' for x in t.milestones)} of the run)" if t.schedule == "multistep" else ""),
+        f"- Epochs {t.epochs}" + (f" ({epochs_done} completed)" if epochs_done is not None else "")
+        + f", global batch {d.batch_size}, augmentation {'on' if d.augment else 'off'}"
+        + (f", a fixed subset of {d.train_limit} training images" if d.train_limit else ""),
+        f"- Workers {cfg.ray.num_workers} (DDP), seed {t.seed}",
+        "",
+        "## Results",
+        "",
+        f"Held-out slice: {int(n_eval) if n_eval is not None else d.eval_limit} test images (a fixed subset, the same for every run); "
+        f"attacks L-inf eps {a.eps:g}/255, step {a.step_size:g}/255, {t.eval_pgd_steps} steps.",
+        "",
+        "| Attack | Protocol | Accuracy |",
+        "|---|---|---|",
+    ]
+    for key, name, protocol in RESULT_ROWS:
+        if key in results:
+            lines.append(f"| {name} | {protocol} | {_fmt(results[key])} |")
+    lines += ["", "## Provenance", ""]
+    if run_id:
+        lines.append(f"- MLflow run: `{run_id}`")
+    if checkpoint:
+        lines.append(f"- Checkpoint: `{checkpoint}`")
+    if git_commit:
+        lines.append(f"- Code: git commit `{git_commit}`")
+    lines += [
+        "",
+        "Robustness of randomized defenses is overestimated by transfer-style attacks; quote the "
+        "EOT row (or AutoAttack `rand` from `jobs/evaluate.py`) beside the paper's protocol.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["render_model_card"]

@@ -1,0 +1,217 @@
+"""MLflow helpers: where the store is, one run per job, params, metrics, and a clean end.
+
+Everything goes through an explicit `MlflowClient(tracking_uri)` and explicit experiment and
+run ids, never the fluent API's process-global state: a driver that ran `mlflow.set_experiment`
+exports `MLFLOW_EXPERIMENT_ID`, which would otherwise silently redirect what a Ray worker logs
+(STACK.md). The driver resolves the tracking URI once and hands it to the workers verbatim.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+DEFAULT_DB_NAME = "mlflow.db"
+DEFAULT_ARTIFACT_DIR = "mlruns"
+PARAM_MAX_CHARS = 6000  # MLflow's limit for one param value
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Everything a process needs to log into one MLflow run (plain strings: Ray pickles it)."""
+
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "run_id": self.run_id}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunRef":
+        return cls(str(data["tracking_uri"]), str(data["experiment_id"]), str(data["run_id"]))
+
+
+def _absolute_sqlite(uri: str, base_dir: Path) -> str:
+    """`sqlite:///mlflow.db` is relative to the current directory; make it absolute for workers."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((base_dir / uri[len(prefix) :]).resolve())
+    return uri
+
+
+def resolve_tracking_uri(base_dir: str | os.PathLike | None = None) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else a SQLite store `<base_dir>/mlflow.db` (MLflow's own default)."""
+    base = Path(base_dir or os.getcwd()).resolve()
+    uri = os.environ.get(TRACKING_URI_ENV, "").strip()
+    if not uri:
+        return f"sqlite:///{base / DEFAULT_DB_NAME}"
+    if "://" not in uri:  # a bare folder means MLflow's file store
+        return str((base / uri).resolve())
+    return _absolute_sqlite(uri, base)
+
+
+def artifact_root_for(tracking_uri: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a SQLite store, else the server's choice.
+
+    Set explicitly because MLflow otherwise uses `./mlruns` of whichever process creates the
+    experiment first, which may be a worker in a Ray temp folder (STACK.md).
+    """
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///") :])
+        return (db.parent / DEFAULT_ARTIFACT_DIR).resolve().as_uri()
+    return None
+
+
+def client_for(tracking_uri: str):  # -> mlflow.MlflowClient (imported lazily: mlflow takes ~1 s)
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def get_or_create_experiment(client: Any, name: str, artifact_location: str | None) -> str:
+    """The id of experiment `name`, creating it (with `artifact_location`) when missing."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:  # created concurrently by another job
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit(repo: str | os.PathLike | None = None) -> str:
+    """The commit of the code being run (`RNA_GIT_COMMIT` wins, e.g. in a container image)."""
+    env = os.environ.get("RNA_GIT_COMMIT", "").strip()
+    if env:
+        return env
+    where = Path(repo) if repo else Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def git_dirty(repo: str | os.PathLike | None = None) -> bool | None:
+    """Whether tracked files differ from the commit (None when git or the repository is absent)."""
+    where = Path(repo) if repo else Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= PARAM_MAX_CHARS else text[: PARAM_MAX_CHARS - 3] + "..."
+
+
+def start_run(client: Any, experiment_id: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+    """Create a RUNNING run with `params` and `tags`; returns its id."""
+    from mlflow.entities import Param, RunTag
+
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    run_id = run.info.run_id
+    items = [Param(k, _param_value(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+        client.log_batch(run_id, params=items[i : i + 100])
+    if not items:
+        client.log_batch(run_id, tags=[RunTag("params", "none")])
+    return run_id
+
+
+def reopen_run(client: Any, run_id: str, params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """Mark an existing run RUNNING again (a resumed job) and reconcile its params.
+
+    MLflow refuses to change a logged param, so params that differ on resume (e.g. a longer
+    `train.epochs`) are recorded as tags `resume.changed.<key>` = "old -> new" instead; new
+    keys are logged. Returns the changed keys with (old, new).
+    """
+    from mlflow.entities import Param, RunTag
+
+    run = client.get_run(run_id)
+    old = run.data.params
+    new_params, tags, changed = [], [], {}
+    for key, value in params.items():
+        text = _param_value(value)
+        if key not in old:
+            new_params.append(Param(key, text))
+        elif old[key] != text:
+            changed[key] = (old[key], text)
+            tags.append(RunTag(f"resume.changed.{key}", f"{old[key]} -> {text}"[:5000]))
+    client.update_run(run_id, status="RUNNING")
+    for i in range(0, max(len(new_params), len(tags)), 100):
+        client.log_batch(run_id, params=new_params[i : i + 100], tags=tags[i : i + 100])
+    return changed
+
+
+def log_metrics(client: Any, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Log numeric `metrics` at `step` in one request (non-numbers are skipped)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), now, int(step))
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    for i in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[i : i + 1000])
+
+
+def set_tags(client: Any, run_id: str, tags: Mapping[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    if tags:
+        client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+
+def end_run(client: Any, run_id: str, status: str = "FINISHED") -> None:
+    """Terminate the run (FINISHED, FAILED or KILLED): a job never leaves a run RUNNING."""
+    if status not in RUN_STATUSES:
+        raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
+    client.set_terminated(run_id, status=status)
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on this store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri}"
+    return f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1 --host 127.0.0.1 --backend-store-uri {tracking_uri}"
+
+
+__all__ = [
+    "RunRef",
+    "artifact_root_for",
+    "client_for",
+    "end_run",
+    "get_or_create_experiment",
+    "git_commit",
+    "git_dirty",
+    "log_metrics",
+    "reopen_run",
+    "resolve_tracking_uri",
+    "set_tags",
+    "start_run",
+    "ui_command",
+]

@@ -1,0 +1,435 @@
+"""The training job: DDP with random paths, Ray Train runs, MLflow tracking, resume, CLI errors.
+
+Three layers, cheapest first: pure helpers; a real 2-process gloo DDP group (no Ray) that checks
+the gradient averaging claim of `pipelines.train_loop` step by step; and 2-worker Ray Train runs
+on synthetic data against a real SQLite MLflow store (one local Ray for the whole module).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from pipelines import tracking
+from pipelines.model_card import render_model_card
+from pipelines.train_loop import (
+    average_buffers,
+    build_model,
+    epoch_shard_indices,
+    fixed_subset,
+    mix_seed,
+    seeded_steps,
+    state_digest,
+    wrap_ddp,
+)
+from rna_core.checkpoint import read_checkpoint
+from rna_core.config import AttackConfig, TrainConfig, load_config
+from rna_core.paths import Path as RnaPath
+from rna_core.paths import PathSampler, random_layers, set_path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_epoch_shards_partition_and_reshuffle():
+    n, world = 103, 4
+    shards = [epoch_shard_indices(n, r, world, seed=7, epoch=0) for r in range(world)]
+    rows = torch.cat(shards)
+    assert all(len(s) == n // world for s in shards)  # equal steps on every rank
+    assert len(set(rows.tolist())) == len(rows)  # disjoint
+    again = [epoch_shard_indices(n, r, world, seed=7, epoch=0) for r in range(world)]
+    assert all(torch.equal(a, b) for a, b in zip(shards, again))  # reproducible
+    nxt = epoch_shard_indices(n, 0, world, seed=7, epoch=1)
+    assert not torch.equal(nxt, shards[0])  # reshuffled across ranks every epoch
+    assert set(nxt.tolist()) != set(shards[0].tolist())
+
+
+def test_seeded_steps_depend_only_on_seed_rank_step():
+    gen = torch.Generator()
+    draws = [torch.rand(3, generator=gen) for _ in seeded_steps(range(4), gen, 1, 0, first_step=10)]
+    gen2 = torch.Generator().manual_seed(999)  # whatever state the generator had before
+    later = [torch.rand(3, generator=gen2) for _ in seeded_steps(range(2), gen2, 1, 0, first_step=12)]
+    assert torch.equal(draws[2], later[0]) and torch.equal(draws[3], later[1])
+    other_rank = [torch.rand(3, generator=gen) for _ in seeded_steps(range(1), gen, 1, 1, first_step=10)]
+    assert not torch.equal(other_rank[0], draws[0])
+    assert mix_seed(1, 2, 3) != mix_seed(1, 3, 2) and mix_seed(1, 2, 3) == mix_seed(1, 2, 3)
+
+
+def test_state_digest_is_bit_exact():
+    cfg = load_config(None, ["model.name=small_cnn", "data.dataset=synthetic"])
+    torch.manual_seed(0)
+    a = build_model(cfg)
+    b = copy.deepcopy(a)
+    assert state_digest(a) == state_digest(b)
+    with torch.no_grad():
+        next(b.parameters()).view(-1)[0] += 1e-7
+    assert state_digest(a) != state_digest(b)
+    b = copy.deepcopy(a)
+    b.norms[0].candidates[0].num_batches_tracked += 1  # buffers count too
+    assert state_digest(a) != state_digest(b)
+
+
+def test_fixed_subset_is_stable_and_spans_classes_of_a_sorted_file():
+    from rna_core.data import ImageTensorDataset
+
+    labels = torch.arange(10).repeat_interleave(100)  # sorted by class, like the offline Parquet copies
+    ds = ImageTensorDataset(torch.zeros(1000, 3, 2, 2, dtype=torch.uint8), labels, [str(i) for i in range(10)], "sorted")
+    a, b = fixed_subset(ds, 100), fixed_subset(ds, 100)
+    assert len(a) == 100 and torch.equal(a.labels, b.labels)
+    assert len(set(a.labels.tolist())) == 10  # not the first 100 rows (one class)
+    assert fixed_subset(ds, 0) is ds and fixed_subset(ds, 5000) is ds
+
+
+def test_tracking_uri_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.resolve_tracking_uri(tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking.artifact_root_for(uri) == (tmp_path.resolve() / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///rel/x.db")  # relative: made absolute for workers
+    assert tracking.resolve_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/rel/x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.resolve_tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+    assert tracking.artifact_root_for("http://127.0.0.1:5000") is None
+
+
+def test_model_card_names_method_space_recipe_and_results():
+    cfg = load_config(str(REPO / "configs" / "paper_resnet18_cifar10.yaml"))
+    card = render_model_card(
+        cfg,
+        {"final_clean_acc": 0.81, "final_pgd20_transfer_acc": 0.52, "final_eot_pgd_acc": 0.31, "final_eval_images": 1000},
+        run_name="r", run_id="abc", checkpoint="/x/checkpoint.pt", num_paths=2**20,
+    )
+    for text in ("RNA", "`bn,gns:1`", "1,048,576 paths", "PGD-10", "eps 8/255", "SGD lr 0.1, momentum 0.9, weight decay 0.0005",
+                 "Epochs 200", "| PGD-20 | transfer", "0.5200", "| EOT-PGD | eot", "0.3100", "1000 test images", "`abc`"):
+        assert text in card, text
+
+
+@pytest.mark.parametrize("preset", ["smoke", "paper_resnet18_cifar10", "paper_wrn34_10_cifar10",
+                                    "paper_resnet18_cifar100", "paper_wrn34_10_cifar100"])
+def test_presets_load(preset):
+    cfg = load_config(str(REPO / "configs" / f"{preset}.yaml"))
+    if preset.startswith("paper"):
+        t = cfg.train
+        assert (t.epochs, t.mode, t.lr, t.momentum, t.weight_decay, t.schedule) == (200, "blackbox", 0.1, 0.9, 5e-4, "multistep")
+        assert (t.attack.eps, t.attack.step_size, t.attack.steps, cfg.data.batch_size) == (8, 2, 10, 128)
+        assert tuple(t.milestones) == (0.5, 0.75) and cfg.model.norm == "bn,gns:1"
+        assert cfg.num_classes() == (100 if "cifar100" in preset else 10)
+
+
+def test_resume_plan_reads_the_run_folder_and_refuses_another_model(tmp_path, monkeypatch):
+    from pipelines.trainer import load_resume_config, plan_run, resolve_paths, write_job_file
+    from rna_core.config import flatten
+    from rna_core.errors import ConfigError
+
+    monkeypatch.setenv("RNA_BASE_DIR", str(tmp_path))
+    stored = resolve_paths(load_config(None, ["model.name=small_cnn", "data.dataset=synthetic", "train.epochs=2"]))
+    run_dir = tmp_path / "runs" / "r1"
+    write_job_file(str(run_dir), {"config": flatten(stored), "mlflow": {"tracking_uri": "x", "experiment_id": "1", "run_id": "abc"}})
+    cfg = load_resume_config(str(run_dir), ["train.epochs=5"])  # the stored config, overridden
+    assert cfg.model.name == "small_cnn" and cfg.train.epochs == 5
+    plan = plan_run(cfg, resume="runs/r1")  # relative to RNA_BASE_DIR
+    assert plan.run_name == "r1" and plan.cfg.ray.storage_path == str(tmp_path / "runs") and plan.job["mlflow"]["run_id"] == "abc"
+    other = load_config(None, ["model.name=small_cnn", "data.dataset=synthetic", "model.norm=bn"])
+    with pytest.raises(ConfigError, match="model.norm"):
+        plan_run(other, resume=str(run_dir))
+    # the same run name in the config resumes too (no --resume needed)
+    named = load_config(None, ["model.name=small_cnn", "data.dataset=synthetic", f"ray.storage_path={tmp_path}/runs", "mlflow.run_name=r1"])
+    assert plan_run(named).job is not None
+    (tmp_path / "runs" / "foreign").mkdir()
+    with pytest.raises(ConfigError, match="not written by jobs/train.py"):
+        plan_run(replace(named, mlflow=replace(named.mlflow, run_name="foreign")))
+
+
+# ----------------------------------------------------------------------------- DDP (2 gloo processes)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Checks, per step, that DDP's gradient is the all-rank average when ranks run different paths."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = load_config(None, ["model.name=small_cnn", "model.norm=bn,gns:1", "data.dataset=synthetic"])
+        torch.manual_seed(rank)  # different init per rank: DDP must broadcast rank 0's weights
+        model = build_model(cfg)
+        ddp = wrap_ddp(model, torch.device("cpu"))
+        tcfg = TrainConfig(lr=0.05, momentum=0.9, weight_decay=5e-4, attack=AttackConfig(steps=2))
+        from rna_core.optim import build_optimizer
+        from rna_core.training import craft_adversarial, train_step
+
+        opt = build_optimizer(model, tcfg)
+        names = [n for n, _ in model.named_parameters()]
+        params = list(model.parameters())
+        gen = torch.Generator().manual_seed(100 + rank)
+        n_layers = len(random_layers(model))
+        # step 0: rank 0 all-bn, rank 1 all-gns (every candidate used on exactly one rank);
+        # step 1: both all-bn (the gns candidates are unused everywhere); step 2: per-rank uniform.
+        plans = [[RnaPath((0,) * n_layers), RnaPath((1,) * n_layers)], [RnaPath((0,) * n_layers)] * 2, None]
+        report = {"max_err": 0.0, "checked": 0, "none_where_unused": True, "zero_share": 0}
+        sampler = PathSampler("uniform", seed=mix_seed(3, rank))
+        for step, plan in enumerate(plans):
+            x = torch.rand(8, 3, 32, 32, generator=gen)
+            y = torch.randint(0, 10, (8,), generator=gen)
+            sampler.apply(model)  # attack path, on the bare module (no DDP hooks)
+            x_adv = craft_adversarial(model, x, y, tcfg.attack, gen)
+            path = plan[rank] if plan else sampler.sample(model)
+            set_path(model, path)
+            ref = copy.deepcopy(model)  # local gradient, computed outside DDP entirely
+            local = torch.autograd.grad(F.cross_entropy(ref(x_adv), y), list(ref.parameters()), allow_unused=True)
+            used = torch.tensor([g is not None for g in local], dtype=torch.float64)
+            local = [torch.zeros_like(p) if g is None else g for g, p in zip(local, params)]
+            dist.all_reduce(used)
+            for g in local:
+                dist.all_reduce(g)
+                g.div_(world)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(ddp(x_adv), y).backward()
+            for name, p, expect, u in zip(names, params, local, used.tolist()):
+                if u == 0:
+                    report["none_where_unused"] &= p.grad is None
+                    continue
+                assert p.grad is not None, f"step {step}: {name} used on some rank but has no gradient"
+                report["max_err"] = max(report["max_err"], float((p.grad - expect).abs().max()))
+                report["checked"] += 1
+                report["zero_share"] += int(u < world)  # used on some ranks only
+            opt.step()
+        # The production step: attack on ddp.module between DDP forwards (input-only autograd.grad).
+        for step in range(3):
+            x = torch.rand(8, 3, 32, 32, generator=gen)
+            y = torch.randint(0, 10, (8,), generator=gen)
+            train_step(ddp, x, y, opt, tcfg, sampler, attack_model=model)
+        before = state_digest({k: v for k, v in model.state_dict().items() if "running" in k})
+        average_buffers(model)
+        report["buffers_changed_by_average"] = before != state_digest({k: v for k, v in model.state_dict().items() if "running" in k})
+        params_only = {n: p for n, p in model.named_parameters()}
+        report["param_digest"] = state_digest(params_only)
+        report["state_digest"] = state_digest(model)
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gradient_is_all_rank_average_with_random_paths(tmp_path):
+    world = 2
+    mp.start_processes(_ddp_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, start_method="spawn")
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for rep in reports:
+        assert rep["checked"] > 0 and rep["max_err"] < 1e-5, rep
+        assert rep["zero_share"] > 0  # some parameters were used on one rank only, and still averaged
+        assert rep["none_where_unused"]  # globally unused candidates keep grad None (SGD skips them)
+        assert rep["buffers_changed_by_average"]  # ranks had different BN statistics before averaging
+    assert reports[0]["param_digest"] == reports[1]["param_digest"]
+    assert reports[0]["state_digest"] == reports[1]["state_digest"]  # parameters and buffers
+
+
+# ----------------------------------------------------------------------------- CLI: bad input
+
+
+def _run_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "RNA_BASE_DIR": str(cwd), "MLFLOW_TRACKING_URI": ""}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([PY, str(REPO / "jobs" / "train.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
+    """The real process: exit status, one stderr line, no traceback, nothing started or written."""
+    smoke = str(REPO / "configs/smoke.yaml")
+    procs = [
+        (_run_cli(["--config", "configs/nope.yaml"], tmp_path), "configs/nope.yaml"),
+        (_run_cli(["--config", smoke, "--set", f"data.data_dir={tmp_path}/nodata"], tmp_path), "nodata"),
+    ]
+    for proc, needle in procs:
+        out, err = proc.communicate(timeout=120)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert proc.returncode == 2, (proc.returncode, err)
+        assert len(lines) == 1 and lines[0].startswith("train.py: error:") and needle in lines[0], err
+        assert "Traceback" not in err and "Ray" not in out + err, (out, err)
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, mlruns or ray_results left behind
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--set", "train.nope=1"], "train.nope"),
+        (["--set", "model.norm=bn,zz"], "zz"),
+        (["--set", "model.norm=gn:3"], "3 groups do not divide"),  # small_cnn has 16 channels
+        (["--set", "data.dataset=synthetic", "--set", "data.batch_size=1"], "batch_size"),
+        (["--set", "train.mode=fast"], "train.mode"),
+        (None, "--config"),
+        ("resume", "not_a_run"),
+    ],
+    ids=["bad key", "unknown norm", "groups do not divide", "batch below workers", "bad mode", "no config", "not a run"],
+)
+def test_bad_inputs_fail_before_anything_starts(args, needle, tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(REPO))
+    from jobs.train import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RNA_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    if args == "resume":
+        (tmp_path / "not_a_run").mkdir()
+        argv = ["--resume", str(tmp_path / "not_a_run")]
+    else:
+        argv = [] if args is None else ["--config", str(REPO / "configs/smoke.yaml"), *args]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], (code, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["not_a_run"])
+
+
+# ----------------------------------------------------------------------------- Ray Train runs
+
+TINY = [
+    "model.name=small_cnn", "model.norm=bn,gns:1", "data.dataset=synthetic", "data.synthetic_size=256",
+    "data.batch_size=64", "data.eval_batch_size=64", "data.eval_limit=48", "train.epochs=2",
+    "train.schedule=constant", "train.attack.steps=1", "train.eval_pgd_steps=2", "train.eot_iter=2",
+    "train.lr=0.05", "ray.num_workers=2", "ray.cpus_per_worker=1", "ray.use_gpu=false", "ray.address=local",
+]
+
+
+@pytest.fixture(scope="module")
+def ray_env(tmp_path_factory):
+    """One local Ray and one SQLite MLflow store for all runs of this module."""
+    from pipelines.trainer import ensure_ray
+
+    root = tmp_path_factory.mktemp("pipeline")
+    mp_ = pytest.MonkeyPatch()
+    mp_.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    mp_.setenv("RNA_BASE_DIR", str(root))
+    mp_.delenv("RAY_ADDRESS", raising=False)
+    # A driver that ran mlflow.set_experiment exports this; workers must log to the job's run anyway.
+    mp_.setenv("MLFLOW_EXPERIMENT_ID", "0")
+    import ray
+
+    ensure_ray(load_config(None, TINY))
+    yield root
+    ray.shutdown()
+    mp_.undo()
+
+
+def _cfg(root: Path, *extra: str):
+    return load_config(None, [*TINY, f"ray.storage_path={root}/ray_results", *extra])
+
+
+def _runs(client, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def _steps(client, run_id: str, metric: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, metric))
+
+
+def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for a in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, a.path) if a.is_dir else {a.path}
+    return out
+
+
+def test_train_then_resume_into_same_run(ray_env):
+    from pipelines.trainer import read_job_file, run_training
+
+    root = ray_env
+    lines: list[str] = []
+    cfg = _cfg(root, "mlflow.experiment=exp-a", "mlflow.run_name=a")
+    out = run_training(cfg, echo=lines.append)
+
+    # replicas identical after training (parameters and BN buffers, bit for bit)
+    assert len(out.state_digests) == 2 and len(set(out.state_digests)) == 1
+    client = tracking.client_for(out.mlflow.tracking_uri)
+    runs = _runs(client, "exp-a")
+    assert len(runs) == 1 and runs[0].info.run_id == out.mlflow.run_id and runs[0].info.status == "FINISHED"
+    assert client.search_runs(["0"]) == []  # MLFLOW_EXPERIMENT_ID=0 in the environment redirected nothing
+    params = runs[0].data.params
+    assert params["train.lr"] == "0.05" and params["model.norm"] == "bn,gns:1" and params["ray.num_workers"] == "2"
+    assert len(params["git_commit"]) in (7, 40) or params["git_commit"] == "unknown"
+    for metric in ("train_loss", "train_acc", "clean_acc", "pgd20_acc", "lr", "epoch_seconds", "images_per_second"):
+        assert _steps(client, out.mlflow.run_id, metric) == [1, 2], metric
+    m = runs[0].data.metrics
+    for metric in ("final_clean_acc", "final_pgd20_transfer_acc", "final_eot_pgd_acc", "acc_natural",
+                   "acc_pgd20_transfer", "acc_eot_pgd_eot"):
+        assert 0.0 <= m[metric] <= 1.0, metric
+    assert m["final_eval_images"] == 48 and m["replicas_in_sync"] == 1.0
+    assert m["final_clean_acc"] == m["acc_natural"] and m["images_per_second"] > 0
+    assert {"config.yaml", "model_card.md", "checkpoint/checkpoint.pt", "checkpoint/meta.json"} <= _artifacts(client, out.mlflow.run_id)
+    card = Path(client.download_artifacts(out.mlflow.run_id, "model_card.md")).read_text()
+    assert "small_cnn" in card and "16 paths" in card and f"{m['final_eot_pgd_acc']:.4f}" in card
+
+    # the final checkpoint is the trained model (same digest as the replicas) and names the MLflow run
+    payload = read_checkpoint(out.checkpoint)
+    assert payload["epoch"] == 2 and payload["extra"]["mlflow_run_id"] == out.mlflow.run_id
+    model = build_model(cfg)
+    model.load_state_dict(payload["model"])
+    assert state_digest(model) == out.state_digests[0]
+    assert read_job_file(out.run_dir)["mlflow"]["run_id"] == out.mlflow.run_id
+    epoch2_optimizer = state_digest(payload["optimizer"])
+
+    # the same run name again, with one more epoch: resumes after epoch 2 into the same MLflow run
+    out2 = run_training(replace(cfg, train=replace(cfg.train, epochs=3)), echo=lines.append)
+    assert out2.mlflow.run_id == out.mlflow.run_id and out2.run_dir == out.run_dir
+    assert out2.start_epoch == 2 and out2.resumed["epoch"] == 2
+    assert out2.resumed["optimizer_digest"] == epoch2_optimizer  # momentum buffers restored exactly
+    assert out2.resumed["scheduler_last_epoch"] == 2
+    runs = _runs(client, "exp-a")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert _steps(client, out.mlflow.run_id, "train_loss") == [1, 2, 3]  # epoch 3 trained once, 1-2 not again
+    assert runs[0].data.tags["resume.changed.train.epochs"] == "2 -> 3"
+    assert read_checkpoint(out2.checkpoint)["epoch"] == 3
+    assert len(set(out2.state_digests)) == 1
+    assert any(line.startswith("resuming") for line in lines)
+    test_train_then_resume_into_same_run.final_digest = out2.state_digests[0]  # for the next test
+
+
+def test_worker_failure_is_retried_from_checkpoint(ray_env):
+    """3 epochs with a worker crash after epoch 2 (max_failures=1) end bit-identical to 2 + resumed 1."""
+    from pipelines.trainer import run_training
+
+    expected = getattr(test_train_then_resume_into_same_run, "final_digest", None)
+    cfg = _cfg(ray_env, "mlflow.experiment=exp-b", "mlflow.run_name=b", "train.epochs=3", "ray.max_failures=1")
+    out = run_training(cfg, echo=lambda s: None, fail_after_epoch=2)
+    assert out.start_epoch == 2 and out.resumed["epoch"] == 2  # the retry started from the epoch-2 checkpoint
+    client = tracking.client_for(out.mlflow.tracking_uri)
+    runs = _runs(client, "exp-b")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert _steps(client, out.mlflow.run_id, "train_loss") == [1, 2, 3]
+    assert len(set(out.state_digests)) == 1
+    if expected is not None:  # reproducible from (seed, rank, step): same weights either way
+        assert out.state_digests[0] == expected
+
+
+def test_failed_run_is_marked_failed(ray_env, tmp_path):
+    """A failure inside the workers (a corrupt dataset file) ends the MLflow run as FAILED."""
+    from pipelines.trainer import run_training
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.parquet").write_bytes(b"not parquet")
+    cfg = _cfg(ray_env, "mlflow.experiment=exp-c", "data.dataset=cifar10", f"data.data_dir={data}")
+    with pytest.raises(Exception) as info:
+        run_training(cfg, echo=lambda s: None)
+    assert "not a readable Parquet file" in str(info.value)
+    client = tracking.client_for(f"sqlite:///{ray_env}/mlflow.db")
+    runs = _runs(client, "exp-c")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
