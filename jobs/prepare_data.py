@@ -15,22 +15,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import time  # noqa: E402
+from typing import Sequence  # noqa: E402
 
-from rna_core.errors import ConfigError, RnaError  # noqa: E402
+from jobs._cli import OneLineParser, run_main  # noqa: E402
+from rna_core.errors import ConfigError  # noqa: E402
 
 DATASETS = ("cifar10", "cifar100")
 ENCODINGS = ("png", "jpeg")
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but usage mistakes are one line on stderr and exit code 2, like every job."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _OneLineParser(prog="prepare_data.py", description=__doc__.splitlines()[0])
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = OneLineParser(prog="prepare_data.py", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--out", required=True, help="folder to write train.parquet and test.parquet into")
     p.add_argument("--root", default="./data", help="torchvision download/cache folder (default ./data)")
@@ -77,14 +72,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except RnaError as e:
-        print(f"prepare_data.py: {e}", file=sys.stderr)
-        return 2
-    return 0
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main("prepare_data.py", lambda a: (run(parse_args(a)), 0)[1], argv)
 
 
 if __name__ == "__main__":

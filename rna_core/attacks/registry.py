@@ -1,0 +1,224 @@
+"""The evaluation attack registry: attacks by name, each with its settings and threat model.
+
+An attack object is callable, ``attack(model, x, y, generator) -> x_adv``, works in [0, 1] pixel
+space (every model standardises its own input) and knows its threat model (``norm`` and ``eps``
+in [0, 1] units, ``eps`` None for unbounded attacks such as DeepFool and CW-L2), so protocols and
+tests can check it. Attacks never decide which path a randomized model runs: the protocol does
+(see ``rna_core.evaluation.protocols``).
+
+Every call is reproducible from ``generator``: one seed is drawn from it; our own attacks use a
+generator seeded with it, and library attacks (which draw from the global torch RNG) run inside
+``torch.random.fork_rng`` with the global RNG seeded with it, so global random state is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterator, TypeVar
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError
+
+NORMS = ("linf", "l2", "none")
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """What an attack may do to an input: ``norm`` ball of radius ``eps`` ([0, 1] units), inside [0, 1]."""
+
+    norm: str
+    eps: float | None
+
+    def distance(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per-example distance in this threat model's norm (L-inf for `none`, for reporting)."""
+        delta = (x_adv - x).flatten(1)
+        if self.norm == "l2":
+            return delta.norm(p=2, dim=1)
+        return delta.abs().amax(dim=1)
+
+    def contains(self, x_adv: torch.Tensor, x: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+        """Per-example boolean: inside [0, 1] and (for bounded norms) within eps + tol of x."""
+        flat = x_adv.flatten(1)
+        in_box = (flat >= -tol).all(1) & (flat <= 1 + tol).all(1)
+        if self.norm == "none" or self.eps is None:
+            return in_box
+        return in_box & (self.distance(x_adv, x) <= self.eps + tol)
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """A 63-bit seed from `generator` (seed 0 when None, so a call is still reproducible)."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with the global torch RNG (CPU and `device`) seeded; restore it afterwards.
+
+    torchattacks and pyautoattack draw random starts from the global RNG (pyautoattack even calls
+    ``torch.manual_seed`` itself); forking keeps those draws reproducible and our state untouched.
+    """
+    cuda = device.type == "cuda"
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if cuda else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(devices[0]):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def input_gradients_only(model: nn.Module) -> Iterator[None]:
+    """Freeze the model's parameters for the block: attacks need d loss / d input only.
+
+    Some library attacks call ``loss.backward()`` (torchattacks CW, DeepFool), which would otherwise
+    accumulate ``.grad`` on every parameter; freezing also skips that work.
+    """
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+class Attack:
+    """Base class of registered attacks. Subclasses implement :meth:`run`.
+
+    Class attributes: ``norm`` (threat model), ``library`` (who runs it: ``torchattacks``,
+    ``pyautoattack`` or ``rna_core``), ``native_eot`` (the attack itself averages gradients over
+    repeated forwards, so under the ``eot`` protocol each repeat is simply given a fresh path),
+    ``stops_when_fooled`` (the attack already stops per example once misclassified, as DeepFool does).
+    """
+
+    norm: ClassVar[str] = "linf"
+    library: ClassVar[str] = "rna_core"
+    native_eot: ClassVar[bool] = False
+    stops_when_fooled: ClassVar[bool] = False
+
+    def __init__(self, name: str, settings: dict[str, Any]):
+        self.name = name
+        self.settings = dict(settings)
+
+    @property
+    def eps(self) -> float | None:
+        """Radius of the threat model in [0, 1] units, None for unbounded attacks."""
+        if self.norm == "none":
+            return None
+        eps = self.settings.get("eps")
+        return None if eps is None else float(eps)
+
+    @property
+    def threat(self) -> ThreatModel:
+        return ThreatModel(self.norm, self.eps)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Adversarial examples for (x, y) on `model`'s current path; x in [0, 1].
+
+        The model runs in eval mode during the attack (as torchattacks does) and gets its mode back.
+        """
+        seed = draw_seed(generator)
+        own_gen = torch.Generator().manual_seed(seed)
+        x = x.detach()
+        was_training = model.training
+        model.eval()
+        try:
+            with input_gradients_only(model), seeded_global_rng(seed, x.device):
+                x_adv = self.run(model, x, y, own_gen)
+        finally:
+            model.train(was_training)
+        return x_adv.detach().to(x.dtype)
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
+        return f"{type(self).__name__}[{self.name}]({args})"
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """A registered name: the class that runs it and its default settings."""
+
+    name: str
+    cls: type[Attack]
+    defaults: dict[str, Any]
+
+    @property
+    def library(self) -> str:
+        return self.cls.library
+
+    @property
+    def norm(self) -> str:
+        return self.cls.norm
+
+
+_REGISTRY: dict[str, AttackSpec] = {}
+A = TypeVar("A", bound=type[Attack])
+
+
+def register_attack(name: str, **defaults: Any) -> Callable[[A], A]:
+    """Register an :class:`Attack` subclass under `name` with default settings (a class may hold several names)."""
+
+    def deco(cls: A) -> A:
+        if cls.norm not in NORMS:
+            raise ValueError(f"attack {name}: norm must be one of {NORMS}, got {cls.norm!r}")
+        _REGISTRY[name] = AttackSpec(name, cls, dict(defaults))
+        return cls
+
+    return deco
+
+
+def list_attacks() -> list[str]:
+    """Registered attack names, in registration order (natural first, then the paper's columns)."""
+    return list(_REGISTRY)
+
+
+def attack_spec(name: str) -> AttackSpec:
+    key = name.strip().lower()
+    if key not in _REGISTRY:
+        raise ConfigError(f"unknown attack '{name}'; valid attacks: {', '.join(_REGISTRY)}")
+    return _REGISTRY[key]
+
+
+_INT_SETTINGS = {"steps", "eot_iter"}
+
+
+def _check_setting(name: str, key: str, value: Any) -> Any:
+    if isinstance(value, bool) or value is None:
+        return value
+    if not isinstance(value, (int, float)):
+        return value
+    if value < 0:
+        raise ConfigError(f"attack '{name}': setting {key}={value} must be >= 0")
+    if key in _INT_SETTINGS:
+        if int(value) != value or value < 1:
+            raise ConfigError(f"attack '{name}': setting {key}={value} must be a positive integer")
+        return int(value)
+    if key in ("eps", "step_size") and value > 1:
+        raise ConfigError(f"attack '{name}': {key}={value} is in [0, 1] pixel units (8/255 = 0.0314); divide by 255")
+    return value
+
+
+def get_attack(name: str, **overrides: Any) -> Attack:
+    """The attack registered as `name` with its defaults (the paper's) updated by `overrides`."""
+    spec = attack_spec(name)
+    unknown = sorted(set(overrides) - set(spec.defaults))
+    if unknown:
+        valid = ", ".join(spec.defaults) or "none"
+        raise ConfigError(f"attack '{spec.name}' has no setting {', '.join(unknown)}; its settings: {valid}")
+    settings = {**spec.defaults, **{k: _check_setting(spec.name, k, v) for k, v in overrides.items()}}
+    return spec.cls(spec.name, settings)
+
+
+def resolve_attack(attack: str | Attack) -> Attack:
+    """An attack object from a name or an attack object."""
+    return attack if isinstance(attack, Attack) else get_attack(attack)

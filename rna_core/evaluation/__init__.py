@@ -1,0 +1,72 @@
+"""Evaluation of (randomized) models: protocols, result rows, paper-style tables, stability, paths.
+
+    from rna_core.evaluation import evaluate_model, render_markdown, write_rows_parquet
+    rows = evaluate_model(model, dataset, attacks=["fgsm", "pgd20"], protocols=["transfer", "eot"])
+    write_rows_parquet(rows, "results.parquet"); print(render_markdown(rows))
+
+Pure PyTorch (no Ray, no MLflow); a fan-out calls :func:`evaluate_batch` with :func:`batch_seed`.
+"""
+
+from .path_analysis import (
+    DistanceRecord,
+    TransferMatrix,
+    accuracy_vs_distance,
+    path_at_distance,
+    save_distance_analysis,
+    save_transfer_matrix,
+    transfer_matrix,
+)
+from .protocols import (
+    DEFAULT_EOT_ITER,
+    PROTOCOLS,
+    FirstFooled,
+    LogitAverage,
+    ProtocolOutcome,
+    evaluate_attack,
+    evaluate_batch,
+    list_protocols,
+    run_protocol,
+)
+from .results import ResultRow, merge_rows, read_rows_parquet, rows_to_table, table_to_rows, write_rows_parquet
+from .runner import evaluate_model, make_batches
+from .seeds import batch_seed, trial_seed, unit_seed
+from .stability import StabilityStats, stability, stability_table
+from .tables import EXTRA_COLUMNS, PAPER_COLUMNS, paper_table, paper_tables, render_markdown
+
+__all__ = [
+    "DEFAULT_EOT_ITER",
+    "EXTRA_COLUMNS",
+    "PAPER_COLUMNS",
+    "PROTOCOLS",
+    "DistanceRecord",
+    "FirstFooled",
+    "LogitAverage",
+    "ProtocolOutcome",
+    "ResultRow",
+    "StabilityStats",
+    "TransferMatrix",
+    "accuracy_vs_distance",
+    "batch_seed",
+    "evaluate_attack",
+    "evaluate_batch",
+    "evaluate_model",
+    "list_protocols",
+    "make_batches",
+    "merge_rows",
+    "paper_table",
+    "paper_tables",
+    "path_at_distance",
+    "read_rows_parquet",
+    "render_markdown",
+    "rows_to_table",
+    "run_protocol",
+    "save_distance_analysis",
+    "save_transfer_matrix",
+    "stability",
+    "stability_table",
+    "table_to_rows",
+    "transfer_matrix",
+    "trial_seed",
+    "unit_seed",
+    "write_rows_parquet",
+]

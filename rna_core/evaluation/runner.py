@@ -1,0 +1,145 @@
+"""Evaluate one model under several attacks, protocols and trials; return result rows.
+
+The loop is trials x batches x attacks x protocols, each unit a call of :func:`evaluate_batch`
+with the seed ``batch_seed(trial_seed(seed, t), b)``. A fan-out that hands batches to other
+workers calls exactly that function with exactly those seeds and sums the counts, and gets the
+same rows. A progress bar (tqdm, on stderr) shows only when stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from ..attacks.registry import Attack, resolve_attack
+from ..data.loader import BatchIterator
+from ..data.tensor_dataset import ImageTensorDataset
+from ..errors import ConfigError
+from .protocols import DEFAULT_EOT_ITER, check_protocol, evaluate_batch
+from .results import ResultRow
+from .seeds import batch_seed, trial_seed
+
+META_FIELDS = ("run_id", "model", "method", "dataset")
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def make_batches(
+    data: ImageTensorDataset | Batches, batch_size: int, limit: int | None, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The evaluation batches, in a fixed order (no shuffle), at most `limit` examples, on `device`."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
+    if limit is not None and limit < 0:
+        raise ConfigError(f"limit must be >= 0 (0 or None = all examples), got {limit}")
+    if isinstance(data, ImageTensorDataset):
+        subset = data.head(limit) if limit else data
+        return list(BatchIterator(subset, batch_size, shuffle=False, seed=0, device=device))
+    out, seen = [], 0
+    for x, y in data:
+        if limit and seen >= limit:
+            break
+        if limit and seen + len(y) > limit:
+            x, y = x[: limit - seen], y[: limit - seen]
+        out.append((x.to(device), y.to(device)))
+        seen += len(y)
+    return out
+
+
+def _meta(model: nn.Module, data: Any, meta: dict[str, Any] | None) -> dict[str, str]:
+    meta = dict(meta or {})
+    unknown = sorted(set(meta) - set(META_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown meta field(s) {', '.join(unknown)}; valid: {', '.join(META_FIELDS)}")
+    spec = getattr(model, "rna_spec", {}) or {}
+    defaults = {
+        "run_id": "local",
+        "model": spec.get("model", type(model).__name__),
+        "method": spec.get("method", "none"),
+        "dataset": getattr(data, "name", "unknown"),
+    }
+    return {k: str(meta.get(k, defaults[k])) for k in META_FIELDS}
+
+
+def _show_progress(progress: bool | None) -> bool:
+    if progress is not None:
+        return progress
+    return sys.stderr.isatty()
+
+
+def evaluate_model(
+    model: nn.Module,
+    data: ImageTensorDataset | Batches,
+    attacks: Sequence[str | Attack] = ("natural", "pgd20"),
+    protocols: Sequence[str] = ("transfer",),
+    trials: int = 1,
+    seed: int = 0,
+    batch_size: int = 256,
+    limit: int | None = None,
+    meta: dict[str, Any] | None = None,
+    eot_iter: int = DEFAULT_EOT_ITER,
+    strategy: str = "uniform",
+    include_natural: bool = True,
+    progress: bool | None = None,
+) -> list[ResultRow]:
+    """Rows for every attack x protocol x trial (``natural`` added first unless `include_natural` is False).
+
+    `data` is a dataset (batched here, in order) or an iterable of (x, y) batches in [0, 1].
+    `meta` gives run_id, model, method and dataset for the rows (defaults: "local", the model's
+    ``rna_spec``, the dataset's name). `progress`: None shows a bar only on a terminal.
+    """
+    if trials < 1:
+        raise ConfigError(f"trials must be a positive integer, got {trials}")
+    resolved = [resolve_attack(a) for a in attacks]
+    if include_natural and "natural" not in {a.name for a in resolved}:
+        resolved.insert(0, resolve_attack("natural"))
+    names = [a.name for a in resolved]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"attack names must be unique in one evaluation, got {', '.join(names)}")
+    for p in protocols:
+        check_protocol(p)
+    if len(set(protocols)) != len(protocols):
+        raise ConfigError(f"protocols must be unique, got {', '.join(protocols)}")
+    info = _meta(model, data, meta)
+    batches = make_batches(data, batch_size, limit, _device_of(model))
+    totals: dict[tuple[str, str, int], list[float]] = defaultdict(lambda: [0, 0, 0.0])
+    bar = tqdm(total=trials * len(batches), desc=f"evaluate {info['model']}", unit="batch", disable=not _show_progress(progress), file=sys.stderr)
+    try:
+        for t in range(trials):
+            tseed = trial_seed(seed, t)
+            for b, (x, y) in enumerate(batches):
+                bseed = batch_seed(tseed, b)
+                for attack in resolved:
+                    for protocol in protocols:
+                        start = time.perf_counter()
+                        correct = evaluate_batch(model, x, y, attack, protocol, bseed, eot_iter, strategy)
+                        acc = totals[(attack.name, protocol, t)]
+                        acc[0] += correct
+                        acc[1] += int(y.shape[0])
+                        acc[2] += time.perf_counter() - start
+                bar.update(1)
+    finally:
+        bar.close()
+    rows = []
+    for t in range(trials):
+        for attack in resolved:
+            eps = None if attack.eps is None else round(attack.eps * 255, 6)
+            for protocol in protocols:
+                correct, n, seconds = totals[(attack.name, protocol, t)]
+                rows.append(
+                    ResultRow.make(
+                        **info, attack=attack.name, protocol=protocol, eps=eps, trial=t,
+                        seed=trial_seed(seed, t), n=int(n), correct=int(correct), seconds=float(seconds),
+                    )
+                )
+    return rows

@@ -1,0 +1,384 @@
+"""Evaluation protocols, result rows, Parquet, paper tables, stability and path analysis."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import statistics
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import rna_core
+import rna_core.paths as paths_module
+from rna_core.attacks import get_attack
+from rna_core.config import TrainConfig
+from rna_core.data import BatchIterator, make_synthetic
+from rna_core.errors import ConfigError, DatasetNotFoundError
+from rna_core.evaluation import (
+    PAPER_COLUMNS,
+    ResultRow,
+    accuracy_vs_distance,
+    batch_seed,
+    evaluate_batch,
+    evaluate_model,
+    paper_table,
+    path_at_distance,
+    read_rows_parquet,
+    render_markdown,
+    run_protocol,
+    save_distance_analysis,
+    save_transfer_matrix,
+    stability,
+    stability_table,
+    transfer_matrix,
+    trial_seed,
+    unit_seed,
+    write_rows_parquet,
+)
+from rna_core.optim import build_optimizer
+from rna_core.training import train_epoch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Batches here are tiny: one thread is as fast, and far faster when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def low_contrast(ds, factor: float = 0.15):
+    """The synthetic task with its contrast cut, so that eps = 8/255 is a real threat to it."""
+    x = ds.images.float()
+    ds.images = ((x - 128) * factor + 128).round().clamp(0, 255).to(torch.uint8)
+    return ds
+
+
+def train_small_cnn(norm: str, epochs: int = 2, n: int = 384, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = rna_core.create_model("small_cnn", norm=norm)
+    data = low_contrast(make_synthetic(n, seed=0, split="train"))
+    cfg = TrainConfig(mode="natural", lr=0.1, epochs=1, weight_decay=0.0)
+    opt = build_optimizer(model, cfg)
+    sampler = rna_core.PathSampler("uniform", seed=seed)
+    for epoch in range(epochs):
+        train_epoch(model, BatchIterator(data, 32, shuffle=True, seed=seed, epoch=epoch), opt, cfg, sampler)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def random_model() -> torch.nn.Module:
+    """small_cnn over the paper's space bn,gns:1: 4 random layers, 16 paths, trained a little."""
+    return train_small_cnn("bn,gns:1")
+
+
+@pytest.fixture(scope="module")
+def test_data():
+    return low_contrast(make_synthetic(64, seed=0, split="test"))
+
+
+def xy(data, n: int):
+    return data.images[:n].float() / 255, data.labels[:n]
+
+
+class ForwardSpy:
+    """Records, for every forward of a model, the path it ran, its input and its predictions."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.paths, self.inputs, self.preds = [], [], []
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.paths.append(rna_core.get_path(module))
+        self.inputs.append(args[0].detach().clone())
+        self.preds.append(output.detach().argmax(1))
+
+    def close(self):
+        self.handle.remove()
+
+
+@pytest.fixture
+def count_draws(monkeypatch):
+    """Counts every path drawn anywhere (PathSampler.sample goes through paths.sample_path)."""
+    calls = []
+    real = paths_module.sample_path
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(paths_module, "sample_path", counting)
+    return calls
+
+
+# ------------------------------------------------------------------------------------ protocols
+
+
+@pytest.mark.parametrize("name", ["pgd20", "cw_inf", "mifgsm"])
+def test_transfer_holds_one_path_for_the_whole_attack(random_model, test_data, count_draws, name):
+    x, y = xy(test_data, 16)
+    spy = ForwardSpy(random_model)
+    out = run_protocol(random_model, x, y, get_attack(name, steps=5), "transfer", seed=7)
+    spy.close()
+    assert len(count_draws) == 2 and out.path_draws == 2  # one attack path, one scoring path
+    attack_forwards, scoring = spy.paths[:-1], spy.paths[-1]
+    assert len(attack_forwards) == 5  # one forward per step, all on the attack path
+    assert set(attack_forwards) == {out.attack_path}
+    assert scoring == out.score_path and rna_core.get_path(random_model) == out.score_path
+
+
+def test_fixed_path_scores_on_the_attacked_path(random_model, test_data, count_draws):
+    x, y = xy(test_data, 16)
+    spy = ForwardSpy(random_model)
+    out = run_protocol(random_model, x, y, get_attack("pgd20", steps=3), "fixed-path", seed=7)
+    spy.close()
+    assert len(count_draws) == 1 and set(spy.paths) == {out.attack_path} and out.score_path == out.attack_path
+
+
+def test_eot_draws_a_fresh_path_on_every_forward(random_model, test_data, count_draws):
+    x, y = xy(test_data, 16)
+    state = {k: v.clone() for k, v in random_model.state_dict().items()}
+    spy = ForwardSpy(random_model)
+    out = run_protocol(random_model, x, y, get_attack("pgd20", steps=3), "eot", seed=7, eot_iter=4)
+    spy.close()
+    assert not random_model.training and all(torch.equal(v, state[k]) for k, v in random_model.state_dict().items())
+    attack_forwards = len(spy.paths) - 1
+    assert attack_forwards == 3 * 4  # each step averages eot_iter forwards
+    assert len(count_draws) == out.path_draws == 1 + attack_forwards + 1  # every forward drew
+    assert len(set(spy.paths[:-1])) >= 4  # and the draws really vary (16 paths)
+    # an attack that repeats forwards itself (eot_pgd) is not wrapped again: steps x its own eot_iter
+    count_draws.clear()
+    spy = ForwardSpy(random_model)
+    run_protocol(random_model, x, y, get_attack("eot_pgd", steps=2, eot_iter=3), "eot", seed=7, eot_iter=4)
+    spy.close()
+    assert len(spy.paths) - 1 == 2 * 3 and len(count_draws) == 2 * 3 + 2
+
+
+def first_fooled_points(spy: ForwardSpy, x: torch.Tensor, y: torch.Tensor, eps: float):
+    """Per example, the first queried input within eps of it that was misclassified (None if none)."""
+    found = [None] * len(x)
+    for inp, pred in zip(spy.inputs, spy.preds):
+        for row in range(len(inp)):
+            near = ((x - inp[row]).flatten(1).abs().amax(1) <= eps + 1e-6).nonzero().flatten().tolist()
+            if len(near) != 1:
+                continue
+            i = near[0]
+            if found[i] is None and pred[row] != y[i]:
+                found[i] = inp[row]
+    return found
+
+
+def test_early_stop_never_perturbs_an_example_after_it_is_misclassified(random_model, test_data):
+    x, y = xy(test_data, 32)
+    pgd = get_attack("pgd20", steps=10)
+    spy = ForwardSpy(random_model)
+    stopped = run_protocol(random_model, x, y, pgd, "early-stop", seed=3)
+    spy.close()
+    # every forward but the scoring one ran on the attack path: clean check, then the iterates
+    assert set(spy.paths[:-1]) == {stopped.attack_path}
+    spy.inputs, spy.preds = spy.inputs[:-1], spy.preds[:-1]
+    first = first_fooled_points(spy, x, y, pgd.eps)
+    full = run_protocol(random_model, x, y, pgd, "transfer", seed=3)  # same path, same trajectory, no stopping
+    assert full.attack_path == stopped.attack_path
+    continued = 0
+    for i in range(len(x)):
+        if first[i] is None:
+            assert torch.equal(stopped.x_adv[i], full.x_adv[i])
+        else:
+            assert torch.equal(stopped.x_adv[i], first[i]), f"example {i} was perturbed after it was misclassified"
+            continued += int(not torch.equal(full.x_adv[i], first[i]))
+    clean_wrong = spy.preds[0] != y
+    assert all(torch.equal(stopped.x_adv[i], x[i]) for i in clean_wrong.nonzero().flatten().tolist())
+    assert continued >= 3, "the test needs examples that plain PGD kept perturbing after they were fooled"
+
+
+def test_early_stop_also_holds_for_autoattack_subsets(random_model, test_data):
+    x, y = xy(test_data, 8)
+    aa = get_attack("autoattack")
+    spy = ForwardSpy(random_model)
+    out = run_protocol(random_model, x, y, aa, "early-stop", seed=4)
+    spy.close()
+    spy.inputs, spy.preds = spy.inputs[:-1], spy.preds[:-1]
+    assert any(len(inp) < len(x) for inp in spy.inputs), "AutoAttack should query subsets of the batch"
+    first = first_fooled_points(spy, x, y, aa.eps)
+    assert sum(f is not None for f in first) >= 4
+    for i in range(len(x)):
+        expected = x[i] if first[i] is None else first[i]
+        assert torch.equal(out.x_adv[i], expected)
+
+
+def test_protocols_coincide_for_a_model_without_random_layers(test_data):
+    plain = train_small_cnn("bn", epochs=1, n=128)
+    assert rna_core.count_paths(plain) == 1
+    x, y = xy(test_data, 32)
+    for name in ("fgsm", "pgd20"):
+        attack = get_attack(name, steps=5) if name == "pgd20" else get_attack(name)
+        outs = {p: run_protocol(plain, x, y, attack, p, seed=2, eot_iter=3) for p in ("transfer", "fixed-path", "eot", "early-stop")}
+        for p in ("fixed-path", "eot"):
+            assert torch.equal(outs[p].x_adv, outs["transfer"].x_adv) and outs[p].correct == outs["transfer"].correct
+        assert outs["early-stop"].correct == outs["transfer"].correct
+
+
+def test_robust_accuracy_under_pgd20_is_below_clean_accuracy(test_data):
+    model = train_small_cnn("bn", epochs=2, n=512)
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = evaluate_model(model, test_data, attacks=["pgd20"], protocols=["transfer"], batch_size=32, progress=False)
+    acc = {r.attack: r.accuracy for r in rows}
+    assert acc["natural"] >= 0.9, f"the test model did not learn the task (clean accuracy {acc['natural']:.2f})"
+    assert acc["pgd20"] <= acc["natural"] - 0.5
+    assert all(torch.equal(stats[k], v) for k, v in model.state_dict().items()), "evaluation moved BN statistics"
+
+
+def test_batch_seeds_make_a_sharded_run_equal_to_a_sequential_one(random_model, test_data):
+    rows = evaluate_model(random_model, test_data, attacks=["fgsm"], protocols=["transfer", "eot"], trials=2, seed=5, batch_size=16, eot_iter=2, progress=False)
+    batches = list(BatchIterator(test_data, 16, shuffle=False, seed=0))
+    units = [(t, b, p) for t in range(2) for b in range(len(batches)) for p in ("transfer", "eot")]
+    random.Random(0).shuffle(units)  # any worker, any order
+    fgsm = get_attack("fgsm")
+    counts: dict[tuple[int, str], int] = {}
+    for t, b, p in units:
+        x, y = batches[b]
+        c = evaluate_batch(random_model, x, y, fgsm, p, batch_seed(trial_seed(5, t), b), eot_iter=2)
+        counts[(t, p)] = counts.get((t, p), 0) + c
+    assert {(r.trial, r.protocol): r.correct for r in rows if r.attack == "fgsm"} == counts
+    # the batch seed pairs the paths across protocols: natural accuracy is scored on the same paths
+    natural = {(r.trial, r.protocol): r.correct for r in rows if r.attack == "natural"}
+    assert natural[(0, "transfer")] == natural[(0, "eot")] and natural[(1, "transfer")] == natural[(1, "eot")]
+    assert unit_seed(5, "a", 1) == unit_seed(5, "a", 1) != unit_seed(5, "a", 2)
+
+
+def test_bad_evaluation_input_is_a_config_error(random_model, test_data):
+    x, y = xy(test_data, 4)
+    with pytest.raises(ConfigError, match="valid protocols: transfer, early-stop, fixed-path, eot"):
+        run_protocol(random_model, x, y, "fgsm", "whitebox", seed=0)
+    with pytest.raises(ConfigError, match="unknown meta field"):
+        evaluate_model(random_model, test_data, attacks=["fgsm"], meta={"runid": "x"}, progress=False)
+    with pytest.raises(ConfigError, match="trials"):
+        evaluate_model(random_model, test_data, trials=0, progress=False)
+
+
+# -------------------------------------------------------------------------------------- results
+
+
+def make_rows() -> list[ResultRow]:
+    rows = []
+    for method, base in (("rna", 0.8), ("natural", 0.9)):
+        for attack, eps, drop in (("natural", 0.0, 0.0), ("fgsm", 8.0, 0.3), ("pgd20", 8.0, 0.4), ("deepfool", None, 0.5), ("eot_pgd", 8.0, 0.6)):
+            for protocol in ("transfer", "eot"):
+                for trial in range(3):
+                    correct = int(round(1000 * (base - drop))) - 7 * trial
+                    rows.append(ResultRow.make(run_id="r1", model="resnet18", method=method, dataset="cifar10", attack=attack,
+                                               protocol=protocol, eps=eps, trial=trial, seed=10 + trial, n=1000,
+                                               correct=correct, seconds=1.5))
+    return rows
+
+
+def test_parquet_round_trip_and_merge_without_duplicates(tmp_path):
+    rows = make_rows()
+    path = tmp_path / "out" / "results.parquet"
+    write_rows_parquet(rows, path)
+    back = read_rows_parquet(path)
+    assert back == rows
+    table = pq.read_table(path)
+    assert table.column_names == ["run_id", "model", "method", "dataset", "attack", "protocol", "eps", "trial", "seed", "n", "correct", "accuracy", "seconds"]
+    assert table.column("eps").null_count == 12  # deepfool: unbounded
+    # merging: a re-run replaces rows with the same key, new rows are added
+    changed = dataclasses.replace(rows[0], correct=1, accuracy=0.001)
+    extra = dataclasses.replace(rows[0], trial=9, n=10, correct=5, accuracy=0.5)
+    write_rows_parquet([changed, extra], path)
+    merged = read_rows_parquet(path)
+    assert len(merged) == len(rows) + 1
+    assert [r for r in merged if r.key() == rows[0].key()] == [changed]
+    write_rows_parquet([extra], path, merge=False)
+    assert read_rows_parquet(path) == [extra]
+    assert not [p for p in path.parent.iterdir() if p.name != "results.parquet"], "temporary files left behind"
+    with pytest.raises(DatasetNotFoundError):
+        read_rows_parquet(tmp_path / "missing.parquet")
+    pq.write_table(pa.table({"a": [1]}), tmp_path / "other.parquet")
+    with pytest.raises(ConfigError, match="not an evaluation results table"):
+        read_rows_parquet(tmp_path / "other.parquet")
+
+
+def test_markdown_table_has_the_papers_columns_one_table_per_protocol():
+    rows = make_rows()
+    table = paper_table(rows, "transfer")
+    lines = table.splitlines()
+    assert lines[0] == "| Model | Method | Natural | FGSM | PGD20 | CW | MIFGSM | DeepFool | AutoAttack | EOT-PGD |"
+    assert [label for label, _ in PAPER_COLUMNS] == ["Natural", "FGSM", "PGD20", "CW", "MIFGSM", "DeepFool", "AutoAttack"]
+    by_method = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:-1]] for line in lines[2:]}
+    # rna: natural 800, 793, 786 of 1000 over three trials -> mean 79.30 %; CW, MIFGSM, AutoAttack not run
+    assert by_method["rna"] == ["79.30", "49.30", "39.30", "-", "-", "29.30", "-", "19.30"]
+    assert by_method["natural"][0] == "89.30"
+    # an attack run at a non-default eps gets its own column beside the paper's
+    pgd = next(r for r in rows if r.attack == "pgd20" and r.protocol == "transfer")
+    weaker = dataclasses.replace(pgd, eps=4.0, correct=900, accuracy=0.9)
+    header = paper_table(rows + [weaker], "transfer").splitlines()[0]
+    assert "| PGD20 | PGD20 (eps 4) | CW |" in header
+    doc = render_markdown(rows, title="Evaluation")
+    assert doc.count("| Model | Method | Natural |") == 2
+    assert "## Protocol `transfer`" in doc and "## Protocol `eot`" in doc
+    assert doc.index("`transfer`") < doc.index("`eot`")
+
+
+def test_stability_statistics_are_computed_over_the_trials_rows(random_model, test_data):
+    rows = evaluate_model(random_model, test_data, attacks=["fgsm"], protocols=["transfer"], trials=3, seed=1, batch_size=32, progress=False)
+    assert sorted({r.seed for r in rows}) == [1, 2, 3]  # distinct seeds per trial
+    stats = {s.attack: s for s in stability(rows)}
+    for attack, s in stats.items():
+        accs = [r.accuracy for r in rows if r.attack == attack]
+        assert s.trials == 3 and s.seeds == (1, 2, 3)
+        assert math.isclose(s.mean, statistics.mean(accs)) and math.isclose(s.std, statistics.stdev(accs))
+        assert (s.min, s.max) == (min(accs), max(accs))
+    assert any(s.std > 0 for s in stats.values()), "trials with different seeds should differ on a random model"
+    text = stability_table(rows)
+    assert text.splitlines()[0] == "| Model | Method | Attack | Protocol | Trials | Mean | Std | Min | Max |"
+    assert f"{100 * stats['fgsm'].mean:.2f}" in text
+
+
+def test_progress_bar_only_on_a_terminal(random_model, test_data, capfd):
+    evaluate_model(random_model, test_data, attacks=["fgsm"], batch_size=32, limit=32)
+    assert capfd.readouterr().err == ""  # pytest's stderr is not a terminal: quiet
+    evaluate_model(random_model, test_data, attacks=["fgsm"], batch_size=32, limit=32, progress=True)
+    assert "evaluate small_cnn" in capfd.readouterr().err
+
+
+# -------------------------------------------------------------------------------- path analysis
+
+
+def test_paths_at_distance_differ_in_exactly_d_layers(random_model):
+    gen = torch.Generator().manual_seed(0)
+    base = rna_core.sample_path(random_model, "uniform", gen)
+    for d in range(5):
+        for _ in range(10):
+            assert base.differences(path_at_distance(random_model, base, d, gen)) == d
+    with pytest.raises(ConfigError):
+        path_at_distance(random_model, base, 5, gen)
+
+
+def test_path_analysis_saves_data_and_plots(random_model, test_data, tmp_path):
+    batches = list(BatchIterator(test_data, 32, shuffle=False, seed=0))[:1]
+    fgsm = get_attack("fgsm")
+    records = accuracy_vs_distance(random_model, batches, fgsm, seed=0, paths_per_distance=2)
+    assert [r.distance for r in records] == [0, 1, 2, 3, 4] and [r.layers_differ for r in records] == [0, 1, 2, 3, 4]
+    assert all(r.n == 64 for r in records)
+    files = save_distance_analysis(records, tmp_path / "dist", attack="fgsm")
+    back = pq.read_table(files["parquet"]).to_pylist()
+    assert [r["accuracy"] for r in back] == [r.accuracy for r in records]
+    assert (tmp_path / "dist" / "accuracy_vs_distance.csv").read_text().startswith('"distance"')
+
+    matrix = transfer_matrix(random_model, batches, fgsm, num_paths=3, seed=0)
+    assert len(set(matrix.paths)) == 3 and matrix.n == 32
+    for i, path in enumerate(matrix.paths):  # the diagonal is the white-box (fixed-path) accuracy
+        x, y = batches[0]
+        white = run_protocol(random_model, x, y, fgsm, "fixed-path", seed=unit_seed(0, "matrix", 0, i), strategy=f"fixed:{path}")
+        assert matrix.correct[i][i] == white.correct
+    files = save_transfer_matrix(matrix, tmp_path / "matrix", attack="fgsm")
+    assert len(pq.read_table(files["parquet"])) == 9
+    for png in (tmp_path / "dist" / "accuracy_vs_distance.png", tmp_path / "matrix" / "transfer_matrix.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
