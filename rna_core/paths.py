@@ -83,6 +83,16 @@ def _unit_choices(layers: list[RandomLayer], unit: list[int]) -> int:
     return min(layers[i].num_choices for i in unit)
 
 
+def path_units(model: nn.Module, varying_only: bool = False) -> list[list[int]]:
+    """Groups of random-layer indices that always share a choice (a tie), in path order.
+
+    With `varying_only`, units with a single choice (which no path can change) are left out.
+    """
+    layers = random_layers(model)
+    units = _units(layers)
+    return [u for u in units if _unit_choices(layers, u) > 1] if varying_only else units
+
+
 def count_paths(model: nn.Module) -> int:
     """Number of distinct paths (K^L for L independent layers with K choices)."""
     layers = random_layers(model)

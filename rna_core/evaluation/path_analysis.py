@@ -22,32 +22,16 @@ import torch.nn as nn
 
 from ..attacks.registry import Attack, resolve_attack
 from ..errors import ConfigError
-from ..paths import Path, random_layers, sample_path, set_path
+from ..paths import Path, path_units, random_layers, sample_path, set_path
 from .protocols import eval_mode
 from .seeds import unit_seed
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
-def path_units(model: nn.Module) -> list[list[int]]:
-    """Groups of layer indices that always share a choice (tied layers), each with > 1 choice."""
-    units: list[list[int]] = []
-    by_tie: dict[str, list[int]] = {}
-    layers = random_layers(model)
-    for i, layer in enumerate(layers):
-        if layer.tie is None:
-            units.append([i])
-        elif layer.tie in by_tie:
-            by_tie[layer.tie].append(i)
-        else:
-            by_tie[layer.tie] = [i]
-            units.append(by_tie[layer.tie])
-    return [u for u in units if min(layers[i].num_choices for i in u) > 1]
-
-
 def path_at_distance(model: nn.Module, base: Path, d: int, generator: torch.Generator) -> Path:
     """A path that differs from `base` in exactly `d` units, the units and new choices drawn at random."""
-    units = path_units(model)
+    units = path_units(model, varying_only=True)
     if not 0 <= d <= len(units):
         raise ConfigError(f"distance {d} is out of range: the model has {len(units)} random units")
     layers = random_layers(model)
@@ -103,7 +87,7 @@ def accuracy_vs_distance(
     """
     attack = resolve_attack(attack)
     if distances is None:
-        distances = range(len(path_units(model)) + 1)
+        distances = range(len(path_units(model, varying_only=True)) + 1)
     distances = list(distances)
     stats = {d: [0, 0, 0] for d in distances}  # n, correct, sum of layer differences
     with eval_mode(model):

@@ -1,4 +1,4 @@
-"""WideResNet-34-10 (the RNA paper's "WideResNet32"): pre-activation wide blocks, factory norms."""
+"""WideResNet-34-10 (the RNA paper's "WideResNet32"): pre-activation blocks (no dropout), factory norms."""
 
 from __future__ import annotations
 
@@ -7,26 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import LayerFactory, Standardize
+from .preact_resnet import PreActBlock
 from .registry import register_model
-
-
-class WideBlock(nn.Module):
-    def __init__(self, f: LayerFactory, in_ch: int, out_ch: int, stride: int, where: str):
-        super().__init__()
-        self.bn1 = f.norm(in_ch, f"{where}.bn1")
-        self.conv1 = f.conv(in_ch, out_ch, 3, stride, 1)
-        self.bn2 = f.norm(out_ch, f"{where}.bn2")
-        self.conv2 = f.conv(out_ch, out_ch, 3, 1, 1)
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_ch != out_ch:
-            self.shortcut = f.conv(in_ch, out_ch, 1, stride, 0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        skip = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + skip
 
 
 class WideResNet(nn.Module):
@@ -44,7 +26,7 @@ class WideResNet(nn.Module):
             layers = []
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
-                layers.append(WideBlock(f, in_ch, width, stride, f"block{i + 1}.{j}"))
+                layers.append(PreActBlock(f, in_ch, width, stride, f"block{i + 1}.{j}"))
                 in_ch = width
             stages.append(nn.Sequential(*layers))
         self.block1, self.block2, self.block3 = stages
