@@ -6,4 +6,7 @@ Modules (import the one you need; this package imports nothing heavy on its own)
 - `pipelines.train_loop`: the per-worker function (DDP over the rna_core epoch loop).
 - `pipelines.tracking`: MLflow helpers (store resolution, one run per job, clean ends).
 - `pipelines.model_card`: the Markdown card logged with every trained model.
+- `pipelines.sweep`: Ray Tune sweeps (`run_sweep`): one Ray Train run per trial, nested MLflow runs, summary.
+- `pipelines.evaluate`: the attack-evaluation fan-out (`evaluate`): units as Ray tasks, a resumable
+  result folder, a nested MLflow evaluation run.
 """

@@ -1,0 +1,305 @@
+"""The evaluation fan-out (pipelines/evaluate.py, jobs/evaluate.py) on a real local Ray and MLflow store.
+
+One local Ray (2 CPUs) and one SQLite MLflow store for the module. The model is a small_cnn over
+the paper's space bn,gns:1, trained for two epochs in-process on a low-contrast synthetic task
+(so eps 8/255 is a real threat), saved as a training job saves it, with its test set written
+as a Parquet dataset, the way users' data arrives.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import rna_core
+from pipelines import tracking
+from pipelines.evaluate import (
+    CHECKPOINT_ARTIFACT,
+    DEFAULT_ATTACKS,
+    EvalOptions,
+    InjectedFailure,
+    done_units,
+    load_source,
+    plan_evaluation,
+    run_evaluation,
+)
+from pipelines.train_loop import build_model
+from rna_core.attacks import get_attack
+from rna_core.checkpoint import read_checkpoint, save_checkpoint
+from rna_core.config import TrainConfig, load_config
+from rna_core.data import BatchIterator, make_synthetic, write_parquet_dataset
+from rna_core.errors import ConfigError
+from rna_core.evaluation import evaluate_model, read_rows_parquet
+from rna_core.optim import build_optimizer
+from rna_core.training import train_epoch
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+FIXED_PATH = "0110"
+
+# Small and fast: 64 test images in 2 shards of 2 batches; PGD with 3 steps; EOT over 2 draws.
+SMALL = dict(
+    attacks=("fgsm", "pgd20"), attack_settings={"pgd20": {"steps": 3}}, protocols=("transfer", "eot"),
+    trials=2, batch_size=16, shard_size=32, eot_iter=2, seed=3, path_analysis=0, progress_every=2.0,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Ray tasks run with 1 thread (1 CPU each); the sequential reference does too, for bit-equal floats."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def low_contrast(ds, factor: float = 0.15):
+    x = ds.images.float()
+    ds.images = ((x - 128) * factor + 128).round().clamp(0, 255).to(torch.uint8)
+    return ds
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Local Ray, an MLflow store, a trained checkpoint, its Parquet test set and a training run."""
+    import ray
+
+    root = tmp_path_factory.mktemp("evaluate")
+    mp = pytest.MonkeyPatch()
+    uri = f"sqlite:///{root}/mlflow.db"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("RNA_BASE_DIR", str(root))
+    mp.delenv("RAY_ADDRESS", raising=False)
+    mp.setenv("MLFLOW_EXPERIMENT_ID", "0")  # must redirect nothing: runs go to explicit experiments
+
+    data_dir = root / "data"
+    test = low_contrast(make_synthetic(64, seed=0, split="test"))
+    write_parquet_dataset(data_dir / "test.parquet", test.images, test.labels, test.classes, "cifar10")
+    cfg = load_config(None, ["model.name=small_cnn", "model.norm=bn,gns:1", "data.dataset=cifar10",
+                             f"data.data_dir={data_dir}", "mlflow.experiment=eval-tests"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    train = low_contrast(make_synthetic(384, seed=0, split="train"))
+    tcfg = TrainConfig(mode="natural", lr=0.1, epochs=1, weight_decay=0.0)
+    opt = build_optimizer(model, tcfg)
+    sampler = rna_core.PathSampler("uniform", seed=0)
+    for epoch in range(2):
+        train_epoch(model, BatchIterator(train, 32, shuffle=True, seed=0, epoch=epoch), opt, tcfg, sampler)
+    ckpt_dir = root / "train_run" / "checkpoint_000001"
+    ckpt = save_checkpoint(ckpt_dir / "checkpoint.pt", model, epoch=2, config=cfg)
+
+    # A training run laid out as pipelines.trainer leaves it: the checkpoint folder under "checkpoint".
+    client = tracking.client_for(uri)
+    exp_id = tracking.get_or_create_experiment(client, "train-exp", tracking.artifact_root_for(uri))
+    train_run = tracking.start_run(client, exp_id, "train", {"model.name": "small_cnn"}, {})
+    client.log_artifacts(train_run, str(ckpt_dir), "checkpoint")
+    tracking.end_run(client, train_run)
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield {"root": root, "uri": uri, "ckpt": str(ckpt), "run_id": train_run, "exp_id": exp_id, "client": client}
+    ray.shutdown()
+    mp.undo()
+
+
+def _plan(env, out: str, source: dict | None = None, **changes):
+    source = source or {"checkpoint": env["ckpt"]}
+    return plan_evaluation(load_source(**source), EvalOptions(**{**SMALL, **changes, "out_dir": str(env["root"] / out)}))
+
+
+def _sequential(env, plan) -> dict:
+    """The in-process sequential evaluation (rna_core's evaluate_model) of the same model and data."""
+    payload = read_checkpoint(env["ckpt"])
+    model = build_model(plan.source.cfg)
+    model.load_state_dict(payload["model"])
+    o = plan.options
+    attacks = [get_attack(a, **o.attack_settings.get(a, {})) for a in o.attacks]
+    rows = evaluate_model(model.eval(), plan.dataset, attacks=attacks, protocols=o.protocols, trials=o.trials, seed=o.seed,
+                          batch_size=o.batch_size, eot_iter=o.eot_iter, strategy=o.strategy, progress=False)
+    return _by_key(rows)
+
+
+def _by_key(rows) -> dict:
+    return {(r.attack, r.protocol, r.trial): (r.n, r.correct, r.seed, r.eps, r.model, r.method, r.dataset) for r in rows}
+
+
+# ----------------------------------------------------------------------------- no Ray needed
+
+
+def test_units_align_with_batches_and_name_their_attack_settings(env):
+    plan = _plan(env, "plan-only", shard_size=20)  # rounded up to 2 batches of 16
+    assert {(u.first, u.stop) for u in plan.units} == {(0, 32), (32, 64)}
+    assert len(plan.units) == 3 * 2 * 2 * 2  # (natural, fgsm, pgd20) x protocols x trials x shards
+    assert len({u.unit_id for u in plan.units}) == len(plan.units)
+    other = _plan(env, "plan-only", attack_settings={"pgd20": {"steps": 4}})
+    changed = {u.unit_id for u in plan.units} ^ {u.unit_id for u in other.units}
+    assert changed and all(uid.startswith("pgd20-") for uid in changed)  # other settings, other units; the rest reused
+    assert plan.fingerprint == other.fingerprint
+    assert _plan(env, "plan-only", seed=4).fingerprint != plan.fingerprint
+    assert len(plan.dataset) == 64 and plan.options.strategy == "uniform"
+    assert not (env["root"] / "plan-only").exists()  # planning writes nothing
+    assert DEFAULT_ATTACKS == ("natural", "fgsm", "pgd20", "cw_l2", "mifgsm", "deepfool", "autoattack", "eot_pgd", "autoattack_rand")
+
+
+def test_cli_attack_settings_are_in_pixels_like_configs():
+    sys.path.insert(0, str(REPO))
+    from jobs.evaluate import parse_attack_settings
+
+    assert parse_attack_settings(["pgd20.steps=5", "fgsm.eps=4", "pgd20.step_size=1"]) == {
+        "pgd20": {"steps": 5, "step_size": 1 / 255}, "fgsm": {"eps": 4 / 255}}
+    with pytest.raises(ConfigError, match="ATTACK.SETTING=VALUE"):
+        parse_attack_settings(["steps=5"])
+
+
+# ----------------------------------------------------------------------------- Ray fan-out
+
+
+@pytest.mark.parametrize("strategy", [f"fixed:{FIXED_PATH}", "uniform"], ids=["fixed path", "random paths"])
+def test_fan_out_equals_the_sequential_evaluation(env, strategy):
+    plan = _plan(env, f"equal-{strategy.replace(':', '-')}", strategy=strategy)
+    out = run_evaluation(plan, echo=lambda s: None)
+    assert out.units_run == out.units_total == 24 and out.units_skipped == 0
+    fanned = _by_key(out.rows)
+    assert fanned == _sequential(env, plan)  # every (attack, protocol, trial): same n, correct, seed
+    assert _by_key(read_rows_parquet(out.results_path)) == fanned
+    acc = {k: v[1] / v[0] for k, v in fanned.items()}
+    assert acc[("natural", "transfer", 0)] >= 0.4, "the test model did not learn the task"
+    assert acc[("fgsm", "transfer", 0)] < acc[("natural", "transfer", 0)]  # the attacks really ran
+    if strategy.startswith("fixed"):  # one path: the protocols coincide, and trials differ only by attack noise
+        assert all(acc[(a, "transfer", t)] == acc[(a, "eot", t)] for a in ("natural", "fgsm") for t in (0, 1))
+
+
+def test_failed_unit_is_retried_by_ray_and_its_rows_appear_once(env):
+    marker = env["root"] / "fail-once"
+    plan = _plan(env, "retry", fail_once_marker=str(marker), max_retries=1, trials=1)
+    out = run_evaluation(plan, echo=lambda s: None)
+    failed = marker.read_text()  # exactly one unit raised once, and Ray ran it again
+    assert failed in {u.unit_id for u in plan.units}
+    assert failed in done_units(plan.out_dir) and len(done_units(plan.out_dir)) == len(plan.units)
+    table = read_rows_parquet(out.results_path)
+    keys = [(r.attack, r.protocol, r.trial) for r in table]
+    assert len(keys) == len(set(keys)) == 3 * 2  # one row per (attack, protocol, trial), none twice
+    assert _by_key(table) == _sequential(env, plan)  # the retried unit counted once
+
+
+def test_without_retries_the_failure_stops_the_run_and_a_rerun_resumes(env):
+    marker = env["root"] / "fail-hard"
+    plan = _plan(env, "crash", fail_once_marker=str(marker), max_retries=0, trials=1)
+    with pytest.raises(InjectedFailure):
+        run_evaluation(plan, echo=lambda s: None)
+    stored = done_units(plan.out_dir)
+    assert marker.read_text() not in stored and len(stored) < len(plan.units)
+    client = env["client"]
+    runs = client.search_runs([client.get_experiment_by_name("eval-tests").experiment_id], "tags.`rna.eval_dir` = '%s'" % plan.out_dir)
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+
+    out = run_evaluation(plan, echo=lambda s: None)  # the marker exists now: nothing fails
+    assert out.units_skipped == len(stored) and out.units_run == len(plan.units) - len(stored)
+    assert out.mlflow.run_id == runs[0].info.run_id and client.get_run(out.mlflow.run_id).info.status == "FINISHED"
+    assert _by_key(out.rows) == _sequential(env, plan)
+
+
+def test_second_run_with_the_same_arguments_schedules_no_new_units(env):
+    plan = _plan(env, "twice", attacks=("fgsm",), attack_settings={}, trials=1)
+    lines: list[str] = []
+    first = run_evaluation(plan, echo=lines.append)
+    assert first.units_run == len(plan.units) == 2 * 2 * 2
+    assert any("/8 units" in ln and "elapsed" in ln and "eta" in ln for ln in lines)  # progress was shown
+    stamps = {p.name: p.stat().st_mtime_ns for p in (plan.out_dir / "units").iterdir()}
+
+    again = _plan(env, "twice", attacks=("fgsm",), attack_settings={}, trials=1)
+    second = run_evaluation(again, echo=lines.append)
+    assert second.units_run == 0 and second.units_skipped == len(plan.units)
+    assert {p.name: p.stat().st_mtime_ns for p in (plan.out_dir / "units").iterdir()} == stamps  # nothing recomputed
+    assert _by_key(second.rows) == _by_key(first.rows)
+    table = pq.read_table(second.results_path)
+    assert table.num_rows == 2 * 2  # (natural, fgsm) x protocols: merged, never duplicated
+    assert second.mlflow.run_id == first.mlflow.run_id  # the same evaluation run, reopened
+
+
+def test_cli_run_id_logs_a_nested_run_with_metrics_and_artifacts(env, capsys):
+    sys.path.insert(0, str(REPO))
+    from jobs.evaluate import main
+
+    code = main(["--run-id", env["run_id"], "--attacks", "fgsm,pgd20", "--attack-set", "pgd20.steps=3",
+                 "--protocols", "transfer,eot", "--trials", "2", "--batch-size", "16", "--shard-size", "32",
+                 "--eot-iter", "2", "--path-analysis", "16", "--path-attack", "fgsm"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "| small_cnn | rna |" in printed and "Protocol `eot`" in printed and "Stability over trials" in printed
+    assert "25/25 units" in printed and "eta" in printed  # 24 units + the path analysis
+
+    client = env["client"]
+    children = client.search_runs([env["exp_id"]], f"tags.`mlflow.parentRunId` = '{env['run_id']}'")
+    assert len(children) == 1
+    child = children[0]
+    assert child.info.status == "FINISHED" and child.info.experiment_id == env["exp_id"]
+    assert child.info.run_id in printed and child.data.tags["rna.source"].endswith(CHECKPOINT_ARTIFACT)
+    results = Path(child.data.tags["rna.eval_dir"]) / "results.parquet"
+    rows = read_rows_parquet(results)
+    assert {r.run_id for r in rows} == {env["run_id"]}
+    m = child.data.metrics
+    for attack in ("natural", "fgsm", "pgd20"):
+        for protocol in ("transfer", "eot"):
+            accs = [r.accuracy for r in rows if r.attack == attack and r.protocol == protocol]
+            mean = sum(accs) / 2
+            assert m[f"acc_{attack}_{protocol}"] == pytest.approx(mean)
+            assert m[f"acc_{attack}_{protocol}_std"] == pytest.approx((sum((a - mean) ** 2 for a in accs)) ** 0.5)
+    assert m["eval_images"] == 64 and child.data.params["eval.trials"] == "2"
+
+    def listing(path=None):
+        out = set()
+        for a in client.list_artifacts(child.info.run_id, path):
+            out |= listing(a.path) if a.is_dir else {a.path}
+        return out
+
+    arts = listing()
+    assert {"results.parquet", "results.md", "stability.md", "path_analysis/accuracy_vs_distance.png",
+            "path_analysis/transfer_matrix.png"} <= arts
+    logged = read_rows_parquet(client.download_artifacts(child.info.run_id, "results.parquet", str(env["root"] / "dl")))
+    assert _by_key(logged) == _by_key(rows)
+    assert "Natural" in Path(client.download_artifacts(child.info.run_id, "results.md", str(env["root"] / "dl"))).read_text()
+    parent = client.get_run(env["run_id"])
+    assert not any(k.startswith("acc_") for k in parent.data.metrics)  # the evaluation went into the child
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_exit_2_with_one_line_before_ray_starts(env, tmp_path):
+    """The real process: one stderr line, exit 2, no traceback, no Ray, nothing written."""
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store}/mlflow.db"
+    tracking.client_for(uri).search_experiments()  # an existing store without that run
+    before = sorted(p.name for p in store.iterdir())
+    cases = [
+        (["--checkpoint", env["ckpt"], "--attacks", "fgsm,nope"], "unknown attack 'nope'", None),
+        (["--checkpoint", env["ckpt"], "--protocols", "transfer,whitebox"], "unknown protocol 'whitebox'", None),
+        (["--checkpoint", str(tmp_path / "missing.pt")], "missing.pt' does not exist", None),
+        (["--run-id", "0123456789abcdef"], "MLflow run '0123456789abcdef' not found", uri),
+        (["--run-id", "0123456789abcdef"], "no MLflow store", f"sqlite:///{tmp_path}/absent.db"),
+    ]
+    procs = []
+    for i, (args, needle, store_uri) in enumerate(cases):
+        cwd = tmp_path / f"cwd{i}"
+        cwd.mkdir()
+        run_env = {**os.environ, "RNA_BASE_DIR": str(cwd), "MLFLOW_TRACKING_URI": store_uri or f"sqlite:///{cwd}/mlflow.db"}
+        run_env.pop("RAY_ADDRESS", None)
+        proc = subprocess.Popen([PY, str(REPO / "jobs" / "evaluate.py"), *args], cwd=cwd, env=run_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append((proc, needle, cwd))
+    for proc, needle, cwd in procs:
+        out, err = proc.communicate(timeout=180)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert proc.returncode == 2, (proc.returncode, err)
+        assert len(lines) == 1 and lines[0].startswith("evaluate.py: error:") and needle in lines[0], err
+        assert "Traceback" not in err and "Ray" not in out + err, (out, err)
+        assert list(cwd.iterdir()) == []  # no eval_results, no mlflow.db
+    assert sorted(p.name for p in store.iterdir()) == before
+    assert not (tmp_path / "absent.db").exists()
