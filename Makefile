@@ -27,4 +27,4 @@ bench: $(STAMP)
 	$(PY) bench/at_step.py
 
 clean:
-	rm -rf $(VENV) mlflow.db mlruns ray_results .pytest_cache
+	rm -rf $(VENV) mlflow.db mlruns ray_results eval_results .pytest_cache

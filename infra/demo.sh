@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What `make demo` runs: get CIFAR-10, train the smoke preset with 2 Ray workers (adversarial
-# training, then a final evaluation: clean, PGD-20 transfer, EOT-PGD), and say where to look.
+# training, then a final evaluation: clean, PGD-20 transfer, EOT-PGD), fan a small attack
+# evaluation out over Ray tasks (jobs/evaluate.py), and say where to look.
 #
 #   make demo                                  # downloads CIFAR-10 once into data/
 #   RNA_DATA_DIR=/path/with/parquet make demo  # offline: a folder with train.parquet/test.parquet
@@ -35,7 +36,15 @@ fi
 
 echo "demo: training configs/smoke.yaml with 2 workers on $DATA"
 unset RAY_ADDRESS
-"$PY" jobs/train.py --config configs/smoke.yaml --set ray.num_workers=2 --set "data.data_dir=$DATA" "$@"
+LOG="$(mktemp)"
+trap 'rm -f "$LOG"' EXIT
+"$PY" jobs/train.py --config configs/smoke.yaml --set ray.num_workers=2 --set "data.data_dir=$DATA" "$@" | tee "$LOG"
+RUN_ID="$(awk '$1 == "mlflow" && $2 == "run" {print $3}' "$LOG" | tail -n 1)"
+
+echo
+echo "demo: evaluating run $RUN_ID on 256 test images (paper protocol 'transfer' beside 'eot') as Ray tasks"
+"$PY" jobs/evaluate.py --run-id "$RUN_ID" --attacks fgsm,pgd20,mifgsm,eot_pgd --protocols transfer,eot \
+    --limit 256 --eot-iter 4 --set "data.data_dir=$DATA"
 
 BASE="${RNA_BASE_DIR:-$ROOT}"
 STORE="${MLFLOW_TRACKING_URI:-sqlite:///$BASE/mlflow.db}"
