@@ -53,6 +53,7 @@ from rna_core.config import Config, TrainConfig, unflatten
 from rna_core.data import BatchIterator, ImageTensorDataset, load_dataset
 from rna_core.optim import build_optimizer, build_scheduler
 from rna_core.paths import PathSampler
+from rna_core.speed import use_channels_last
 from rna_core.training import evaluate_clean, evaluate_pgd, train_epoch
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -385,6 +386,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             say(f"[{run_name}] resuming after epoch {start_epoch} from {checkpoint.path}")
 
+    if train_cfg.channels_last:
+        use_channels_last(model)  # before DDP, so its buckets see the final parameter layout
     ddp_model = wrap_ddp(model, device) if world > 1 else model
 
     train_full = load_split(cfg, "train")

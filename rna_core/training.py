@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .attacks.pgd import pgd_linf
 from .config import AttackConfig, TrainConfig
 from .paths import PathSampler, fresh_path_every_forward, set_path
+from .speed import AutocastForward, as_channels_last, bf16_autocast, use_channels_last
 
 
 @dataclass
@@ -68,6 +69,11 @@ def train_step(
     """
     attacker = attack_model if attack_model is not None else model
     target = attacker  # the module whose random layers paths are set on
+    if cfg.channels_last:
+        use_channels_last(target)
+        x = as_channels_last(x)
+    if cfg.amp_bf16:
+        attacker = AutocastForward(attacker)  # forward in bf16; loss and input gradient in fp32
     model.train()
     if cfg.mode == "natural":
         sampler.apply(target)
@@ -83,8 +89,9 @@ def train_step(
         else:
             set_path(target, attack_path)
     optimizer.zero_grad(set_to_none=True)
-    logits = model(x_train)
-    loss = F.cross_entropy(logits, y)
+    with bf16_autocast(x_train.device, cfg.amp_bf16):
+        logits = model(x_train)
+    loss = F.cross_entropy(logits.float(), y)
     loss.backward()
     optimizer.step()
     with torch.no_grad():

@@ -1,11 +1,13 @@
-"""Shared test settings: few threads (2-core machines), deterministic defaults."""
+"""Shared test settings: one torch thread, deterministic defaults.
 
-import os
+One thread: test batches are tiny, and with Ray workers and other processes sharing two cores,
+two intra-op threads made small steps many times slower (see docs/benchmarks.md).
+"""
 
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -14,25 +14,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..speed import to_device_async
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def random_start(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
     """x plus uniform noise in [-eps, eps], clamped to [0, 1]; drawn on the generator's device."""
     gen_device = generator.device if generator is not None else x.device
-    noise = torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
+    noise = torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype)
+    noise = to_device_async(noise, x.device)
     return (x + (noise * 2 - 1) * eps).clamp_(0, 1)
 
 
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, repeats: int = 1) -> torch.Tensor:
     """d loss / d x summed over `repeats` forwards (each may run a fresh path), input only."""
-    grad = torch.zeros_like(x)
+    grad: torch.Tensor | None = None
     for _ in range(repeats):
         x_req = x.detach().requires_grad_(True)
         loss = loss_fn(model(x_req), y)
         (g,) = torch.autograd.grad(loss, [x_req])
-        grad += g
-    return grad
+        grad = g if grad is None else grad + g
+    return grad if grad is not None else torch.zeros_like(x)
 
 
 def pgd_linf(
@@ -57,11 +60,16 @@ def pgd_linf(
     loss_fn = loss_fn or (lambda logits, target: F.cross_entropy(logits, target))
     x = x.detach()
     x_adv = random_start(x, eps, generator) if use_random_start else x.clone()
+    # The L-inf ball intersected with the [0, 1] box, computed once: clamping to it equals
+    # projecting on the ball and then on the box, bit for bit (pure comparisons, no arithmetic).
+    lower = (x - eps).clamp_(min=0)
+    upper = (x + eps).clamp_(max=1)
     for _ in range(steps):
         grad = input_gradient(model, x_adv, y, loss_fn, grad_repeats)
-        step = step_size * grad.sign()
+        direction = grad.sign()
         if active_mask_fn is not None:
             mask = active_mask_fn(x_adv).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-            step = step * mask
-        x_adv = torch.min(torch.max(x_adv + step, x - eps), x + eps).clamp_(0, 1).detach()
+            direction = direction * mask
+        # step_size * (+-1 or 0) is exact, so the fused add equals x_adv + step_size * sign bit for bit.
+        x_adv = torch.clamp(x_adv.detach().add(direction, alpha=step_size), lower, upper)
     return x_adv

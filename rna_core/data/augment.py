@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rna_core.speed import to_device_async
+
 
 def crop_flip(
     x: torch.Tensor, offset_y: torch.Tensor, offset_x: torch.Tensor, flip: torch.Tensor, padding: int
@@ -24,7 +26,8 @@ def crop_flip(
         x = F.pad(x, (padding, padding, padding, padding))
     hp, wp = x.shape[2], x.shape[3]
     dev = x.device
-    oy, ox, fl = offset_y.to(dev), offset_x.to(dev), flip.to(dev)
+    # Pinned, non-blocking copies: a plain .to("cuda") would stall the host until the GPU is idle.
+    oy, ox, fl = to_device_async(offset_y, dev), to_device_async(offset_x, dev), to_device_async(flip, dev)
     rows = oy[:, None] + torch.arange(h, device=dev)  # (B, H) rows of the padded image
     cols = ox[:, None] + torch.arange(w, device=dev)  # (B, W)
     cols = torch.where(fl[:, None], cols.flip(1), cols)

@@ -1,0 +1,202 @@
+"""Timing helpers shared by the benchmarks: warm-up, interleaved repeats, medians, ratios.
+
+Why interleaved: the machines these run on are shared and noisy (other jobs, clock changes), so an
+absolute time means little and two cases timed one after the other see different machines. Every
+case is timed once per round, rounds alternate the order (A B, B A, A B, ...), and the ratio is
+taken of medians, so slow drift and bursts of load hit both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Timing:
+    """Wall-clock seconds of repeated calls of one case; `items` images are processed per call."""
+
+    name: str
+    items: int
+    seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)  # this process's CPU time (all threads)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items / self.median if self.median > 0 else float("inf")
+
+    def summary(self) -> str:
+        times = ", ".join(f"{s:.3f}" for s in self.seconds)
+        return f"{self.name}: median {self.median:.3f} s/call, {self.items_per_second:.2f} images/s (runs: {times})"
+
+
+def synchronizer(device: torch.device | str) -> Callable[[], None]:
+    """A function that waits for queued device work (a no-op on CPU), so timers see finished work."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def measure_interleaved(
+    cases: dict[str, Callable[[], Any]],
+    items: int,
+    repeats: int,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, Timing]:
+    """Time every case `repeats` times, interleaved, after `warmup` untimed calls of each.
+
+    Round r runs the cases in order when r is even and in reverse when odd (A B / B A), so no
+    case is always first after a pause. The headline ratio is :func:`paired_ratio`.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be >= 1 and warmup >= 0")
+    sync = sync or (lambda: None)
+    names = list(cases)
+    for _ in range(warmup):
+        for name in names:
+            cases[name]()
+    sync()
+    timings = {name: Timing(name, items) for name in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else reversed(names):
+            sync()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            cases[name]()
+            sync()
+            timings[name].seconds.append(time.perf_counter() - start)
+            timings[name].cpu_seconds.append(time.process_time() - cpu_start)
+    return timings
+
+
+def ratio(numerator: Timing, denominator: Timing) -> float:
+    """median(numerator) / median(denominator): how many times longer the numerator takes."""
+    return numerator.median / denominator.median
+
+
+def paired_ratios(numerator: Timing, denominator: Timing) -> list[float]:
+    """Per-round ratios (both cases measured next to each other): their spread shows the noise."""
+    return [a / b for a, b in zip(numerator.seconds, denominator.seconds)]
+
+
+def cpu_time_ratio(numerator: Timing, denominator: Timing) -> float:
+    """Median per-round ratio of process CPU time: a cross-check on CPU runs, since CPU time
+    barely grows when other jobs take the cores (wall time does); meaningless for GPU work."""
+    return statistics.median(a / b for a, b in zip(numerator.cpu_seconds, denominator.cpu_seconds))
+
+
+def paired_ratio(numerator: Timing, denominator: Timing) -> float:
+    """Median of the per-round ratios: the headline ratio of every benchmark.
+
+    Within a round both cases run back to back, so a burst of load from other jobs that lasts
+    longer than a round slows both; the median then drops the rounds a short burst hit one-sided.
+    On a shared machine this is far steadier than the ratio of the two medians (also printed).
+    """
+    return statistics.median(paired_ratios(numerator, denominator))
+
+
+def command_line(script: str, args: list[str]) -> str:
+    """The exact command that reproduces this run from the repository root (`script` relative to it)."""
+    return "PYTHONPATH=. python " + shlex.join([script, *args])
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on (they mean nothing without it)."""
+    info: dict[str, Any] = {
+        "date": _dt.date.today().isoformat(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "processor": platform.processor() or platform.machine(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def add_common_args(parser: argparse.ArgumentParser, repeats: int = 3, warmup: int = 1) -> None:
+    """Arguments every benchmark takes."""
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed calls per case (interleaved)")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls per case first")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (0 = torch's default). 1 by default: on a shared machine a second OpenMP "
+        "thread that loses its core stalls every parallel op (measured: 50x slower steps under load)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the result as JSON to this file")
+
+
+def apply_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def report(
+    bench: str,
+    argv: list[str] | None,
+    timings: dict[str, Timing],
+    ratio_name: str,
+    ratio_value: float,
+    target: str,
+    passed: bool,
+    extra: dict[str, Any] | None = None,
+    json_path: str | None = None,
+) -> dict[str, Any]:
+    """Print the benchmark's result (timings, ratio, target, exact command) and return it as a dict."""
+    cmd = command_line(f"bench/{bench}.py", sys.argv[1:] if argv is None else list(argv))
+    print(f"== bench {bench}")
+    print(f"command: {cmd}")
+    host = machine()
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in host.items()))
+    for t in timings.values():
+        print("  " + t.summary())
+    names = list(timings)
+    if len(names) >= 2:
+        a, b = timings[names[0]], timings[names[1]]
+        pr = paired_ratios(a, b)
+        print(f"  per-round {names[0]}/{names[1]}: " + ", ".join(f"{r:.3f}" for r in pr))
+        print(f"  ratio of medians {names[0]}/{names[1]}: {ratio(a, b):.3f}; of fastest runs: {min(a.seconds) / min(b.seconds):.3f}")
+        if a.cpu_seconds and b.cpu_seconds and min(b.cpu_seconds) > 0:
+            print(f"  CPU-time ratio {names[0]}/{names[1]} (median per round; cross-check on CPU): {cpu_time_ratio(a, b):.3f}")
+    for key, value in (extra or {}).items():
+        print(f"  {key}: {value}")
+    verdict = "PASS" if passed else "MISS"
+    print(f"ratio {ratio_name} = {ratio_value:.3f} (target {target}): {verdict}")
+    result = {
+        "bench": bench,
+        "command": cmd,
+        "machine": host,
+        "timings": {
+            k: {"seconds": t.seconds, "cpu_seconds": t.cpu_seconds, "median": t.median, "images_per_second": t.items_per_second}
+            for k, t in timings.items()
+        },
+        "ratio_name": ratio_name,
+        "ratio": ratio_value,
+        "target": target,
+        "passed": passed,
+        "extra": extra or {},
+    }
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2, default=str))
+    return result

@@ -1,0 +1,241 @@
+"""Benchmark 6, `gpu`: ResNet-18 PGD-10 adversarial training throughput on a lent GPU.
+
+Measures images/s of rna_core's blackbox PGD-10 training step (the paper's recipe: ResNet-18,
+RNA space `bn,gns:1`, batch 128) in fp32 and with bf16 autocast + channels_last, side by side
+(interleaved blocks of steps), the FLOPs of a step (counted by torch's FlopCounterMode) and the
+model-FLOPs utilisation (MFU) they imply, and the projected wall time of the paper's 200-epoch
+recipe on CIFAR-10 (50,000 training images; plus a PGD-20 evaluation of 1,000 images per epoch).
+
+Batches come from an in-memory uint8 dataset already on the device, augmented there (random
+crop + flip), as the training job does. Only torch, numpy and rna_core are needed (no Ray,
+MLflow or attack libraries), so it runs on a bare GPU machine:
+
+    bash bench/gpu.sh                                   # = PYTHONPATH=. python3 bench/gpu.py
+    PYTHONPATH=. python bench/gpu.py --device cpu --tiny   # seconds, for tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench` and `rna_core` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.common import measure_interleaved, paired_ratio, report, synchronizer
+from rna_core import create_model
+from rna_core.config import AttackConfig, TrainConfig
+from rna_core.data import BatchIterator, make_synthetic
+from rna_core.optim import build_optimizer
+from rna_core.paths import PathSampler
+from rna_core.training import evaluate_pgd, train_step
+
+CIFAR_TRAIN_IMAGES = 50_000
+# Dense bf16 tensor-core peaks (vendor figures, FLOP/s). MFU is quoted against these for every
+# variant, fp32 included (its convolutions run on TF32 tensor cores, whose peak is half of this).
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12}
+
+VARIANTS = {
+    # name: (norm, channels_last, amp_bf16)
+    "fp32": ("bn,gns:1", False, False),
+    "bf16_cl": ("bn,gns:1", True, True),
+    "bn_fp32": ("bn", False, False),
+    "bn_bf16_cl": ("bn", True, True),
+}
+
+
+@dataclass
+class Sizes:
+    model: str
+    batch: int
+    pgd_steps: int
+    steps_per_call: int
+    repeats: int
+    warmup: int
+    dataset_size: int
+    eval_batch: int
+
+
+def sizes_from(args: argparse.Namespace) -> Sizes:
+    if args.tiny:
+        return Sizes("small_cnn", 8, 2, 1, 1, 1, 32, 8)
+    return Sizes(args.model, args.batch, args.pgd_steps, args.steps_per_call, args.repeats, args.warmup, args.dataset_size, 256)
+
+
+def peak_flops(device: torch.device, override_tflops: float) -> float | None:
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+class Variant:
+    """A model, optimizer, sampler and endless batch stream for one speed setting."""
+
+    def __init__(self, name: str, sizes: Sizes, device: torch.device, seed: int):
+        norm, channels_last, amp = VARIANTS[name]
+        self.name = name
+        self.cfg = TrainConfig(
+            mode="blackbox", attack=AttackConfig(steps=sizes.pgd_steps), channels_last=channels_last, amp_bf16=amp
+        )
+        torch.manual_seed(seed)
+        self.model = create_model(sizes.model, norm=norm).to(device)
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.sampler = PathSampler(self.cfg.sampling, seed=seed)
+        data = make_synthetic(sizes.dataset_size, seed=seed)
+        self.batches = BatchIterator(data, sizes.batch, shuffle=True, seed=seed, drop_last=True, augment=True, device=device)
+        self._stream = self._endless()
+        self.steps_per_call = sizes.steps_per_call
+
+    def _endless(self):
+        epoch = 0
+        while True:
+            self.batches.set_epoch(epoch)
+            yield from self.batches
+            epoch += 1
+
+    def step(self) -> None:
+        x, y = next(self._stream)
+        train_step(self.model, x, y, self.optimizer, self.cfg, self.sampler)
+
+    def call(self) -> None:
+        for _ in range(self.steps_per_call):
+            self.step()
+
+
+def flops_per_image(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pgd_steps: int) -> float:
+    """FLOPs of one training step per image: k attack passes (forward + input-only backward) and
+    one update pass (forward + full backward), each counted by FlopCounterMode on a model copy.
+
+    Counted piecewise because FlopCounterMode's module tracker refuses `torch.autograd.grad`;
+    `backward(inputs=[x])` runs the same input-only backward.
+    """
+    m = copy.deepcopy(model).train()
+
+    def count(fn) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        return counter.get_total_flops()
+
+    def attack_pass() -> None:
+        x_req = x.detach().requires_grad_(True)
+        F.cross_entropy(m(x_req), y).backward(inputs=[x_req])
+
+    def update_pass() -> None:
+        F.cross_entropy(m(x), y).backward()
+
+    return (pgd_steps * count(attack_pass) + count(update_pass)) / x.shape[0]
+
+
+def eval_images_per_second(variant: Variant, sizes: Sizes, device: torch.device, sync) -> float:
+    """PGD-20 evaluation (transfer protocol, eval mode, fp32) throughput on one eval batch."""
+    x, y = next(variant._stream)
+    reps = max(1, sizes.eval_batch // x.shape[0])
+    x, y = x.repeat(reps, 1, 1, 1), y.repeat(reps)
+    sampler = PathSampler("uniform", seed=1)
+    evaluate_pgd(variant.model, [(x, y)], sampler, steps=20)  # warm-up
+    sync()
+    start = time.perf_counter()
+    evaluate_pgd(variant.model, [(x, y)], sampler, steps=20)
+    sync()
+    return x.shape[0] / (time.perf_counter() - start)
+
+
+def _torchvision_version() -> str:
+    try:
+        import torchvision
+
+        return torchvision.__version__
+    except ImportError:
+        return "absent"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="small_cnn, batch 8, PGD-2, one step per call (CPU test)")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--pgd-steps", type=int, default=10)
+    p.add_argument("--steps-per-call", type=int, default=30, help="training steps in one timed block")
+    p.add_argument("--repeats", type=int, default=5, help="timed blocks per variant (interleaved)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed blocks per variant first")
+    p.add_argument("--dataset-size", type=int, default=8192, help="synthetic images held on the device")
+    p.add_argument("--variants", default="fp32,bf16_cl,bn_bf16_cl", help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--epochs", type=int, default=200, help="epochs of the projected recipe")
+    p.add_argument("--eval-images", type=int, default=1000, help="images PGD-20-evaluated per epoch in the projection")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="peak FLOP/s for MFU (0 = from the GPU's name)")
+    p.add_argument("--no-cudnn-benchmark", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; matters for --device cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("gpu.py: --device cuda but torch sees no GPU; pass --device cpu --tiny to try it on CPU")
+        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise SystemExit(f"gpu.py: unknown variant(s) {unknown}; valid: {', '.join(VARIANTS)}")
+    sizes = sizes_from(args)
+    sync = synchronizer(device)
+    variants = {n: Variant(n, sizes, device, args.seed) for n in names}
+    first = variants[names[0]]
+    x0, y0 = next(first._stream)
+    flops = flops_per_image(first.model, x0, y0, sizes.pgd_steps)
+    timings = measure_interleaved(
+        {n: v.call for n, v in variants.items()}, sizes.batch * sizes.steps_per_call, sizes.repeats, sizes.warmup, sync
+    )
+    eval_ips = eval_images_per_second(first, sizes, device, sync)
+    peak = peak_flops(device, args.peak_tflops)
+    best = max(timings.values(), key=lambda t: t.items_per_second if t.name in ("fp32", "bf16_cl") else 0.0)
+    extra: dict[str, object] = {
+        "software": f"torchvision={_torchvision_version()} cuda={torch.version.cuda} cudnn={torch.backends.cudnn.version()}",
+        "sizes": f"model={sizes.model} batch={sizes.batch} PGD-{sizes.pgd_steps} steps/call={sizes.steps_per_call} "
+        f"repeats={sizes.repeats} device={device} cudnn.benchmark={torch.backends.cudnn.benchmark}",
+        "GFLOP per image per training step": f"{flops / 1e9:.2f}",
+    }
+    for name, t in timings.items():
+        achieved = t.items_per_second * flops
+        mfu = f", MFU {achieved / peak:.1%} of {peak / 1e12:.4g} TFLOP/s peak" if peak else ", MFU n/a (unknown peak)"
+        extra[f"{name}"] = f"{t.items_per_second:.1f} images/s, {achieved / 1e12:.3g} TFLOP/s{mfu}"
+    train_s = args.epochs * CIFAR_TRAIN_IMAGES / best.items_per_second
+    eval_s = args.epochs * args.eval_images / eval_ips
+    extra["PGD-20 eval (fp32)"] = f"{eval_ips:.1f} images/s"
+    extra[f"projected {args.epochs}-epoch recipe ({best.name})"] = (
+        f"{(train_s + eval_s) / 3600:.2f} h (training {train_s / 3600:.2f} h + per-epoch PGD-20 eval of "
+        f"{args.eval_images} images {eval_s / 3600:.2f} h)"
+    )
+    if "fp32" in timings and "bf16_cl" in timings:
+        value, ratio_name = paired_ratio(timings["fp32"], timings["bf16_cl"]), "time(fp32) / time(bf16_cl)"
+    else:
+        value, ratio_name = 1.0, f"time({names[0]}) / time({names[0]})"
+    if "bf16_cl" in timings and "bn_bf16_cl" in timings:
+        extra["RNA overhead time(bf16_cl) / time(bn_bf16_cl)"] = f"{paired_ratio(timings['bf16_cl'], timings['bn_bf16_cl']):.3f}"
+    return report("gpu", argv, timings, ratio_name, value, "> 1 (bf16+channels_last pays)", value > 1.0, extra, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The benchmarks run at a tiny size: their equality checks hold and each prints a ratio and its command.
+
+Timings at this size are meaningless (and this machine is shared), so no test asserts a speed;
+the full-size figures live in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import at_step, common, gpu, vs_reference_loop, vs_torchattacks  # noqa: E402
+from rna_core import create_model  # noqa: E402
+from rna_core.config import AttackConfig, TrainConfig  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The benches set torch's thread count (--threads 1); give the next tests back theirs."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+TINY = ["--repeats", "1", "--warmup", "0", "--threads", "1"]
+
+
+def _check_printed(out: str, bench: str, result: dict) -> None:
+    assert f"command: PYTHONPATH=. python bench/{bench}.py" in out
+    assert f"ratio {result['ratio_name']} = " in out
+    assert result["ratio"] > 0 and all(t["seconds"] and min(t["seconds"]) > 0 for t in result["timings"].values())
+
+
+def test_measure_interleaved_alternates_order_and_counts_calls():
+    calls: list[str] = []
+    cases = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    timings = common.measure_interleaved(cases, items=4, repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then A B / B A / A B
+    assert [len(t.seconds) for t in timings.values()] == [3, 3]
+    t_slow = common.Timing("slow", 10, [2.0, 4.0, 3.0])
+    t_fast = common.Timing("fast", 10, [1.0, 1.0, 2.0])
+    assert common.ratio(t_slow, t_fast) == pytest.approx(3.0)
+    assert t_slow.items_per_second == pytest.approx(10 / 3)
+    assert common.paired_ratios(t_slow, t_fast) == [2.0, 4.0, 1.5]
+    assert common.paired_ratio(t_slow, t_fast) == 2.0  # the headline: median of the per-round ratios
+    assert common.command_line("bench/x.py", ["--a", "b c"]) == "PYTHONPATH=. python bench/x.py --a 'b c'"
+
+
+def test_at_step_tiny(capsys, tmp_path):
+    argv = ["--model", "small_cnn", "--batch", "4", "--pgd-steps", "2", *TINY, "--json", str(tmp_path / "r.json")]
+    result = at_step.main(argv)
+    _check_printed(capsys.readouterr().out, "at_step", result)
+    assert set(result["timings"]) == {"norm=bn,gns:1", "norm=bn"}
+    assert json.loads((tmp_path / "r.json").read_text())["ratio"] == pytest.approx(result["ratio"])
+
+
+def test_vs_reference_loop_tiny_is_bit_identical(capsys):
+    result = vs_reference_loop.main(["--model", "small_cnn", "--batch", "4", "--pgd-steps", "2", "--atol", "0", *TINY])
+    out = capsys.readouterr().out
+    _check_printed(out, "vs_reference_loop", result)
+    assert "equality check: passed (max_abs_diff_adversarial=0.00e+00, max_abs_diff_state=0.00e+00" in out
+
+
+def test_vs_reference_check_fails_when_the_steps_differ(monkeypatch):
+    """The equality check can fail: a reference that attacks with another step size is caught."""
+    original = vs_reference_loop.reference_step
+
+    def off_by_one(model, x, y, optimizer, cfg, sampler):
+        bigger = TrainConfig(attack=AttackConfig(steps=cfg.attack.steps, step_size=cfg.attack.step_size * 2))
+        return original(model, x, y, optimizer, bigger, sampler)
+
+    monkeypatch.setattr(vs_reference_loop, "reference_step", off_by_one)
+    torch.manual_seed(0)
+    model = create_model("small_cnn", norm="bn,gns:1")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+    with pytest.raises(AssertionError, match="adversarial examples differ"):
+        vs_reference_loop.check_identical(model, x, y, TrainConfig(attack=AttackConfig(steps=2)), seed=0)
+
+
+def test_vs_torchattacks_tiny(capsys):
+    result = vs_torchattacks.main(["--model", "small_cnn", "--batch", "4", "--pgd-steps", "3", *TINY])
+    out = capsys.readouterr().out
+    _check_printed(out, "vs_torchattacks", result)
+    assert set(result["timings"]) == {"torchattacks", "ours"}
+    assert "fraction_of_pixels_differing=" in out
+
+
+def test_gpu_flop_count_matches_the_attack_and_update_passes():
+    torch.manual_seed(0)
+    model = create_model("small_cnn", norm="bn,gns:1")
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 1])
+    update, f2 = gpu.flops_per_image(model, x, y, 0), gpu.flops_per_image(model, x, y, 2)
+    attack_pass = (f2 - update) / 2
+    # Update pass = forward + full backward (~3 forwards); attack pass = forward + input-only
+    # backward (~2 forwards). A count that missed the backward would give about 1/3.
+    assert 0.55 < attack_pass / update < 0.8, (update, attack_pass)
+
+
+def test_gpu_sh_runs_on_cpu_tiny_without_ray_mlflow_or_attack_libraries(tmp_path):
+    """bench/gpu.sh as on the bare GPU machine: those packages are made unimportable."""
+    blocked = tmp_path / "blocked"
+    for name in ("ray", "mlflow", "torchattacks", "pyautoattack"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the GPU machine')\n")
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(blocked), OMP_NUM_THREADS="1")
+    out_json = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu.sh"), "--device", "cpu", "--tiny", "--variants", "fp32,bf16_cl",
+         "--peak-tflops", "1", "--threads", "1", "--json", str(out_json)],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "command: PYTHONPATH=. python bench/gpu.py --device cpu --tiny" in proc.stdout
+    assert "ratio time(fp32) / time(bf16_cl) = " in proc.stdout
+    assert "projected 200-epoch recipe" in proc.stdout and "MFU" in proc.stdout
+    result = json.loads(out_json.read_text())
+    assert set(result["timings"]) == {"fp32", "bf16_cl"}
+    assert float(result["extra"]["GFLOP per image per training step"]) > 0
