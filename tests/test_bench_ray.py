@@ -1,0 +1,50 @@
+"""Benchmarks 4 (ray_overhead) and 5 (eval_fanout) at --tiny size: they run end to end on a real
+local Ray, print a ratio and the command, and their correctness checks hold (numbers not judged)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import ray
+
+from bench import eval_fanout, ray_overhead
+
+
+@pytest.fixture(autouse=True)
+def no_ray_left():
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_ray_overhead_tiny(tmp_path, capsys):
+    out = tmp_path / "ro.json"
+    result = ray_overhead.main(["--tiny", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "ratio ray_1w_epoch/plain_epoch = " in text
+    assert "command: PYTHONPATH=. python bench/ray_overhead.py --tiny --json" in text
+    assert result["ratio_name"] == "ray_1w_epoch/plain_epoch"
+    assert math.isfinite(result["ratio"]) and result["ratio"] > 0
+    t = result["timings"]
+    # The Ray epoch time is the worker's own measurement: a real epoch, shorter than the whole fit.
+    assert 0 < t["ray_1w_2cpu_epoch"]["median"] < t["ray_1w_2cpu_fit_wall"]["median"]
+    assert t["plain_2threads_epoch"]["median"] > 0
+    assert out.is_file() and '"bench": "ray_overhead"' in out.read_text()
+    assert not ray.is_initialized()
+
+
+def test_eval_fanout_tiny(capsys):
+    result = eval_fanout.main(["--tiny"])
+    text = capsys.readouterr().out
+    assert "ratio seq_2threads/fanout_2x1cpu (speedup) = " in text
+    assert "command: PYTHONPATH=. python bench/eval_fanout.py --tiny" in text
+    assert math.isfinite(result["ratio"]) and result["ratio"] > 0
+    extra = result["extra"]
+    # Every timed call (fan-out and sequential) gave the same correct counts (asserted in the bench).
+    assert extra["accuracies_equal"].startswith("True (fan-out calls checked: 2, sequential calls: 4)")
+    assert "natural/transfer/t0=" in extra["correct/n"] and "fgsm/eot/t0=" in extra["correct/n"]
+    for part in extra["correct/n"].split(", "):
+        correct, n = part.split("=")[1].split("/")
+        assert int(n) == 32 and 0 <= int(correct) <= 32
+    assert not ray.is_initialized()
