@@ -219,6 +219,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         report["param_digest"] = state_digest(params_only)
         report["state_digest"] = state_digest(model)
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
+        dist.barrier()  # both ranks done before either tears gloo down (a one-sided teardown can abort the peer)
     finally:
         dist.destroy_process_group()
 
