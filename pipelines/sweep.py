@@ -63,7 +63,7 @@ import yaml
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from rna_core.config import Config, apply_overrides, config_from_dict, flatten, to_dict, unflatten
+from rna_core.config import Config, apply_overrides, config_from_dict, flatten, read_yaml_file, to_dict, unflatten
 from rna_core.errors import ConfigError, RnaError
 
 from . import tracking
@@ -313,15 +313,7 @@ def _check_spec(spec: SweepSpec) -> None:
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file '{path}' does not exist; sweep presets live in configs/ (e.g. configs/sweep_smoke.yaml)")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" at line {line + 1}" if line is not None else ""
-        raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix the syntax") from None
+    data = read_yaml_file(path, example="configs/sweep_smoke.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping (model:, data:, train:, ..., sweep:)")
     return data

@@ -49,7 +49,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from rna_core.checkpoint import load_checkpoint, save_checkpoint
-from rna_core.config import Config, TrainConfig, unflatten
+from rna_core.builders import effective_train_config, model_from_config
+from rna_core.config import Config, unflatten
 from rna_core.data import BatchIterator, ImageTensorDataset, load_dataset
 from rna_core.optim import build_optimizer, build_scheduler
 from rna_core.paths import PathSampler
@@ -76,28 +77,7 @@ EVAL_JOB_ALIASES = {
 
 def build_model(cfg: Config) -> nn.Module:
     """The one place a training run builds its network (so the builder can change in one spot)."""
-    try:
-        from rna_core.builders import model_from_config
-    except ImportError:  # older rna_core without builders
-        from rna_core import create_model
-
-        return create_model(
-            cfg.model.name,
-            num_classes=cfg.num_classes(),
-            norm=cfg.model.norm,
-            method=cfg.model.method,
-            dataset=cfg.data.dataset,
-        )
     return model_from_config(cfg)
-
-
-def effective_train_config(cfg: Config) -> TrainConfig:
-    """The TrainConfig `train_step` runs (method-specific choices mapped onto it, e.g. for rpt)."""
-    try:
-        from rna_core.builders import effective_train_config as effective
-    except ImportError:
-        return cfg.train
-    return effective(cfg)
 
 
 def mix_seed(*parts: int) -> int:

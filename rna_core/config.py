@@ -336,18 +336,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML preset (or the defaults when path is None), apply overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = FsPath(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{path}' does not exist; presets live in configs/ (e.g. configs/smoke.yaml)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" at line {line + 1}" if line is not None else ""
-            raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix the syntax") from None
+    data = read_yaml_file(path) if path is not None else {}
     return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def read_yaml_file(path: str, example: str = "configs/smoke.yaml") -> Any:
+    """The parsed YAML of a preset file; a missing file or bad syntax is one clear ConfigError."""
+    p = FsPath(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; presets live in configs/ (e.g. {example})")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix the syntax") from None
 
 
 def dump_yaml(cfg: Config) -> str:
