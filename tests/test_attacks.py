@@ -7,12 +7,10 @@ import torch
 
 import rna_core
 from rna_core.attacks import get_attack, list_attacks
-from rna_core.config import TrainConfig
-from rna_core.data import BatchIterator, make_synthetic
+from rna_core.data import make_synthetic
 from rna_core.errors import ConfigError
 from rna_core.evaluation import run_protocol
-from rna_core.optim import build_optimizer
-from rna_core.training import train_epoch
+from helpers import low_contrast, train_small_cnn
 
 ALL_ATTACKS = ["natural", "fgsm", "pgd20", "cw_inf", "cw_l2", "mifgsm", "deepfool", "autoattack", "autoattack_rand", "eot_pgd"]
 # Fewer steps than the paper where the paper's would take minutes on a CPU; cw_l2 with the
@@ -24,34 +22,6 @@ FAST = {
     "eot_pgd": dict(steps=5, eot_iter=2),
 }
 N_EXAMPLES = {"deepfool": 4, "autoattack": 4, "autoattack_rand": 4}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batches here are tiny: one thread is as fast, and far faster when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def low_contrast(ds, factor: float = 0.15):
-    """The synthetic task with its contrast cut, so that eps = 8/255 is a real threat to it."""
-    x = ds.images.float()
-    ds.images = ((x - 128) * factor + 128).round().clamp(0, 255).to(torch.uint8)
-    return ds
-
-
-def train_small_cnn(norm: str, steps_epochs: int = 2, n: int = 384, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = rna_core.create_model("small_cnn", norm=norm)
-    data = low_contrast(make_synthetic(n, seed=0, split="train"))
-    cfg = TrainConfig(mode="natural", lr=0.1, epochs=1, weight_decay=0.0)
-    opt = build_optimizer(model, cfg)
-    sampler = rna_core.PathSampler("uniform", seed=seed)
-    for epoch in range(steps_epochs):
-        train_epoch(model, BatchIterator(data, 32, shuffle=True, seed=seed, epoch=epoch), opt, cfg, sampler)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

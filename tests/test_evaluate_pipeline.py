@@ -38,6 +38,7 @@ from rna_core.errors import ConfigError
 from rna_core.evaluation import evaluate_model, read_rows_parquet
 from rna_core.optim import build_optimizer
 from rna_core.training import train_epoch
+from helpers import low_contrast
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -48,21 +49,6 @@ SMALL = dict(
     attacks=("fgsm", "pgd20"), attack_settings={"pgd20": {"steps": 3}}, protocols=("transfer", "eot"),
     trials=2, batch_size=16, shard_size=32, eot_iter=2, seed=3, path_analysis=0, progress_every=2.0,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Ray tasks run with 1 thread (1 CPU each); the sequential reference does too, for bit-equal floats."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def low_contrast(ds, factor: float = 0.15):
-    x = ds.images.float()
-    ds.images = ((x - 128) * factor + 128).round().clamp(0, 255).to(torch.uint8)
-    return ds
 
 
 @pytest.fixture(scope="module")
