@@ -8,7 +8,7 @@ without touching model code.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -55,3 +55,25 @@ class LayerFactory:
     def describe(self) -> dict[str, str]:
         """What the factory builds, for checkpoints and model cards."""
         return {"norm": ",".join(map(str, self.space))}
+
+
+BlockBuilder = Callable[[LayerFactory, int, int, int, str], nn.Module]
+
+
+def build_stages(
+    f: LayerFactory, block: BlockBuilder, blocks_per_stage: Sequence[int], widths: Sequence[int], in_ch: int, prefix: str
+) -> tuple[list[nn.Sequential], int]:
+    """The residual stages of a CIFAR ResNet/WRN: each stage but the first halves the resolution.
+
+    Returns the stages and the output channel count. Blocks are named `<prefix><stage>.<index>`
+    (e.g. `layer2.0`), which is how norm-configuration errors name a layer.
+    """
+    stages = []
+    for i, (n, width) in enumerate(zip(blocks_per_stage, widths)):
+        layers = []
+        for j in range(n):
+            stride = 2 if (i > 0 and j == 0) else 1
+            layers.append(block(f, in_ch, width, stride, f"{prefix}{i + 1}.{j}"))
+            in_ch = width
+        stages.append(nn.Sequential(*layers))
+    return stages, in_ch

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import LayerFactory, Standardize
+from .layers import LayerFactory, Standardize, build_stages
 from .registry import register_model
 
 
@@ -34,15 +34,7 @@ class PreActResNet(nn.Module):
         super().__init__()
         self.standardize = standardize
         self.conv1 = f.conv(3, 64, 3, 1, 1)
-        stages = []
-        in_ch = 64
-        for i, (n, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
-            layers = []
-            for j in range(n):
-                stride = 2 if (i > 0 and j == 0) else 1
-                layers.append(PreActBlock(f, in_ch, width, stride, f"layer{i + 1}.{j}"))
-                in_ch = width
-            stages.append(nn.Sequential(*layers))
+        stages, _ = build_stages(f, PreActBlock, blocks, (64, 128, 256, 512), 64, "layer")
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.bn = f.norm(512, "bn")
         self.linear = f.linear(512, num_classes)

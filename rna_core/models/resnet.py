@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import LayerFactory, Standardize
+from .layers import LayerFactory, Standardize, build_stages
 from .registry import register_model
 
 
@@ -33,15 +33,7 @@ class ResNet(nn.Module):
         self.standardize = standardize
         self.conv1 = f.conv(3, 64, 3, 1, 1)
         self.bn1 = f.norm(64, "bn1")
-        stages = []
-        in_ch = 64
-        for i, (n, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
-            layers = []
-            for j in range(n):
-                stride = 2 if (i > 0 and j == 0) else 1
-                layers.append(BasicBlock(f, in_ch, width, stride, f"layer{i + 1}.{j}"))
-                in_ch = width
-            stages.append(nn.Sequential(*layers))
+        stages, _ = build_stages(f, BasicBlock, blocks, (64, 128, 256, 512), 64, "layer")
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.linear = f.linear(512, num_classes)
 

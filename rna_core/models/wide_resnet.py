@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import LayerFactory, Standardize
+from .layers import LayerFactory, Standardize, build_stages
 from .preact_resnet import PreActBlock
 from .registry import register_model
 
@@ -20,15 +20,7 @@ class WideResNet(nn.Module):
         widths = (16, 16 * widen, 32 * widen, 64 * widen)
         self.standardize = standardize
         self.conv1 = f.conv(3, widths[0], 3, 1, 1)
-        stages = []
-        in_ch = widths[0]
-        for i, width in enumerate(widths[1:]):
-            layers = []
-            for j in range(n):
-                stride = 2 if (i > 0 and j == 0) else 1
-                layers.append(PreActBlock(f, in_ch, width, stride, f"block{i + 1}.{j}"))
-                in_ch = width
-            stages.append(nn.Sequential(*layers))
+        stages, in_ch = build_stages(f, PreActBlock, (n, n, n), widths[1:], widths[0], "block")
         self.block1, self.block2, self.block3 = stages
         self.bn = f.norm(in_ch, "bn")
         self.linear = f.linear(in_ch, num_classes)
