@@ -518,6 +518,7 @@ def sweep_trial(config: dict[str, Any]) -> None:
         parent_run=tracking.RunRef.from_dict(meta["parent"]),
         run_tags=tags,
         trainer_callbacks=[SweepReportCallback(cfg.train.epochs)],
+        end_run_on_failure=False,  # stopped by Tune or failed: the driver ends it (_reconcile_children)
     )
     last_epoch = dict(out.last_epoch_metrics)
     if not last_epoch:  # resumed after its last epoch (interrupted during the final evaluation):
@@ -719,7 +720,13 @@ def _status(tune_status: str, metrics: Mapping[str, Any]) -> str:
 
 
 def _reconcile_children(client: Any, parent: tracking.RunRef, statuses: Mapping[str, str]) -> dict[str, str]:
-    """End child runs that Tune stopped from outside (ASHA, errors, an interrupt); trial id -> run id."""
+    """End child runs that Tune stopped from outside (ASHA, errors, an interrupt); trial id -> run id.
+
+    A trial Tune terminated (completed, or stopped early by ASHA) ends FINISHED even if something
+    else ended its run first; a run that ended FINISHED on its own stays FINISHED (Tune may not
+    have recorded the trial's last report before an interrupt: the resume reports it, see
+    `_finished_run_metrics`).
+    """
     end_as = {"completed": "FINISHED", "early_stopped": "FINISHED", "error": "FAILED", "incomplete": "KILLED"}
     runs: dict[str, str] = {}
     for run in child_runs(client, parent):
@@ -728,7 +735,7 @@ def _reconcile_children(client: Any, parent: tracking.RunRef, statuses: Mapping[
         status = statuses.get(trial_id, "incomplete")
         tracking.set_tags(client, run.info.run_id,
                           {"rna.trial_status": status, "rna.early_stopped": str(status == "early_stopped").lower()})
-        if run.info.status == "RUNNING":
+        if run.info.status == "RUNNING" or (end_as[status] == "FINISHED" and run.info.status != "FINISHED"):
             tracking.end_run(client, run.info.run_id, end_as[status])
     return runs
 

@@ -387,6 +387,7 @@ def run_training(
     parent_run: tracking.RunRef | None = None,
     run_tags: dict[str, Any] | None = None,
     trainer_callbacks: list | None = None,
+    end_run_on_failure: bool = True,
 ) -> TrainingOutcome:
     """Train `cfg` on Ray and track it in MLflow; returns where everything is.
 
@@ -394,6 +395,9 @@ def run_training(
     FailureConfig retry path (resume from the checkpoint into the same MLflow run) is exercised.
     A sweep trial (pipelines/sweep.py) passes `parent_run` (its MLflow run becomes a nested
     child of the sweep's run), `run_tags`, and `trainer_callbacks` (Tune's report callback).
+    `end_run_on_failure=False` leaves a run that did not finish RUNNING for the caller to end:
+    a sweep trial fails with ActorDiedError when Tune stops it (ASHA, Ctrl+C), so only the
+    sweep's driver, which knows Tune's status, can tell FINISHED (stopped early) from FAILED.
     """
     plan = plan_run(cfg, config_path, resume)
     cfg = plan.cfg
@@ -447,7 +451,8 @@ def run_training(
         status = "KILLED"
         raise
     finally:
-        tracking.end_run(client, ref.run_id, status)
+        if status == "FINISHED" or end_run_on_failure:
+            tracking.end_run(client, ref.run_id, status)
 
     return TrainingOutcome(
         run_name=plan.run_name,
