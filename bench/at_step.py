@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `rna_core` im
 
 import torch
 
-from bench.common import add_common_args, apply_threads, measure_interleaved, paired_ratio, report, synchronizer
+from bench.common import add_common_args, apply_threads, measure_interleaved, paired_ratio, random_batch, report, synchronizer
 from rna_core import create_model
 from rna_core.config import AttackConfig, TrainConfig
 from rna_core.optim import build_optimizer
@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     apply_threads(args.threads)
     device = torch.device(args.device)
-    gen = torch.Generator().manual_seed(args.seed)
-    x = torch.rand(args.batch, 3, 32, 32, generator=gen).to(device)
-    y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
+    x, y = random_batch(args.batch, args.seed, device)
     cfg = TrainConfig(
         mode="blackbox",
         attack=AttackConfig(steps=args.pgd_steps),

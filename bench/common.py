@@ -56,6 +56,14 @@ def synchronizer(device: torch.device | str) -> Callable[[], None]:
     return lambda: None
 
 
+def random_batch(batch: int, seed: int, device: torch.device | str, num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded CIFAR-shaped batch (pixels in [0, 1], labels) on `device`: the input every bench times."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
+    return x, y
+
+
 def measure_interleaved(
     cases: dict[str, Callable[[], Any]],
     items: int,

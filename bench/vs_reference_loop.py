@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.common import add_common_args, apply_threads, measure_interleaved, paired_ratio, report, synchronizer
+from bench.common import add_common_args, apply_threads, measure_interleaved, paired_ratio, random_batch, report, synchronizer
 from rna_core import create_model, get_path
 from rna_core.config import AttackConfig, TrainConfig
 from rna_core.optim import build_optimizer
@@ -112,9 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     apply_threads(args.threads)
     device = torch.device(args.device)
-    gen = torch.Generator().manual_seed(args.seed)
-    x = torch.rand(args.batch, 3, 32, 32, generator=gen).to(device)
-    y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
+    x, y = random_batch(args.batch, args.seed, device)
     cfg = TrainConfig(mode="blackbox", attack=AttackConfig(steps=args.pgd_steps))
     torch.manual_seed(args.seed)
     model = create_model(args.model, norm=args.norm).to(device)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torchattacks
 
-from bench.common import add_common_args, apply_threads, measure_interleaved, paired_ratio, report, synchronizer
+from bench.common import add_common_args, apply_threads, measure_interleaved, paired_ratio, random_batch, report, synchronizer
 from rna_core import create_model, sample_path, set_path
 from rna_core.attacks.pgd import pgd_linf
 from rna_core.paths import PathSampler
@@ -65,9 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     apply_threads(args.threads)
     device = torch.device(args.device)
-    gen = torch.Generator().manual_seed(args.seed)
-    x = torch.rand(args.batch, 3, 32, 32, generator=gen).to(device)
-    y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
+    x, y = random_batch(args.batch, args.seed, device)
     torch.manual_seed(args.seed)
     model = create_model(args.model, norm=args.norm).to(device).eval()
     path = sample_path(model, "uniform", torch.Generator().manual_seed(args.seed))
