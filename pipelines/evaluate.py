@@ -60,6 +60,7 @@ from rna_core.evaluation import (
     accuracy_vs_distance,
     batch_seed,
     evaluate_batch,
+    method_label,
     read_rows_parquet,
     render_markdown,
     save_distance_analysis,
@@ -375,7 +376,8 @@ def plan_evaluation(source: ModelSource, options: EvalOptions = EvalOptions()) -
         for t in range(o.trials) for a in attacks for p in o.protocols for first, stop in bounds
     ]
     spec = getattr(build_model_meta(cfg), "rna_spec", {}) or {}
-    meta = {"model": str(spec.get("model", cfg.model.name)), "method": str(spec.get("method", cfg.model.method)), "dataset": dataset.name}
+    meta = {"model": str(spec.get("model", cfg.model.name)), "method": method_label(spec or {"method": cfg.model.method}),
+            "dataset": dataset.name}
     return EvalPlan(source, o, attacks, dataset, digest, fingerprint, out_dir, units, meta)
 
 
@@ -804,7 +806,7 @@ def run_evaluation(plan: EvalPlan, echo: Echo = print) -> EvalOutcome:
     todo = [u for u in plan.units if u.unit_id not in done]
     with_paths = bool(o.path_analysis) and count_paths(build_model_meta(plan.source.cfg)) > 1 and not _paths_done(plan)
     shards = len({(u.first, u.stop) for u in plan.units})
-    echo(f"[evaluate] {plan.row_meta['model']} ({plan.row_meta['method']}) on {len(plan.dataset)} {plan.row_meta['dataset']} images: "
+    echo(f"[evaluate] {plan.row_meta['model']} {plan.row_meta['method']} on {len(plan.dataset)} {plan.row_meta['dataset']} images: "
          f"{len(plan.attacks)} attack(s) x {len(o.protocols)} protocol(s) x {o.trials} trial(s) x {shards} shard(s) = "
          f"{len(plan.units)} units; {len(plan.units) - len(todo)} done earlier; folder {plan.out_dir}")
 
@@ -828,7 +830,7 @@ def run_evaluation(plan: EvalPlan, echo: Echo = print) -> EvalOutcome:
         results = plan.out_dir / RESULTS_FILE
         write_rows_parquet(rows, results, merge=True)
         all_rows = [r for r in read_rows_parquet(results) if r.run_id == row_run]
-        title = f"{plan.row_meta['model']} ({plan.row_meta['method']}), {plan.source.description}"
+        title = f"{plan.row_meta['model']} {plan.row_meta['method']}, {plan.source.description}"
         (plan.out_dir / TABLES_FILE).write_text(render_markdown(all_rows, title=title))
         (plan.out_dir / STABILITY_FILE).write_text(
             f"# Stability over trials: {title}\n\nAccuracy (%) over trials; std is the sample standard deviation.\n\n"

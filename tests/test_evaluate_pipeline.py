@@ -217,7 +217,7 @@ def test_cli_run_id_logs_a_nested_run_with_metrics_and_artifacts(env, capsys):
                  "--eot-iter", "2", "--path-analysis", "16", "--path-attack", "fgsm"])
     printed = capsys.readouterr().out
     assert code == 0
-    assert "| small_cnn | rna |" in printed and "Protocol `eot`" in printed and "Stability over trials" in printed
+    assert "| small_cnn | rna(bn,gns:1) |" in printed and "Protocol `eot`" in printed and "Stability over trials" in printed
     assert "25/25 units" in printed and "eta" in printed  # 24 units + the path analysis
 
     client = env["client"]

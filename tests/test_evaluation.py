@@ -24,6 +24,7 @@ from rna_core.evaluation import (
     batch_seed,
     evaluate_batch,
     evaluate_model,
+    method_label,
     paper_table,
     path_at_distance,
     read_rows_parquet,
@@ -275,6 +276,30 @@ def test_parquet_round_trip_and_merge_without_duplicates(tmp_path):
     pq.write_table(pa.table({"a": [1]}), tmp_path / "other.parquet")
     with pytest.raises(ConfigError, match="not an evaluation results table"):
         read_rows_parquet(tmp_path / "other.parquet")
+
+
+def test_method_label_tells_plain_norms_spaces_and_precision_sets_apart():
+    assert method_label(rna_core.create_model("small_cnn", norm="bn").rna_spec) == "bn"
+    assert method_label(rna_core.create_model("small_cnn", norm="gn:2").rna_spec) == "gn:2"
+    assert method_label(rna_core.create_model("small_cnn", norm="bn,gns:1").rna_spec) == "rna(bn,gns:1)"
+    assert method_label(rna_core.create_model("small_cnn", method="rpt", norm="bn", precisions="4-8").rna_spec) == "rpt(4-8)"
+    assert method_label({}) == "none"
+
+
+def test_a_bn_baseline_and_an_rna_model_get_their_own_table_rows(random_model, test_data):
+    """Before, both were `small_cnn | rna` and the table averaged two different models into one row."""
+    torch.manual_seed(0)
+    bn_model = rna_core.create_model("small_cnn", norm="bn").eval()
+    rows = []
+    for model in (random_model, bn_model):
+        rows += evaluate_model(model, test_data, attacks=["fgsm"], protocols=["transfer"], batch_size=32, progress=False)
+    assert {r.method for r in rows} == {"rna(bn,gns:1)", "bn"}
+    body = paper_table(rows, "transfer").splitlines()[2:]
+    assert sorted(line.split("|")[2].strip() for line in body) == ["bn", "rna(bn,gns:1)"]
+    for line in body:  # each row shows its own model's clean accuracy, not a blend of both
+        method = line.split("|")[2].strip()
+        natural = next(r for r in rows if r.method == method and r.attack == "natural")
+        assert line.split("|")[3].strip() == f"{100 * natural.accuracy:.2f}"
 
 
 def test_markdown_table_has_the_papers_columns_one_table_per_protocol():

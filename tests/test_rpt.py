@@ -356,7 +356,7 @@ def test_evaluation_package_runs_its_protocols_on_an_rpt_model():
     rows = evaluate_model(model, data, attacks=["fgsm"], protocols=["transfer", "eot"], batch_size=16, eot_iter=2, progress=False)
     again = evaluate_model(model, data, attacks=["fgsm"], protocols=["transfer", "eot"], batch_size=16, eot_iter=2, progress=False)
     assert {(r.attack, r.protocol) for r in rows} == {("natural", "transfer"), ("natural", "eot"), ("fgsm", "transfer"), ("fgsm", "eot")}
-    assert all(r.method == "rpt" and r.n == 32 for r in rows)
+    assert all(r.method == "rpt(4-16)" and r.n == 32 for r in rows)  # the precision set names the row
     moved = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
     assert not moved, f"evaluation changed BatchNorm statistics (a forward ran in train mode): {moved[:2]}"
     assert [r.correct for r in rows] == [r.correct for r in again]  # reproducible on the precision draws

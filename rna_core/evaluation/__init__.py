@@ -27,7 +27,7 @@ from .protocols import (
     list_protocols,
     run_protocol,
 )
-from .results import ResultRow, merge_rows, read_rows_parquet, rows_to_table, table_to_rows, write_rows_parquet
+from .results import ResultRow, merge_rows, method_label, read_rows_parquet, rows_to_table, table_to_rows, write_rows_parquet
 from .runner import evaluate_model, make_batches
 from .seeds import batch_seed, trial_seed, unit_seed
 from .stability import StabilityStats, stability, stability_table
@@ -52,6 +52,7 @@ __all__ = [
     "evaluate_model",
     "list_protocols",
     "make_batches",
+    "method_label",
     "merge_rows",
     "paper_table",
     "paper_tables",

@@ -15,7 +15,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path as FsPath
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -43,6 +43,23 @@ SCHEMA = pa.schema(
     ],
     metadata={b"rna_core": json.dumps(SCHEMA_TAG).encode()},
 )
+
+
+def method_label(spec: Mapping[str, Any]) -> str:
+    """The `method` a result row carries: what tells two evaluated models apart in a paper table.
+
+    Tables group rows by (model, method), so the label names the randomness, not only the
+    builder: a plain single-norm model is its norm ("bn", "gn:32", as the paper's BN/GN rows),
+    an RNA model carries its space ("rna(bn,gns:1)"), RPI+RPT its precision set ("rpt(4-16)").
+    A BN baseline and an RNA model, or two random spaces, never share a table row.
+    """
+    method = str(spec.get("method", "none"))
+    norm = str(spec.get("norm", ""))
+    if method == "rna" and norm:
+        return f"rna({norm})" if "," in norm else norm
+    if method == "rpt" and spec.get("precisions"):
+        return f"rpt({spec['precisions']})"
+    return method
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from ..data.loader import BatchIterator
 from ..data.tensor_dataset import ImageTensorDataset
 from ..errors import ConfigError
 from .protocols import DEFAULT_EOT_ITER, check_protocol, evaluate_batch
-from .results import ResultRow
+from .results import ResultRow, method_label
 from .seeds import batch_seed, trial_seed
 
 META_FIELDS = ("run_id", "model", "method", "dataset")
@@ -65,7 +65,7 @@ def _meta(model: nn.Module, data: Any, meta: dict[str, Any] | None) -> dict[str,
     defaults = {
         "run_id": "local",
         "model": spec.get("model", type(model).__name__),
-        "method": spec.get("method", "none"),
+        "method": method_label(spec),
         "dataset": getattr(data, "name", "unknown"),
     }
     return {k: str(meta.get(k, defaults[k])) for k in META_FIELDS}
