@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -144,3 +146,21 @@ def test_attacks_leave_parameters_mode_and_grads_as_they_were(batch):
     assert all(p.grad is None and p.requires_grad for p in net.parameters())
     after = net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "an attack ran in train mode (BN statistics moved)"
+
+
+def test_autoattack_gives_the_callers_trace_function_back(model, batch):
+    """pyautoattack's dynamic-defense check ends with sys.settrace(None), which would switch off a
+    coverage tool or debugger for the rest of the process; the wrapper restores the tracer."""
+    x, y = batch
+
+    def tracer(frame, event, arg):  # call events only: returns no local tracer
+        return None
+
+    before = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        get_attack("autoattack")(model, x[:2], y[:2], torch.Generator().manual_seed(0))
+        after = sys.gettrace()
+    finally:
+        sys.settrace(before)
+    assert after is tracer

@@ -19,6 +19,7 @@ parameter, puts the model in eval mode for the call and back in train mode if it
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 import torch
@@ -150,7 +151,11 @@ class _AutoAttack(Attack):
         aa = _pyautoattack.AutoAttack(model, device=x.device, eps=float(self.settings["eps"]), norm="Linf", seed=seed, version=self.version)
         if "eot_iter" in self.settings:
             aa.apgd.eot_iter = int(self.settings["eot_iter"])
-        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=max(len(x), 1))
+        tracer = sys.gettrace()  # its dynamic-defense check ends with sys.settrace(None)
+        try:
+            x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=max(len(x), 1))
+        finally:
+            sys.settrace(tracer)  # give coverage tools and debuggers their tracer back
         return x_adv
 
 
