@@ -69,6 +69,7 @@ from rna_core.errors import ConfigError, RnaError
 from . import tracking
 from .train_loop import EPOCH_METRICS
 from .trainer import (
+    JOB_FILE_TAG,
     _exists,
     _join,
     _meta_model,
@@ -679,7 +680,14 @@ def _open_parent(plan: SweepPlan, config_text: str, echo: Echo) -> tuple[Any, tr
         "rna.entry_point": "jobs/sweep.py", "rna.sweep_dir": plan.sweep_dir, "rna.sweep": plan.name,
         "rna.git_dirty": str(tracking.git_dirty()),
     }
-    run_id = tracking.start_run(client, exp_id, plan.name, params, tags)
+    owner = {"rna.sweep_dir": plan.sweep_dir, JOB_FILE_TAG: "pending"}
+    orphan = tracking.find_run(client, exp_id, owner)  # an attempt stopped before SWEEP_FILE was written
+    if orphan is not None:
+        tracking.reopen_run(client, orphan, params)
+        echo(f"reusing MLflow parent run {orphan} of an earlier attempt stopped before {SWEEP_FILE} was written")
+        run_id = orphan
+    else:
+        run_id = tracking.start_run(client, exp_id, plan.name, params, {**tags, **owner})
     ref = tracking.RunRef(uri, exp_id, run_id)
     _log_text(client, run_id, "sweep.yaml", config_text)
     return client, ref
@@ -954,6 +962,7 @@ def run_sweep(
             },
             name=SWEEP_FILE,
         )
+        tracking.set_tags(client, parent.run_id, {JOB_FILE_TAG: "written"})
         ensure_ray(plan.sc.base, echo)
         from .trainer import resolve_use_gpu
 

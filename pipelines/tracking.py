@@ -186,6 +186,15 @@ def set_tags(client: Any, run_id: str, tags: Mapping[str, Any]) -> None:
         client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
 
+def find_run(client: Any, experiment_id: str, tags: Mapping[str, str]) -> str | None:
+    """The newest run of `experiment_id` carrying all `tags` (exact values), or None."""
+    if any("'" in str(v) for v in tags.values()):
+        return None  # a value MLflow's filter syntax cannot quote: never adopt by guess
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=where, max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
 def end_run(client: Any, run_id: str, status: str = "FINISHED") -> None:
     """Terminate the run (FINISHED, FAILED or KILLED): a job never leaves a run RUNNING."""
     if status not in RUN_STATUSES:
@@ -205,6 +214,7 @@ __all__ = [
     "artifact_root_for",
     "client_for",
     "end_run",
+    "find_run",
     "get_or_create_experiment",
     "git_commit",
     "git_dirty",

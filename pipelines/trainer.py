@@ -37,6 +37,10 @@ from .model_card import render_model_card
 from .train_loop import CHECKPOINT_FILE, build_model, effective_train_config, train_loop_per_worker
 
 JOB_FILE = "rna_job.json"
+# "pending" from the MLflow run's creation until the run folder's job file names it, then "written".
+# A run still "pending" belongs to an attempt stopped in between (Ctrl+C, a killed trial): the next
+# attempt at the same run folder adopts it instead of leaving an orphan beside a second run.
+JOB_FILE_TAG = "rna.job_file"
 BASE_DIR_ENV = "RNA_BASE_DIR"
 JOB_SUBMISSION_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the driver
 MODEL_IDENTITY_KEYS = ("model.name", "model.method", "model.norm", "model.precisions", "data.dataset")
@@ -359,14 +363,22 @@ def _open_mlflow_run(
         echo(f"resuming MLflow run {ref.run_id}" + (f" (changed: {', '.join(sorted(changed))})" if changed else ""))
         return client, ref
     if parent is not None:
-        client = tracking.client_for(parent.tracking_uri)
-        run_id = tracking.start_run(client, parent.experiment_id, plan.run_name, params,
-                                    {**tags, "mlflow.parentRunId": parent.run_id})
-        return client, tracking.RunRef(parent.tracking_uri, parent.experiment_id, run_id)
-    uri = tracking.resolve_tracking_uri(base_dir())
-    client = tracking.client_for(uri)
-    exp_id = tracking.get_or_create_experiment(client, cfg.mlflow.experiment, tracking.artifact_root_for(uri))
-    run_id = tracking.start_run(client, exp_id, plan.run_name, params, tags)
+        uri, exp_id = parent.tracking_uri, parent.experiment_id
+        client = tracking.client_for(uri)
+        tags["mlflow.parentRunId"] = parent.run_id
+    else:
+        uri = tracking.resolve_tracking_uri(base_dir())
+        client = tracking.client_for(uri)
+        exp_id = tracking.get_or_create_experiment(client, cfg.mlflow.experiment, tracking.artifact_root_for(uri))
+    owner = {"rna.run_dir": plan.run_dir, JOB_FILE_TAG: "pending"}
+    if parent is not None:
+        owner["mlflow.parentRunId"] = parent.run_id
+    orphan = tracking.find_run(client, exp_id, owner)
+    if orphan is not None:
+        tracking.reopen_run(client, orphan, params)
+        echo(f"reusing MLflow run {orphan} of an earlier attempt stopped before {JOB_FILE} was written")
+        return client, tracking.RunRef(uri, exp_id, orphan)
+    run_id = tracking.start_run(client, exp_id, plan.run_name, params, {**tags, **owner})
     return client, tracking.RunRef(uri, exp_id, run_id)
 
 
@@ -419,6 +431,7 @@ def run_training(
                 "git_commit": tracking.git_commit(),
             },
         )
+        tracking.set_tags(client, ref.run_id, {JOB_FILE_TAG: "written"})
         _log_text(client, ref.run_id, "config.yaml", dump_yaml(cfg))
         verb = "resuming" if plan.job else "starting"
         echo(f"{verb} run {plan.run_name}: {cfg.model.name} {cfg.model.method} '{cfg.model.norm}', "
@@ -482,6 +495,7 @@ def _meta_model(cfg: Config):
 
 __all__ = [
     "JOB_FILE",
+    "JOB_FILE_TAG",
     "TrainingOutcome",
     "base_dir",
     "build_trainer",

@@ -204,6 +204,38 @@ def test_plan_refuses_foreign_folders_and_changed_sweeps(tmp_path, monkeypatch):
     assert plan_sweep(fewer, str(SMOKE)).stored is not None
 
 
+def test_a_sweep_stopped_before_its_file_is_written_leaves_no_orphan_parent_run(tmp_path, monkeypatch):
+    """Ctrl+C between creating the parent MLflow run and writing rna_sweep.json: the next start adopts it."""
+    import pipelines.sweep as sweep
+    from pipelines import tracking
+    from pipelines.trainer import JOB_FILE_TAG
+
+    monkeypatch.setenv("RNA_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    sc = load_sweep_config(str(SMOKE), [f"ray.storage_path={tmp_path}/runs"])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(sweep, "write_job_file", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            sweep.run_sweep(sc, config_path=str(SMOKE), echo=lambda s: None)
+    client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name(sc.base.mlflow.experiment)
+    (orphan,) = client.search_runs([exp.experiment_id])
+    assert orphan.info.status == "KILLED" and orphan.data.tags[JOB_FILE_TAG] == "pending"
+    plan = plan_sweep(sc, str(SMOKE))
+    assert plan.stored is None  # nothing on disk names that run
+
+    lines: list[str] = []
+    _, ref = sweep._open_parent(plan, "sweep: {}", lines.append)
+    assert ref.run_id == orphan.info.run_id and len(client.search_runs([exp.experiment_id])) == 1
+    assert client.get_run(ref.run_id).info.status == "RUNNING"
+    assert lines == [f"reusing MLflow parent run {ref.run_id} of an earlier attempt stopped before {SWEEP_FILE} was written"]
+    tracking.end_run(client, ref.run_id, "KILLED")
+
+
 # ----------------------------------------------------------------------------- the summary
 
 

@@ -155,6 +155,31 @@ def test_resume_plan_reads_the_run_folder_and_refuses_another_model(tmp_path, mo
         plan_run(replace(named, mlflow=replace(named.mlflow, run_name="foreign")))
 
 
+def test_a_sweep_trial_stopped_before_its_job_file_reuses_its_child_run(tmp_path, monkeypatch):
+    """The trial's child run is adopted by the same parent's next attempt, never by another sweep's."""
+    from pipelines.trainer import JOB_FILE_TAG, _open_mlflow_run, plan_run
+
+    monkeypatch.setenv("RNA_BASE_DIR", str(tmp_path))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = tracking.client_for(uri)
+    exp = tracking.get_or_create_experiment(client, "sweeps", tracking.artifact_root_for(uri))
+    parents = [tracking.RunRef(uri, exp, tracking.start_run(client, exp, f"sweep-{i}", {}, {})) for i in range(2)]
+    cfg = load_config(None, ["model.name=small_cnn", "data.dataset=synthetic", f"ray.storage_path={tmp_path}/trials",
+                             "mlflow.run_name=trial_0"])
+    _, first = _open_mlflow_run(plan_run(cfg), lambda s: None, parents[0])
+    tracking.end_run(client, first.run_id, "KILLED")  # stopped before rna_job.json was written
+    lines: list[str] = []
+    _, again = _open_mlflow_run(plan_run(cfg), lines.append, parents[0])
+    assert again.run_id == first.run_id and client.get_run(again.run_id).info.status == "RUNNING"
+    assert lines and lines[0].startswith(f"reusing MLflow run {first.run_id}")
+    _, other = _open_mlflow_run(plan_run(cfg), lambda s: None, parents[1])  # another sweep: its own child
+    assert other.run_id != first.run_id
+    assert client.get_run(other.run_id).data.tags["mlflow.parentRunId"] == parents[1].run_id
+    tracking.set_tags(client, first.run_id, {JOB_FILE_TAG: "written"})  # a run its job file names is never adopted
+    _, third = _open_mlflow_run(plan_run(cfg), lambda s: None, parents[0])
+    assert third.run_id not in (first.run_id, other.run_id)
+
+
 # ----------------------------------------------------------------------------- DDP (2 gloo processes)
 
 
@@ -348,13 +373,32 @@ def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
     return out
 
 
-def test_train_then_resume_into_same_run(ray_env):
-    from pipelines.trainer import read_job_file, run_training
+def test_train_then_resume_into_same_run(ray_env, monkeypatch):
+    import pipelines.trainer as trainer
+    from pipelines.trainer import JOB_FILE_TAG, read_job_file, run_training
 
     root = ray_env
     lines: list[str] = []
     cfg = _cfg(root, "mlflow.experiment=exp-a", "mlflow.run_name=a")
+
+    # A first attempt stopped by Ctrl+C after its MLflow run exists but before rna_job.json names it.
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "write_job_file", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(cfg, echo=lines.append)
+    client = tracking.client_for(f"sqlite:///{root}/mlflow.db")
+    (orphan,) = _runs(client, "exp-a")
+    assert orphan.info.status == "KILLED" and orphan.data.tags[JOB_FILE_TAG] == "pending"
+    assert read_job_file(str(root / "ray_results" / "a")) is None
+
+    # The next attempt adopts that run instead of leaving it beside a second one.
     out = run_training(cfg, echo=lines.append)
+    assert out.mlflow.run_id == orphan.info.run_id
+    assert any(line.startswith(f"reusing MLflow run {orphan.info.run_id}") for line in lines)
+    assert client.get_run(out.mlflow.run_id).data.tags[JOB_FILE_TAG] == "written"
 
     # replicas identical after training (parameters and BN buffers, bit for bit)
     assert len(out.state_digests) == 2 and len(set(out.state_digests)) == 1
