@@ -680,14 +680,10 @@ def _open_parent(plan: SweepPlan, config_text: str, echo: Echo) -> tuple[Any, tr
         "rna.entry_point": "jobs/sweep.py", "rna.sweep_dir": plan.sweep_dir, "rna.sweep": plan.name,
         "rna.git_dirty": str(tracking.git_dirty()),
     }
-    owner = {"rna.sweep_dir": plan.sweep_dir, JOB_FILE_TAG: "pending"}
-    orphan = tracking.find_run(client, exp_id, owner)  # an attempt stopped before SWEEP_FILE was written
-    if orphan is not None:
-        tracking.reopen_run(client, orphan, params)
-        echo(f"reusing MLflow parent run {orphan} of an earlier attempt stopped before {SWEEP_FILE} was written")
-        run_id = orphan
-    else:
-        run_id = tracking.start_run(client, exp_id, plan.name, params, {**tags, **owner})
+    owner = {"rna.sweep_dir": plan.sweep_dir, JOB_FILE_TAG: "pending"}  # "written" once SWEEP_FILE names it
+    run_id, adopted = tracking.start_or_adopt_run(client, exp_id, plan.name, params, tags, owner)
+    if adopted:
+        echo(f"reusing MLflow parent run {run_id} of an earlier attempt stopped before {SWEEP_FILE} was written")
     ref = tracking.RunRef(uri, exp_id, run_id)
     _log_text(client, run_id, "sweep.yaml", config_text)
     return client, ref

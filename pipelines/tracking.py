@@ -195,6 +195,21 @@ def find_run(client: Any, experiment_id: str, tags: Mapping[str, str]) -> str | 
     return runs[0].info.run_id if runs else None
 
 
+def start_or_adopt_run(
+    client: Any, experiment_id: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str], owner: Mapping[str, str]
+) -> tuple[str, bool]:
+    """Reopen the newest run carrying all `owner` tags, else create one with `tags` and `owner`.
+
+    Returns (run id, adopted). Lets an attempt that was stopped right after creating its run be
+    continued by the next attempt, instead of leaving an orphan run beside a second one.
+    """
+    found = find_run(client, experiment_id, owner)
+    if found is not None:
+        reopen_run(client, found, params)
+        return found, True
+    return start_run(client, experiment_id, run_name, params, {**tags, **owner}), False
+
+
 def end_run(client: Any, run_id: str, status: str = "FINISHED") -> None:
     """Terminate the run (FINISHED, FAILED or KILLED): a job never leaves a run RUNNING."""
     if status not in RUN_STATUSES:
@@ -222,6 +237,7 @@ __all__ = [
     "reopen_run",
     "resolve_tracking_uri",
     "set_tags",
+    "start_or_adopt_run",
     "start_run",
     "ui_command",
 ]

@@ -362,23 +362,18 @@ def _open_mlflow_run(
         changed = tracking.reopen_run(client, ref.run_id, params)
         echo(f"resuming MLflow run {ref.run_id}" + (f" (changed: {', '.join(sorted(changed))})" if changed else ""))
         return client, ref
+    owner = {"rna.run_dir": plan.run_dir, JOB_FILE_TAG: "pending"}  # see JOB_FILE_TAG
     if parent is not None:
         uri, exp_id = parent.tracking_uri, parent.experiment_id
         client = tracking.client_for(uri)
-        tags["mlflow.parentRunId"] = parent.run_id
+        owner["mlflow.parentRunId"] = parent.run_id
     else:
         uri = tracking.resolve_tracking_uri(base_dir())
         client = tracking.client_for(uri)
         exp_id = tracking.get_or_create_experiment(client, cfg.mlflow.experiment, tracking.artifact_root_for(uri))
-    owner = {"rna.run_dir": plan.run_dir, JOB_FILE_TAG: "pending"}
-    if parent is not None:
-        owner["mlflow.parentRunId"] = parent.run_id
-    orphan = tracking.find_run(client, exp_id, owner)
-    if orphan is not None:
-        tracking.reopen_run(client, orphan, params)
-        echo(f"reusing MLflow run {orphan} of an earlier attempt stopped before {JOB_FILE} was written")
-        return client, tracking.RunRef(uri, exp_id, orphan)
-    run_id = tracking.start_run(client, exp_id, plan.run_name, params, {**tags, **owner})
+    run_id, adopted = tracking.start_or_adopt_run(client, exp_id, plan.run_name, params, tags, owner)
+    if adopted:
+        echo(f"reusing MLflow run {run_id} of an earlier attempt stopped before {JOB_FILE} was written")
     return client, tracking.RunRef(uri, exp_id, run_id)
 
 
