@@ -155,6 +155,31 @@ def eval_images_per_second(variant: Variant, sizes: Sizes, device: torch.device,
     return x.shape[0] / (time.perf_counter() - start)
 
 
+def vs_torchattacks(variant: Variant, sizes: Sizes, sync, repeats: int) -> str:
+    """Benchmark 3 on this device: torchattacks' PGD-20 vs ours, same model, path and eval batch.
+
+    torchattacks is not on the bare GPU machines: carry its wheel (see bench/gpu.sh) to get this
+    line; without it the line says so and nothing else changes.
+    """
+    try:
+        from bench.vs_torchattacks import pgd_cases
+    except ImportError as exc:
+        return f"skipped ({exc.name or 'torchattacks'} not importable; carry the wheel, see bench/gpu.sh)"
+    from rna_core import sample_path, set_path
+
+    x, y = next(variant._stream)
+    reps = max(1, sizes.eval_batch // x.shape[0])
+    x, y = x.repeat(reps, 1, 1, 1), y.repeat(reps)
+    model = variant.model.eval()
+    path = sample_path(model, "uniform", torch.Generator().manual_seed(0))
+    set_path(model, path)
+    t = measure_interleaved(pgd_cases(model, x, y, path, 20, 0), x.shape[0], repeats, 1, sync)
+    model.train()
+    return (f"time(torchattacks) / time(ours) = {paired_ratio(t['torchattacks'], t['ours']):.3f} "
+            f"(PGD-20 fixed path, eval mode, fp32, batch {x.shape[0]}; target >= 1.0; "
+            f"{t['ours'].items_per_second:.1f} vs {t['torchattacks'].items_per_second:.1f} images/s)")
+
+
 def _torchvision_version() -> str:
     try:
         import torchvision
@@ -224,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_s = args.epochs * CIFAR_TRAIN_IMAGES / best.items_per_second
     eval_s = args.epochs * args.eval_images / eval_ips
     extra["PGD-20 eval (fp32)"] = f"{eval_ips:.1f} images/s"
+    extra["vs_torchattacks on this device"] = vs_torchattacks(first, sizes, sync, sizes.repeats)
     extra[f"projected {args.epochs}-epoch recipe ({best.name})"] = (
         f"{(train_s + eval_s) / 3600:.2f} h (training {train_s / 3600:.2f} h + per-epoch PGD-20 eval of "
         f"{args.eval_images} images {eval_s / 3600:.2f} h)"

@@ -4,6 +4,12 @@
 # On CPU, for a quick check:  bash bench/gpu.sh --device cpu --tiny
 # PYTHON picks the interpreter (default: python3, the one holding torch on the GPU machines).
 # The defaults finish in a few minutes on an H100; `timeout` keeps a stuck run under 10 minutes.
+# Benchmark 3 (our PGD-20 vs torchattacks) also runs on the GPU when torchattacks is importable; the
+# bare GPU machines lack it (its needs numpy, scipy, requests, tqdm are there). To carry it:
+#   here:  echo /.whl/ >> .git/info/exclude && python3 -m pip download --no-deps --only-binary=:all: \
+#            --python-version 3.12 --implementation cp -d .whl torchattacks==3.3.0
+#   there (carry .whl):  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+#            && PYTHONPATH=/tmp/site bash bench/gpu.sh --json $OUT/gpu.json
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):  # run as a script: make `bench` and `rna_core` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,6 +50,26 @@ def check_agreement(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: i
     return {"fraction_of_pixels_differing": differing, "acc_ours": acc_ours, "acc_torchattacks": acc_theirs}
 
 
+def pgd_cases(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path, steps: int, seed: int) -> dict[str, Callable[[], None]]:
+    """The two timed calls: torchattacks' PGD + a scoring forward, and our fixed-path PGD evaluation.
+
+    Shared with bench/gpu.py, which runs the same comparison on a GPU when torchattacks is there.
+    """
+    ours_sampler = PathSampler(f"fixed:{path}", seed=seed)
+    atk = torchattacks.PGD(model, eps=EPS, alpha=STEP, steps=steps, random_start=True)
+
+    def ours() -> None:
+        evaluate_pgd(model, [(x, y)], ours_sampler, protocol="fixed-path", steps=steps)
+
+    def theirs() -> None:
+        set_path(model, path)
+        adv = atk(x, y)
+        with torch.no_grad():
+            int((model(adv).argmax(1) == y).sum().item())
+
+    return {"torchattacks": theirs, "ours": ours}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet18")
@@ -72,20 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_path(model, path)
     agreement = check_agreement(model, x, y, args.pgd_steps, args.max_differing)
 
-    ours_sampler = PathSampler(f"fixed:{path}", seed=args.seed)
-    atk = torchattacks.PGD(model, eps=EPS, alpha=STEP, steps=args.pgd_steps, random_start=True)
-
-    def ours() -> None:
-        evaluate_pgd(model, [(x, y)], ours_sampler, protocol="fixed-path", steps=args.pgd_steps)
-
-    def theirs() -> None:
-        set_path(model, path)
-        adv = atk(x, y)
-        with torch.no_grad():
-            int((model(adv).argmax(1) == y).sum().item())
-
     timings = measure_interleaved(
-        {"torchattacks": theirs, "ours": ours}, args.batch, args.repeats, args.warmup, synchronizer(device)
+        pgd_cases(model, x, y, path, args.pgd_steps, args.seed), args.batch, args.repeats, args.warmup, synchronizer(device)
     )
     value = paired_ratio(timings["torchattacks"], timings["ours"])
     extra = {
