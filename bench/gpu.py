@@ -141,11 +141,16 @@ def flops_per_image(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pg
     return (pgd_steps * count(attack_pass) + count(update_pass)) / x.shape[0]
 
 
-def eval_images_per_second(variant: Variant, sizes: Sizes, device: torch.device, sync) -> float:
-    """PGD-20 evaluation (transfer protocol, eval mode, fp32) throughput on one eval batch."""
+def eval_batch(variant: Variant, sizes: Sizes) -> tuple[torch.Tensor, torch.Tensor]:
+    """One evaluation batch of about `sizes.eval_batch` images: training batches repeated."""
     x, y = next(variant._stream)
     reps = max(1, sizes.eval_batch // x.shape[0])
-    x, y = x.repeat(reps, 1, 1, 1), y.repeat(reps)
+    return x.repeat(reps, 1, 1, 1), y.repeat(reps)
+
+
+def eval_images_per_second(variant: Variant, sizes: Sizes, device: torch.device, sync) -> float:
+    """PGD-20 evaluation (transfer protocol, eval mode, fp32) throughput on one eval batch."""
+    x, y = eval_batch(variant, sizes)
     sampler = PathSampler("uniform", seed=1)
     evaluate_pgd(variant.model, [(x, y)], sampler, steps=20)  # warm-up
     sync()
@@ -167,9 +172,7 @@ def vs_torchattacks(variant: Variant, sizes: Sizes, sync, repeats: int) -> str:
         return f"skipped ({exc.name or 'torchattacks'} not importable; carry the wheel, see bench/gpu.sh)"
     from rna_core import sample_path, set_path
 
-    x, y = next(variant._stream)
-    reps = max(1, sizes.eval_batch // x.shape[0])
-    x, y = x.repeat(reps, 1, 1, 1), y.repeat(reps)
+    x, y = eval_batch(variant, sizes)
     model = variant.model.eval()
     path = sample_path(model, "uniform", torch.Generator().manual_seed(0))
     set_path(model, path)
