@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import shlex
@@ -122,6 +123,30 @@ def paired_ratio(numerator: Timing, denominator: Timing) -> float:
     return statistics.median(paired_ratios(numerator, denominator))
 
 
+def median_interval(values: list[float], confidence: float = 0.9) -> tuple[float, float, float]:
+    """A distribution-free interval for the median of `values`: (low, high, its coverage).
+
+    Why: a headline near its target (1.00 against ">= 1.0") needs to say whether this machine can
+    tell the two sides apart at all. The interval is the pair of order statistics x_(k), x_(n+1-k)
+    with the largest k whose coverage, 1 - 2 P(Binomial(n, 1/2) < k), is still at least
+    `confidence`; it assumes only independent rounds, no distribution and no random draws. With
+    too few rounds for `confidence` it is (min, max) with the (lower) coverage that has.
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("median_interval needs at least one value")
+    best_k, best_coverage = 1, 1 - 2 * 0.5**n
+    tail = 0.0  # P(Binomial(n, 1/2) < k)
+    for k in range(1, (n + 1) // 2 + 1):
+        tail += math.comb(n, k - 1) * 0.5**n
+        coverage = 1 - 2 * tail
+        if coverage < confidence:
+            break
+        best_k, best_coverage = k, coverage
+    return ordered[best_k - 1], ordered[n - best_k], best_coverage
+
+
 def command_line(script: str, args: list[str]) -> str:
     """The exact command that reproduces this run from the repository root (`script` relative to it)."""
     return "PYTHONPATH=. python " + shlex.join([script, *args])
@@ -170,8 +195,14 @@ def report(
     passed: bool,
     extra: dict[str, Any] | None = None,
     json_path: str | None = None,
+    rounds: list[float] | None = None,
 ) -> dict[str, Any]:
-    """Print the benchmark's result (timings, ratio, target, exact command) and return it as a dict."""
+    """Print the benchmark's result (timings, ratio, target, exact command) and return it as a dict.
+
+    `rounds`: the per-round ratios whose median is the headline; with them the report adds the
+    headline's interval (:func:`median_interval`), which says whether a result near its target
+    is a tie at this machine's resolution.
+    """
     cmd = command_line(f"bench/{bench}.py", sys.argv[1:] if argv is None else list(argv))
     print(f"== bench {bench}")
     print(f"command: {cmd}")
@@ -189,6 +220,11 @@ def report(
             print(f"  CPU-time ratio {names[0]}/{names[1]} (median per round; cross-check on CPU): {cpu_time_ratio(a, b):.3f}")
     for key, value in (extra or {}).items():
         print(f"  {key}: {value}")
+    interval: dict[str, float] | None = None
+    if rounds:
+        low, high, coverage = median_interval(rounds)
+        interval = {"low": low, "high": high, "coverage": coverage}
+        print(f"  interval for the headline (median of {len(rounds)} per-round ratios): [{low:.3f}, {high:.3f}], coverage {coverage:.1%}")
     verdict = "PASS" if passed else "MISS"
     print(f"ratio {ratio_name} = {ratio_value:.3f} (target {target}): {verdict}")
     result = {
@@ -201,6 +237,7 @@ def report(
         },
         "ratio_name": ratio_name,
         "ratio": ratio_value,
+        "ratio_interval": interval,
         "target": target,
         "passed": passed,
         "extra": extra or {},

@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `rna_core` im
 
 import torch
 
-from bench.common import Timing, add_common_args, apply_threads, measure_interleaved, paired_ratio, report
+from bench.common import Timing, add_common_args, apply_threads, measure_interleaved, paired_ratio, paired_ratios, report
 from rna_core.config import config_from_dict
 
 TARGET = 1.6
@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     # report() prints the per-round ratio of its first two timings: fanout/seq_1thread (the inverse of the headline).
     return report("eval_fanout", argv, {"fanout_2x1cpu": fan, "seq_1thread": seq1, "seq_2threads": seq2},
-                  "seq_1thread/fanout_2x1cpu (speedup)", speedup, f">= {TARGET:.1f}", speedup >= TARGET, extra, args.json)
+                  "seq_1thread/fanout_2x1cpu (speedup)", speedup, f">= {TARGET:.1f}", speedup >= TARGET, extra, args.json,
+                  rounds=paired_ratios(seq1, fan))
 
 
 def fanout_bound(seq1: Timing, seq2: Timing, cores: int) -> float:

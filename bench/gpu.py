@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import measure_interleaved, paired_ratio, report, synchronizer
+from bench.common import measure_interleaved, median_interval, paired_ratio, paired_ratios, report, synchronizer
 from rna_core import create_model
 from rna_core.config import AttackConfig, TrainConfig
 from rna_core.data import BatchIterator, make_synthetic
@@ -178,8 +178,9 @@ def vs_torchattacks(variant: Variant, sizes: Sizes, sync, repeats: int) -> str:
     set_path(model, path)
     t = measure_interleaved(pgd_cases(model, x, y, path, 20, 0), x.shape[0], repeats, 1, sync)
     model.train()
+    low, high, coverage = median_interval(paired_ratios(t["torchattacks"], t["ours"]))
     return (f"time(torchattacks) / time(ours) = {paired_ratio(t['torchattacks'], t['ours']):.3f} "
-            f"(PGD-20 fixed path, eval mode, fp32, batch {x.shape[0]}; target >= 1.0; "
+            f"[{low:.3f}, {high:.3f} at {coverage:.0%}] (PGD-20 fixed path, eval mode, fp32, batch {x.shape[0]}; target >= 1.0; "
             f"{t['ours'].items_per_second:.1f} vs {t['torchattacks'].items_per_second:.1f} images/s)")
 
 
@@ -257,13 +258,16 @@ def main(argv: list[str] | None = None) -> dict:
         f"{(train_s + eval_s) / 3600:.2f} h (training {train_s / 3600:.2f} h + per-epoch PGD-20 eval of "
         f"{args.eval_images} images {eval_s / 3600:.2f} h)"
     )
+    rounds: list[float] | None = None
     if "fp32" in timings and "bf16_cl" in timings:
+        rounds = paired_ratios(timings["fp32"], timings["bf16_cl"])
         value, ratio_name = paired_ratio(timings["fp32"], timings["bf16_cl"]), "time(fp32) / time(bf16_cl)"
     else:
         value, ratio_name = 1.0, f"time({names[0]}) / time({names[0]})"
     if "bf16_cl" in timings and "bn_bf16_cl" in timings:
         extra["RNA overhead time(bf16_cl) / time(bn_bf16_cl)"] = f"{paired_ratio(timings['bf16_cl'], timings['bn_bf16_cl']):.3f}"
-    return report("gpu", argv, timings, ratio_name, value, "> 1 (bf16+channels_last pays)", value > 1.0, extra, args.json)
+    return report("gpu", argv, timings, ratio_name, value, "> 1 (bf16+channels_last pays)", value > 1.0, extra, args.json,
+                  rounds=rounds)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `rna_core` im
 
 import torch
 
-from bench.common import Timing, add_common_args, apply_threads, paired_ratio, report
+from bench.common import Timing, add_common_args, apply_threads, paired_ratio, paired_ratios, report
 from rna_core.config import Config, config_from_dict, flatten
 
 TARGET = 1.10
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report(
         "ray_overhead", argv, {t.name: t for t in (ray_epoch, plain_epoch, ray_wall, plain_wall)},
         "ray_1w_epoch/plain_epoch", per_epoch, f"<= {TARGET:.2f}", per_epoch <= TARGET, extra, args.json,
+        rounds=paired_ratios(ray_epoch, plain_epoch),
     )
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.common import add_common_args, apply_threads, measure_interleaved, paired_ratio, random_batch, report, synchronizer
+from bench.common import add_common_args, apply_threads, measure_interleaved, paired_ratio, paired_ratios, random_batch, report, synchronizer
 from rna_core import create_model, get_path
 from rna_core.config import AttackConfig, TrainConfig
 from rna_core.optim import build_optimizer
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         "equality check": "passed (" + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()) + f", atol={args.atol})",
     }
     return report(
-        "vs_reference_loop", argv, timings, "time(reference) / time(ours)", value, f">= {TARGET}", value >= TARGET, extra, args.json
+        "vs_reference_loop", argv, timings, "time(reference) / time(ours)", value, f">= {TARGET}", value >= TARGET, extra, args.json,
+        rounds=paired_ratios(timings["reference"], timings["ours"]),
     )
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torchattacks
 
-from bench.common import add_common_args, apply_threads, measure_interleaved, paired_ratio, random_batch, report, synchronizer
+from bench.common import add_common_args, apply_threads, measure_interleaved, paired_ratio, paired_ratios, random_batch, report, synchronizer
 from rna_core import create_model, sample_path, set_path
 from rna_core.attacks.pgd import pgd_linf
 from rna_core.paths import PathSampler
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         "agreement check (no random start)": ", ".join(f"{k}={v:.4f}" for k, v in agreement.items()),
     }
     return report(
-        "vs_torchattacks", argv, timings, "time(torchattacks) / time(ours)", value, f">= {TARGET}", value >= TARGET, extra, args.json
+        "vs_torchattacks", argv, timings, "time(torchattacks) / time(ours)", value, f">= {TARGET}", value >= TARGET, extra, args.json,
+        rounds=paired_ratios(timings["torchattacks"], timings["ours"]),
     )
 
 

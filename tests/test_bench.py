@@ -7,6 +7,7 @@ the full-size figures live in docs/benchmarks.md.
 from __future__ import annotations
 
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -52,6 +53,30 @@ def test_measure_interleaved_alternates_order_and_counts_calls():
     assert common.paired_ratios(t_slow, t_fast) == [2.0, 4.0, 1.5]
     assert common.paired_ratio(t_slow, t_fast) == 2.0  # the headline: median of the per-round ratios
     assert common.command_line("bench/x.py", ["--a", "b c"]) == "PYTHONPATH=. python bench/x.py --a 'b c'"
+
+
+def test_median_interval_uses_order_statistics_with_the_stated_coverage():
+    # 7 rounds: x_(1)..x_(7) covers 1 - 2/128 = 98.4%; x_(2)..x_(6) only 87.5% (< 90%).
+    rounds = [1.07, 0.95, 1.01, 0.99, 1.03, 0.90, 1.10]
+    assert common.median_interval(rounds, 0.9) == (0.90, 1.10, pytest.approx(1 - 2 / 128))
+    assert common.median_interval(rounds, 0.85) == (0.95, 1.07, pytest.approx(1 - 2 * 8 / 128))
+    # 15 rounds at 90%: k = 4 covers 1 - 2 * 576/32768 = 96.5%; k = 5 would cover only 88.2%.
+    fifteen = [float(v) for v in range(15)]
+    low, high, coverage = common.median_interval(fifteen, 0.9)
+    assert (low, high) == (3.0, 11.0) and coverage == pytest.approx(1 - 2 * 576 / 32768)
+    assert low <= statistics.median(fifteen) <= high
+    # Too few rounds for 90%: the whole range, with the coverage it really has.
+    assert common.median_interval([1.0, 3.0, 2.0], 0.9) == (1.0, 3.0, pytest.approx(0.75))
+    with pytest.raises(ValueError):
+        common.median_interval([])
+
+
+def test_report_prints_the_headline_interval(capsys):
+    slow, fast = common.Timing("slow", 4, [2.0, 4.0, 3.0, 2.2, 2.4]), common.Timing("fast", 4, [1.0, 1.0, 2.0, 1.1, 1.0])
+    rounds = common.paired_ratios(slow, fast)
+    result = common.report("x", [], {"slow": slow, "fast": fast}, "slow/fast", common.paired_ratio(slow, fast), ">= 1", True, rounds=rounds)
+    assert result["ratio_interval"] == {"low": 1.5, "high": 4.0, "coverage": pytest.approx(1 - 2 / 32)}
+    assert "[1.500, 4.000], coverage 93.8%" in capsys.readouterr().out
 
 
 def test_at_step_tiny(capsys, tmp_path):
