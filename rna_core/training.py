@@ -172,7 +172,7 @@ def evaluate_pgd(
         if protocol == "fixed-path":
             set_path(model, attack_path)
         else:
-            sampler.apply(model, relative_to=attack_path)
+            sampler.apply(model)  # independent of the attack path (see evaluation/protocols.py)
         with torch.no_grad():
             correct += int((model(x_adv).argmax(1) == y).sum().item())
         n += y.shape[0]

@@ -104,6 +104,24 @@ def test_transfer_holds_one_path_for_the_whole_attack(random_model, test_data, c
     assert scoring == out.score_path and rna_core.get_path(random_model) == out.score_path
 
 
+def test_the_scoring_path_never_depends_on_the_attack_path_even_under_far(random_model, test_data):
+    """The defender does not know the attacked path: `far:1.0` (the complement of a given path)
+    must score like `uniform`, or a model trained with `far` would be scored on a path steered
+    away from the attacked one and its `transfer` accuracy would be inflated."""
+    x, y = xy(test_data, 8)
+    overlaps = []
+    for seed in range(6):
+        far = run_protocol(random_model, x, y, get_attack("pgd20", steps=2), "transfer", seed=seed, strategy="far:1.0")
+        uniform = run_protocol(random_model, x, y, get_attack("pgd20", steps=2), "transfer", seed=seed, strategy="uniform")
+        assert (far.attack_path, far.score_path, far.correct) == (uniform.attack_path, uniform.score_path, uniform.correct)
+        overlaps.append(len(far.score_path) - far.attack_path.differences(far.score_path))
+    assert max(overlaps) > 0  # some scoring path shares a layer with its attack path: no complement
+    # evaluate_pgd (the per-epoch metric) follows the same rule.
+    batches = [xy(test_data, 8)]
+    assert rna_core.training.evaluate_pgd(random_model, batches, rna_core.PathSampler("far:1.0", seed=3), steps=2) == \
+        rna_core.training.evaluate_pgd(random_model, batches, rna_core.PathSampler("uniform", seed=3), steps=2)
+
+
 def test_fixed_path_scores_on_the_attacked_path(random_model, test_data, count_draws):
     x, y = xy(test_data, 16)
     spy = ForwardSpy(random_model)
@@ -167,6 +185,33 @@ def test_early_stop_never_perturbs_an_example_after_it_is_misclassified(random_m
     clean_wrong = spy.preds[0] != y
     assert all(torch.equal(stopped.x_adv[i], x[i]) for i in clean_wrong.nonzero().flatten().tolist())
     assert continued >= 3, "the test needs examples that plain PGD kept perturbing after they were fooled"
+
+
+def test_autoattack_leaves_no_example_unperturbed_when_another_path_scores():
+    """AutoAttack skips examples its own forward already misclassifies and returns the clean input
+    for them; scored on a fresh path those were often right again (18/128 correct under AutoAttack
+    against 0/128 under PGD-20 before the fix). Under transfer and eot every example must now be
+    attacked; fixed-path keeps AutoAttack's own output, clean inputs included."""
+    torch.manual_seed(0)
+    model = rna_core.create_model("small_cnn", norm="bn,gns:1").eval()
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    rna_core.set_path(model, "0000")
+    with torch.no_grad():
+        y = model(x).argmax(1)  # labels from one path: other paths misclassify many examples
+    eps = 8 / 255
+    cases = [("autoattack", "transfer"), ("autoattack_rand", "eot"), ("autoattack", "fixed-path")]
+    unperturbed = {}
+    for name, protocol in cases:
+        attack = get_attack(name, eot_iter=2) if name == "autoattack_rand" else get_attack(name)
+        out = run_protocol(model, x, y, attack, protocol, seed=2, eot_iter=2)
+        distance = (out.x_adv - x).flatten(1).abs().amax(1)
+        assert distance.max().item() <= eps + 1e-6 and out.x_adv.min() >= 0 and out.x_adv.max() <= 1
+        unperturbed[protocol] = int((distance == 0).sum())
+        pgd = run_protocol(model, x, y, get_attack("pgd20"), protocol, seed=2, eot_iter=2)
+        if protocol != "fixed-path":
+            assert out.correct <= pgd.correct + 2, f"{name} under {protocol}: {out.correct} correct vs PGD-20's {pgd.correct}"
+    assert unperturbed["transfer"] == 0 and unperturbed["eot"] == 0
+    assert unperturbed["fixed-path"] > 0  # AutoAttack's own rule: clean-misclassified examples stay clean
 
 
 def test_early_stop_also_holds_for_autoattack_subsets(random_model, test_data):

@@ -139,6 +139,16 @@ class Attack:
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
+    def scored_on_another_path(self) -> "Attack":
+        """This attack as run when the scored forward uses another path than the attack's forwards.
+
+        The ``transfer`` and ``eot`` protocols call it. Most attacks return an adversarial input for
+        every example and need no change. An attack that gives up on examples it judges already
+        fooled, or cannot fool (AutoAttack), overrides this: an example it hands back unperturbed
+        would be scored clean on a path the attack never saw.
+        """
+        return self
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
         return f"{type(self).__name__}[{self.name}]({args})"

@@ -2,7 +2,9 @@
 
 The protocol, not the attack, decides the paths:
 - ``transfer`` (the paper's setting): one attack path per batch, held for the whole attack (every
-  forward inside the attack runs it), then a fresh path scores the result.
+  forward inside the attack runs it), then a fresh path, drawn without knowing the attack path,
+  scores the result (so `far:<f>` scores like `uniform`: a defender who steered the scoring path
+  away from the attacked one would be using the attacker's secret).
 - ``early-stop`` (the paper's adaptive setting): as ``transfer``, but an example is no longer
   perturbed once it is misclassified on the attack path.
 - ``fixed-path``: the attacked path also scores (a white-box bound).
@@ -182,6 +184,8 @@ def run_protocol(
     attack = resolve_attack(attack)
     if eot_iter < 1:
         raise ConfigError(f"eot_iter must be a positive integer, got {eot_iter}")
+    if protocol in ("transfer", "eot"):  # the score runs a path the attack's forwards did not
+        attack = attack.scored_on_another_path()
     start = time.perf_counter()
     attack_sampler = _sampler(strategy, seed, "attack-path")
     score_sampler = _sampler(strategy, seed, "score-path")
@@ -206,7 +210,10 @@ def run_protocol(
             set_path(model, attack_path)
             score_path = attack_path
         else:
-            score_path = score_sampler.apply(model, relative_to=attack_path)
+            # Drawn independently of the attack path: the defender does not know which path was
+            # attacked, so a `far` strategy scores like `uniform` here (far is for training updates
+            # and for analysis, rna_core.evaluation.path_analysis).
+            score_path = score_sampler.apply(model)
         with torch.no_grad():
             correct = int((model(x_adv).argmax(1) == y).sum().item())
     draws_total = attack_sampler.draws + score_sampler.draws + eot_sampler.draws
