@@ -72,7 +72,7 @@ from rna_core.evaluation import (
     write_rows_parquet,
 )
 from rna_core.evaluation.protocols import check_protocol
-from rna_core.paths import count_paths, parse_strategy
+from rna_core.paths import check_strategy, count_paths
 
 from . import tracking
 from .train_loop import CHECKPOINT_FILE, DATA_SEED, build_model, fixed_subset, state_digest
@@ -352,7 +352,8 @@ def plan_evaluation(source: ModelSource, options: EvalOptions = EvalOptions()) -
         check_protocol(p)
     if len(set(o.protocols)) != len(o.protocols):
         raise ConfigError(f"protocols must be unique, got {', '.join(o.protocols)}")
-    parse_strategy(o.strategy)
+    structure = build_model_meta(cfg)
+    check_strategy(structure, o.strategy)  # e.g. a fixed: path of the wrong length, before any data or cluster
     attacks = resolve_attacks(o.attacks, o.attack_settings, o.include_natural)
     if o.path_analysis:
         get_attack(o.path_attack)
@@ -375,7 +376,7 @@ def plan_evaluation(source: ModelSource, options: EvalOptions = EvalOptions()) -
         Unit(a.name, settings_hash(a), p, t, first, stop)
         for t in range(o.trials) for a in attacks for p in o.protocols for first, stop in bounds
     ]
-    spec = getattr(build_model_meta(cfg), "rna_spec", {}) or {}
+    spec = getattr(structure, "rna_spec", {}) or {}
     meta = {"model": str(spec.get("model", cfg.model.name)), "method": method_label(spec or {"method": cfg.model.method}),
             "dataset": dataset.name}
     return EvalPlan(source, o, attacks, dataset, digest, fingerprint, out_dir, units, meta)

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from rna_core.config import Config, apply_overrides, config_from_dict, dump_yaml, flatten, to_dict, unflatten
 from rna_core.errors import ConfigError, DatasetNotFoundError
+from rna_core.paths import check_strategy
 
 from . import tracking
 from .model_card import render_model_card
@@ -213,11 +214,12 @@ def preflight(cfg: Config) -> None:
     effective_train_config(cfg)  # method-specific training choices can contradict each other
     try:
         with torch.device("meta"):  # builds the layer structure without allocating weights
-            build_model(cfg)
+            structure = build_model(cfg)
     except ConfigError:
         raise
     except (NotImplementedError, RuntimeError):  # a layer that cannot be built on meta
-        build_model(cfg)
+        structure = build_model(cfg)
+    check_strategy(structure, cfg.train.sampling)  # e.g. a fixed: path of the wrong length
     if cfg.data.batch_size < cfg.ray.num_workers:
         raise ConfigError(
             f"data.batch_size ({cfg.data.batch_size}) is the global batch and must be >= ray.num_workers "

@@ -7,6 +7,8 @@ fails on the driver with one clear line, before any cluster work starts.
 
 from __future__ import annotations
 
+import math
+
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -123,6 +125,14 @@ class TrainConfig:
             raise ConfigError(f"train.eot_iter must be positive, got {self.eot_iter}")
         if any(not 0 < m < 1 for m in self.milestones):
             raise ConfigError("train.milestones are fractions of the run in (0, 1), e.g. [0.5, 0.75]")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"train.gamma (the lr factor at each milestone) must be in (0, 1], got {self.gamma}")
+        if self.eval_pgd_steps < 0 or self.eval_every < 1:
+            raise ConfigError(f"train.eval_pgd_steps must be >= 0 and train.eval_every >= 1, got {self.eval_pgd_steps} and {self.eval_every}")
         self.attack.validate()
 
 
@@ -146,6 +156,11 @@ class ScalingConfig:
             raise ConfigError(f"ray.use_gpu must be auto, true or false, got {self.use_gpu}")
         if self.checkpoints_to_keep < 1:
             raise ConfigError(f"ray.checkpoints_to_keep must be >= 1, got {self.checkpoints_to_keep}")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or self.max_failures < 0:
+            raise ConfigError(
+                f"ray.cpus_per_worker must be > 0, ray.gpus_per_worker and ray.max_failures >= 0; "
+                f"got {self.cpus_per_worker}, {self.gpus_per_worker}, {self.max_failures}"
+            )
 
 
 @dataclass(frozen=True)
@@ -158,6 +173,9 @@ class TrackingConfig:
     def validate(self) -> None:
         if not self.experiment:
             raise ConfigError("mlflow.experiment must not be empty")
+        name = self.run_name
+        if name is not None and (not name.strip() or "/" in name or "\\" in name or name.startswith(".")):
+            raise ConfigError(f"mlflow.run_name '{name}' must be a plain folder name (no '/', not starting with '.')")
 
 
 @dataclass(frozen=True)
@@ -216,12 +234,17 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' expects an integer, got {value!r}") from None
     if typ is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{key}' expects a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan passes every < and > check below and trains nothing
+            raise ConfigError(f"config key '{key}' expects a finite number, got {value!r}")
+        return number
     if typ is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+        if value is None or str(value).strip() == "":
+            raise ConfigError(f"config key '{key}' needs a value (it is empty)")
         return str(value)
     return value
 

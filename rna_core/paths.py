@@ -109,6 +109,13 @@ def set_path(model: nn.Module, path: Path | str) -> None:
     if isinstance(path, str):
         path = Path.parse(path)
     layers = random_layers(model)
+    _check_fits(layers, path)
+    for layer, c in zip(layers, path.choices):
+        layer.choice = c
+
+
+def _check_fits(layers: list[RandomLayer], path: Path) -> None:
+    """ConfigError unless `path` is a valid path of a model with these random layers."""
     if len(path) != len(layers):
         raise ConfigError(f"path '{path}' has {len(path)} choices but the model has {len(layers)} random layers")
     for i, (layer, c) in enumerate(zip(layers, path.choices)):
@@ -117,8 +124,6 @@ def set_path(model: nn.Module, path: Path | str) -> None:
     for unit in _units(layers):
         if len({path.choices[i] for i in unit}) > 1:
             raise ConfigError(f"path '{path}' gives different choices to tied layers {unit}")
-    for layer, c in zip(layers, path.choices):
-        layer.choice = c
 
 
 def _randint(high: int, generator: torch.Generator | None) -> int:
@@ -170,7 +175,9 @@ def _shared(layers: list[RandomLayer], generator: torch.Generator | None, relati
 def _fixed(layers: list[RandomLayer], generator: torch.Generator | None, relative_to: Path | None, arg: str) -> Path:
     if not arg:
         return Path((0,) * len(layers))
-    return Path.parse(arg)
+    path = Path.parse(arg)
+    _check_fits(layers, path)
+    return path
 
 
 @register_strategy("far")
@@ -213,7 +220,15 @@ def parse_strategy(text: str) -> tuple[str, str]:
             raise ConfigError(f"strategy '{text}': the fraction after 'far:' must be a number in [0, 1]")
     if name in ("uniform", "shared") and arg:
         raise ConfigError(f"strategy '{name}' takes no argument; write '{name}'")
+    if name == "fixed" and arg:
+        Path.parse(arg)  # unreadable text fails here, at configuration time, not in a worker
     return name, arg
+
+
+def check_strategy(model: nn.Module, strategy: str) -> None:
+    """ConfigError unless `strategy` can draw paths for `model` (e.g. a `fixed:` path of the right
+    length). For drivers to call before a cluster starts; `model` may live on the meta device."""
+    sample_path(model, strategy, torch.Generator().manual_seed(0))
 
 
 def sample_path(

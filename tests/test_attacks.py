@@ -67,6 +67,8 @@ def test_registry_has_the_paper_attacks_with_the_paper_settings():
         (lambda: get_attack("fgsm", eps=8), "[0, 1] pixel units"),
         (lambda: get_attack("pgd20", steps=0), "positive integer"),
         (lambda: get_attack("pgd20", eps=-0.1), ">= 0"),
+        (lambda: get_attack("fgsm", eps="abc"), "must be a number"),  # used to fail inside a Ray task
+        (lambda: get_attack("fgsm", eps=float("nan")), "finite"),
     ],
 )
 def test_bad_attack_names_and_settings_are_config_errors(call, message):

@@ -48,6 +48,19 @@ def test_flatten_round_trip_and_overrides(tmp_path):
         ("model.name=vgg", "model.name"),
         ("ray.num_workers=0", "ray.num_workers"),
         ("trainlr", "key=value"),
+        ("train.lr=nan", "expects a finite number"),  # nan passes every < check; it trained nothing
+        ("train.attack.eps=.inf", "expects a finite number"),
+        ("train.momentum=-1", "train.momentum"),
+        ("train.weight_decay=-0.1", "train.weight_decay"),
+        ("train.gamma=0", "train.gamma"),
+        ("train.eval_pgd_steps=-1", "train.eval_pgd_steps"),
+        ("ray.cpus_per_worker=0", "ray.cpus_per_worker"),
+        ("ray.gpus_per_worker=-1", "ray.gpus_per_worker"),
+        ("mlflow.experiment=", "needs a value"),  # used to become the experiment 'None'
+        ("model.norm=", "needs a value"),
+        ("mlflow.run_name=a/b", "plain folder name"),
+        ("mlflow.run_name=../../escape", "plain folder name"),
+        ("train.sampling=fixed:01-1", "cannot read path"),
     ],
 )
 def test_bad_values_give_one_clear_line(override, fragment):

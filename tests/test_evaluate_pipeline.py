@@ -132,6 +132,12 @@ def test_units_align_with_batches_and_name_their_attack_settings(env):
     assert DEFAULT_ATTACKS == ("natural", "fgsm", "pgd20", "cw_l2", "mifgsm", "deepfool", "autoattack", "eot_pgd", "autoattack_rand")
 
 
+def test_a_fixed_path_of_the_wrong_length_is_refused_before_any_data_or_cluster(env):
+    with pytest.raises(ConfigError, match="has 2 choices but the model has"):
+        _plan(env, "bad-fixed", strategy="fixed:01")
+    assert not (env["root"] / "bad-fixed").exists()
+
+
 def test_cli_attack_settings_are_in_pixels_like_configs():
     sys.path.insert(0, str(REPO))
     from jobs.evaluate import parse_attack_settings

@@ -80,6 +80,17 @@ def test_fixed_strategy_and_string_round_trip(resnet):
     assert Path.parse(str(Path((40,)))) == Path((40,))
 
 
+def test_a_fixed_path_is_checked_when_the_strategy_is_read_and_against_the_model(resnet):
+    with pytest.raises(ConfigError, match="cannot read path"):
+        PathSampler("fixed:01-1")  # at configuration time, before any model or worker
+    with pytest.raises(ConfigError, match="has 2 choices but the model has 20"):
+        rna_core.paths.check_strategy(resnet, "fixed:01")
+    with pytest.raises(ConfigError, match="which has 2 choices"):
+        sample_path(resnet, "fixed:" + "2" * 20)
+    rna_core.paths.check_strategy(resnet, "fixed:" + "1" * 20)
+    rna_core.paths.check_strategy(resnet, "far:0.5")
+
+
 def test_set_and_get_path_and_validation(resnet):
     p = Path.parse("1" * 20)
     set_path(resnet, p)

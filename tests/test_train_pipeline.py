@@ -295,10 +295,13 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
         (["--set", "model.norm=gn:3"], "3 groups do not divide"),  # small_cnn has 16 channels
         (["--set", "data.dataset=synthetic", "--set", "data.batch_size=1"], "batch_size"),
         (["--set", "train.mode=fast"], "train.mode"),
+        (["--set", "train.sampling=fixed:01-1"], "cannot read path '01-1'"),
+        (["--set", "model.norm=bn,gns:1", "--set", "train.sampling=fixed:01"], "has 2 choices but the model has 4"),
         (None, "--config"),
         ("resume", "not_a_run"),
     ],
-    ids=["bad key", "unknown norm", "groups do not divide", "batch below workers", "bad mode", "no config", "not a run"],
+    ids=["bad key", "unknown norm", "groups do not divide", "batch below workers", "bad mode", "unreadable fixed path",
+         "fixed path of the wrong length", "no config", "not a run"],
 )
 def test_bad_inputs_fail_before_anything_starts(args, needle, tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(REPO))

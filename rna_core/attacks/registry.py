@@ -14,6 +14,7 @@ generator seeded with it, and library attacks (which draw from the global torch 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, TypeVar
 
@@ -202,11 +203,16 @@ def attack_spec(name: str) -> AttackSpec:
 _INT_SETTINGS = {"steps", "eot_iter"}
 
 
-def _check_setting(name: str, key: str, value: Any) -> Any:
+def _check_setting(name: str, key: str, value: Any, default: Any = None) -> Any:
+    numeric_default = isinstance(default, (int, float)) and not isinstance(default, bool)
+    if numeric_default and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"attack '{name}': setting {key}={value!r} must be a number (default {default})")
     if isinstance(value, bool) or value is None:
         return value
     if not isinstance(value, (int, float)):
         return value
+    if not math.isfinite(value):
+        raise ConfigError(f"attack '{name}': setting {key}={value} must be a finite number")
     if value < 0:
         raise ConfigError(f"attack '{name}': setting {key}={value} must be >= 0")
     if key in _INT_SETTINGS:
@@ -214,7 +220,10 @@ def _check_setting(name: str, key: str, value: Any) -> Any:
             raise ConfigError(f"attack '{name}': setting {key}={value} must be a positive integer")
         return int(value)
     if key in ("eps", "step_size") and value > 1:
-        raise ConfigError(f"attack '{name}': {key}={value} is in [0, 1] pixel units (8/255 = 0.0314); divide by 255")
+        raise ConfigError(
+            f"attack '{name}': {key}={value:g} is above 1 in [0, 1] pixel units (8/255 = 0.0314); in configs and "
+            f"--attack-set it is in pixels/255, so at most 255"
+        )
     return value
 
 
@@ -225,7 +234,7 @@ def get_attack(name: str, **overrides: Any) -> Attack:
     if unknown:
         valid = ", ".join(spec.defaults) or "none"
         raise ConfigError(f"attack '{spec.name}' has no setting {', '.join(unknown)}; its settings: {valid}")
-    settings = {**spec.defaults, **{k: _check_setting(spec.name, k, v) for k, v in overrides.items()}}
+    settings = {**spec.defaults, **{k: _check_setting(spec.name, k, v, spec.defaults[k]) for k, v in overrides.items()}}
     return spec.cls(spec.name, settings)
 
 
