@@ -369,6 +369,7 @@ def plan_evaluation(source: ModelSource, options: EvalOptions = EvalOptions()) -
         "seed": o.seed, "eot_iter": o.eot_iter, "strategy": o.strategy,
     }, 10)
     out_dir = Path(o.out_dir).expanduser().resolve() if o.out_dir else base_dir() / RESULTS_DIR / f"{source.label}-{fingerprint}"
+    check_output_folder(out_dir, fingerprint)
 
     per_shard = -(-o.shard_size // o.batch_size) * o.batch_size
     bounds = [(s, min(s + per_shard, len(dataset))) for s in range(0, len(dataset), per_shard)]
@@ -746,6 +747,30 @@ def _eval_params(plan: EvalPlan) -> dict[str, Any]:
 def _read_state(out_dir: Path) -> dict[str, Any] | None:
     f = out_dir / STATE_FILE
     return json.loads(f.read_text()) if f.is_file() else None
+
+
+def check_output_folder(out_dir: Path, fingerprint: str) -> None:
+    """Refuse a folder that holds another evaluation: its finished units would be taken for ours.
+
+    A unit's file name says which attack, protocol, trial and shard it holds, not which weights,
+    data or seed; the folder's `evaluation.json` fingerprint says that. So a folder of another
+    model (e.g. an `--out` reused) or a folder jobs/evaluate.py did not write is a ConfigError.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file; give a folder")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    try:
+        state = _read_state(out_dir)
+    except (OSError, ValueError):
+        raise ConfigError(f"{out_dir / STATE_FILE} is unreadable; delete the folder {out_dir} or choose another --out") from None
+    if state is None:
+        raise ConfigError(f"{out_dir} exists but was not written by jobs/evaluate.py; choose another --out")
+    if state.get("fingerprint") != fingerprint:
+        raise ConfigError(
+            f"{out_dir} holds the evaluation of {state.get('source', 'another model')} (fingerprint {state.get('fingerprint')}), "
+            f"not of this model, data and seed (fingerprint {fingerprint}); choose another --out or delete that folder"
+        )
 
 
 def _write_state(out_dir: Path, data: Mapping[str, Any]) -> None:

@@ -8,6 +8,7 @@ as a Parquet dataset, the way users' data arrives.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -136,6 +137,24 @@ def test_a_fixed_path_of_the_wrong_length_is_refused_before_any_data_or_cluster(
     with pytest.raises(ConfigError, match="has 2 choices but the model has"):
         _plan(env, "bad-fixed", strategy="fixed:01")
     assert not (env["root"] / "bad-fixed").exists()
+
+
+def test_an_output_folder_of_another_evaluation_is_refused(env):
+    """Unit files are named by attack, protocol, trial and shard only: reusing --out for another
+    model used to report the old model's counts under the new model's name."""
+    plan = _plan(env, "reuse")
+    plan.out_dir.mkdir(parents=True)
+    (plan.out_dir / "evaluation.json").write_text(json.dumps({"fingerprint": "0123456789", "source": "run A"}))
+    with pytest.raises(ConfigError, match="holds the evaluation of run A"):
+        _plan(env, "reuse")
+    assert sorted(p.name for p in plan.out_dir.iterdir()) == ["evaluation.json"]  # nothing written
+    (plan.out_dir / "evaluation.json").write_text(json.dumps({"fingerprint": plan.fingerprint}))
+    assert _plan(env, "reuse").fingerprint == plan.fingerprint  # the same evaluation resumes
+    (plan.out_dir / "evaluation.json").unlink()
+    (plan.out_dir / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not written by jobs/evaluate.py"):
+        _plan(env, "reuse")
+    assert sorted(p.name for p in plan.out_dir.iterdir()) == ["notes.txt"]
 
 
 def test_cli_attack_settings_are_in_pixels_like_configs():
