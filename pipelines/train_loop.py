@@ -52,7 +52,7 @@ from rna_core.checkpoint import load_checkpoint, save_checkpoint
 from rna_core.builders import effective_train_config, model_from_config
 from rna_core.config import Config, unflatten
 from rna_core.data import BatchIterator, ImageTensorDataset, load_dataset
-from rna_core.optim import build_optimizer, build_scheduler
+from rna_core.optim import apply_config_on_resume, build_optimizer, build_scheduler
 from rna_core.paths import PathSampler
 from rna_core.speed import use_channels_last
 from rna_core.training import evaluate_clean, evaluate_pgd, train_epoch
@@ -357,6 +357,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         with checkpoint.as_directory() as ckpt_dir:
             payload = load_checkpoint(FsPath(ckpt_dir) / CHECKPOINT_FILE, model, optimizer, scheduler)
         start_epoch = int(payload["epoch"])
+        apply_config_on_resume(optimizer, scheduler, train_cfg, start_epoch)  # --set train.lr/epochs on resume
         resumed = {
             "epoch": start_epoch,
             "optimizer_digest": state_digest(optimizer.state_dict()),

@@ -59,3 +59,39 @@ def test_missing_or_foreign_files(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ConfigError, match="not a checkpoint of this project"):
         read_checkpoint(tmp_path / "other.pt")
+
+
+def _lrs_after(cfg: TrainConfig, model, optimizer, scheduler, epochs: int) -> list[float]:
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize("change", ["none", "epochs", "lr"])
+def test_a_resumed_run_follows_the_new_config_not_the_saved_optimizer(tmp_path, change):
+    """`--resume --set train.lr=0.05` used to keep lr 0.1, and `--set train.epochs=8` after a
+    4-epoch run ran its first resumed epoch at the old schedule's last lr (10x too low)."""
+    from rna_core.optim import apply_config_on_resume, lr_factor
+
+    old = TrainConfig(epochs=4, lr=0.1)
+    new = {"none": old, "epochs": TrainConfig(epochs=8, lr=0.1), "lr": TrainConfig(epochs=4, lr=0.05, momentum=0.5)}[change]
+    model = create_model("small_cnn", norm="bn")
+    opt = build_optimizer(model, old)
+    sched = build_scheduler(opt, old)
+    _lrs_after(old, model, opt, sched, 2)
+    save_checkpoint(tmp_path / "c.pt", model, opt, sched, epoch=2, config=Config(train=old))
+
+    resumed = create_model("small_cnn", norm="bn")
+    opt2 = build_optimizer(resumed, new)
+    sched2 = build_scheduler(opt2, new)
+    load_checkpoint(tmp_path / "c.pt", resumed, opt2, sched2)
+    apply_config_on_resume(opt2, sched2, new, 2)
+    got = _lrs_after(new, resumed, opt2, sched2, new.epochs - 2)
+    want = [new.lr * lr_factor(new, e) for e in range(2, new.epochs)]
+    assert got == pytest.approx(want, rel=1e-12)
+    assert opt2.param_groups[0]["momentum"] == new.momentum
+    if change == "none":  # an unchanged resume is exactly the uninterrupted schedule
+        assert got == [0.1 * lr_factor(old, e) for e in range(2, 4)]
