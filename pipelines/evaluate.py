@@ -253,6 +253,10 @@ def _source_from_payload(payload: dict[str, Any], where: str, overrides: Sequenc
     missing = sorted(set(model.state_dict()) - set(state))
     if missing:
         raise CheckpointMismatchError(f"checkpoint {where} lacks weights for {missing[0]} (and {len(missing) - 1} more); it does not fit the model")
+    for key, tensor in model.state_dict().items():  # shapes too: a mismatch would only fail inside a Ray task
+        got = tuple(getattr(state[key], "shape", ()))
+        if got != tuple(tensor.shape):
+            raise CheckpointMismatchError(f"checkpoint {where}: {key} has shape {list(got)}, the model needs {list(tensor.shape)}; it does not fit the model")
     return cfg, state, state_digest(state)
 
 

@@ -35,7 +35,7 @@ from rna_core.attacks import get_attack
 from rna_core.checkpoint import read_checkpoint, save_checkpoint
 from rna_core.config import TrainConfig, load_config
 from rna_core.data import BatchIterator, make_synthetic, write_parquet_dataset
-from rna_core.errors import ConfigError
+from rna_core.errors import CheckpointMismatchError, ConfigError
 from rna_core.evaluation import evaluate_model, read_rows_parquet
 from rna_core.optim import build_optimizer
 from rna_core.training import train_epoch
@@ -155,6 +155,16 @@ def test_an_output_folder_of_another_evaluation_is_refused(env):
     with pytest.raises(ConfigError, match="not written by jobs/evaluate.py"):
         _plan(env, "reuse")
     assert sorted(p.name for p in plan.out_dir.iterdir()) == ["notes.txt"]
+
+
+def test_a_checkpoint_with_a_wrong_shaped_tensor_is_refused_on_the_driver(env, tmp_path):
+    payload = read_checkpoint(env["ckpt"])
+    key = next(k for k, v in payload["model"].items() if v.dim() == 4)
+    payload["model"][key] = torch.zeros(1, 1, 1, 1)
+    bad = tmp_path / "bad.pt"
+    torch.save(payload, bad)
+    with pytest.raises(CheckpointMismatchError, match=f"{key} has shape \\[1, 1, 1, 1\\]"):
+        load_source(checkpoint=str(bad))
 
 
 def test_cli_attack_settings_are_in_pixels_like_configs():
