@@ -181,12 +181,13 @@ def check_data(cfg: Config, echo: Echo | None = None) -> None:
     d = cfg.data
     if d.dataset == "synthetic":
         return
-    from rna_core.data.parquet import dataset_exists
+    from rna_core.data.parquet import check_parquet_dataset, dataset_exists
     from rna_core.data.torchvision_data import _FOLDERS, load_torchvision_cifar
 
     root = d.data_dir or "./data"
     for split in ("train", "test"):
         if dataset_exists(_join(root, f"{split}.parquet")):
+            check_parquet_dataset(_join(root, f"{split}.parquet"))  # corrupt or foreign: one line, before Ray
             continue
         if _is_uri(root):
             raise DatasetNotFoundError(

@@ -299,9 +299,10 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
         (["--set", "model.norm=bn,gns:1", "--set", "train.sampling=fixed:01"], "has 2 choices but the model has 4"),
         (None, "--config"),
         ("resume", "not_a_run"),
+        ("corrupt data", "is not a readable Parquet file"),
     ],
     ids=["bad key", "unknown norm", "groups do not divide", "batch below workers", "bad mode", "unreadable fixed path",
-         "fixed path of the wrong length", "no config", "not a run"],
+         "fixed path of the wrong length", "no config", "not a run", "corrupt parquet"],
 )
 def test_bad_inputs_fail_before_anything_starts(args, needle, tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(REPO))
@@ -313,6 +314,12 @@ def test_bad_inputs_fail_before_anything_starts(args, needle, tmp_path, monkeypa
     if args == "resume":
         (tmp_path / "not_a_run").mkdir()
         argv = ["--resume", str(tmp_path / "not_a_run")]
+    elif args == "corrupt data":
+        data = tmp_path / "not_a_run"  # the one folder the final check allows
+        data.mkdir()
+        for split in ("train", "test"):
+            (data / f"{split}.parquet").write_bytes(b"not parquet at all")
+        argv = ["--config", str(REPO / "configs/smoke.yaml"), "--set", f"data.data_dir={data}", "--set", "data.dataset=cifar10"]
     else:
         argv = [] if args is None else ["--config", str(REPO / "configs/smoke.yaml"), *args]
     try:

@@ -173,27 +173,7 @@ def read_parquet_dataset(
     uri: str, name: str | None = None, threads: int | None = 1, backend: str = "auto"
 ) -> ImageTensorDataset:
     """Read a dataset file (local path or URI) and decode every image once."""
-    fs, path = _resolve(uri)
-    if _file_info(fs, path, uri).type != pafs.FileType.File:
-        raise DatasetNotFoundError(
-            f"dataset file not found: {uri}; create it with `{PREPARE_HINT}` or point data_dir elsewhere"
-        )
-    try:
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            schema = pf.schema_arrow
-            missing = [c for c in ("image", "label") if c not in schema.names]
-            if missing:
-                raise ConfigError(
-                    f"{uri} is not an image dataset file: missing column(s) {', '.join(missing)} "
-                    f"(has {', '.join(schema.names)}); write it with `{PREPARE_HINT}`"
-                )
-            table = pf.read(columns=["image", "label"])
-    except (pa.ArrowException, OSError) as e:
-        raise ConfigError(
-            f"{uri} is not a readable Parquet file ({_first_line(e)}); recreate it with `{PREPARE_HINT}`"
-        ) from e
-
+    table, schema, path = _open_dataset(uri, read=True)
     meta = _read_metadata(schema, uri)
     labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
     try:
@@ -212,6 +192,40 @@ def read_parquet_dataset(
     if name is None:
         name = str(meta.get("name") or Path(path).stem)
     return ImageTensorDataset(images=images, labels=labels, classes=classes, name=name)
+
+
+def check_parquet_dataset(uri: str) -> None:
+    """Fail with one line unless `uri` is a readable dataset file (schema and metadata only).
+
+    For drivers: a corrupt or foreign file is reported before a cluster starts, not in a worker.
+    """
+    _, schema, _ = _open_dataset(uri, read=False)
+    _read_metadata(schema, uri)
+
+
+def _open_dataset(uri: str, read: bool) -> tuple[pa.Table | None, pa.Schema, str]:
+    """(the image and label columns if `read`, the schema, the path), or one-line errors."""
+    fs, path = _resolve(uri)
+    if _file_info(fs, path, uri).type != pafs.FileType.File:
+        raise DatasetNotFoundError(
+            f"dataset file not found: {uri}; create it with `{PREPARE_HINT}` or point data_dir elsewhere"
+        )
+    try:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            schema = pf.schema_arrow
+            missing = [c for c in ("image", "label") if c not in schema.names]
+            if missing:
+                raise ConfigError(
+                    f"{uri} is not an image dataset file: missing column(s) {', '.join(missing)} "
+                    f"(has {', '.join(schema.names)}); write it with `{PREPARE_HINT}`"
+                )
+            table = pf.read(columns=["image", "label"]) if read else None
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(
+            f"{uri} is not a readable Parquet file ({_first_line(e)}); recreate it with `{PREPARE_HINT}`"
+        ) from e
+    return table, schema, path
 
 
 def _read_metadata(schema: pa.Schema, uri: str) -> dict[str, Any]:
