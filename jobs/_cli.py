@@ -66,18 +66,48 @@ def run_main(prog: str, job: Callable[[Sequence[str] | None], int | None], argv:
     """
     try:
         code = job(argv)
-    except RnaError as exc:
-        message = " ".join(str(exc).split())  # guarantee one line
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        user_error = find_user_error(exc)
+        if user_error is None:
+            raise
+        message = " ".join(str(user_error).split())  # guarantee one line
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
     return int(code or 0)
+
+
+def find_user_error(exc: BaseException, depth: int = 6) -> RnaError | None:
+    """The RnaError behind `exc`, also when a Ray task or Train worker raised it remotely.
+
+    Ray wraps a task's exception (``RayTaskError``, whose ``cause`` is the original; its own text
+    carries the remote traceback), and Ray Train reports workers' exceptions in
+    ``WorkerGroupError.worker_failures``. The driver's checks should stop bad input before Ray
+    starts; this is the net for what gets past them: the user still gets the one line.
+    """
+    seen: set[int] = set()
+    todo: list[tuple[BaseException, int]] = [(exc, 0)]
+    while todo:
+        current, level = todo.pop(0)
+        if id(current) in seen or level > depth:
+            continue
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)
+        if isinstance(current, RnaError) and not isinstance(cause, BaseException):
+            return current
+        nested: list[object] = [cause, getattr(current, "controller_failure", None), current.__cause__, current.__context__]
+        failures = getattr(current, "worker_failures", None)
+        if isinstance(failures, dict):
+            nested.extend(failures.values())
+        todo.extend((e, level + 1) for e in nested if isinstance(e, BaseException))
+    return None
 
 
 __all__ = [
     "EXIT_USER_ERROR",
+    "find_user_error",
     "OneLineParser",
     "REPO_ROOT",
     "add_config_arguments",

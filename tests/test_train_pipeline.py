@@ -332,6 +332,36 @@ def test_bad_inputs_fail_before_anything_starts(args, needle, tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["not_a_run"])
 
 
+def test_a_user_error_raised_inside_ray_still_gives_one_line_and_exit_2(capsys):
+    """Ray wraps a task's exception (with the remote traceback in its text) and Ray Train collects
+    workers' exceptions in WorkerGroupError; the CLI digs the ConfigError out of either."""
+    import ray.exceptions
+    from ray.train import WorkerGroupError
+
+    sys.path.insert(0, str(REPO))
+    from jobs._cli import find_user_error, run_main
+    from rna_core.errors import ConfigError
+
+    original = ConfigError("train.sampling 'fixed:01' does not fit")
+    remote = ray.exceptions.RayTaskError("train_fn", "Traceback (most recent call last):\n  ...", original).as_instanceof_cause()
+    workers = WorkerGroupError("rank 0 failed", {0: remote})
+    assert find_user_error(remote) is original and find_user_error(workers) is original
+    assert find_user_error(RuntimeError("a bug")) is None
+
+    def job(argv):
+        raise workers
+
+    assert run_main("train.py", job, []) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "train.py: error: train.sampling 'fixed:01' does not fit"
+
+    def buggy(argv):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError):  # a bug keeps its traceback
+        run_main("train.py", buggy, [])
+
+
 # ----------------------------------------------------------------------------- Ray Train runs
 
 TINY = [
