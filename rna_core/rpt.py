@@ -1,11 +1,18 @@
 """The RPI+RPT baseline (Double-Win Quant, Fu et al., ICML 2021) as the model method `rpt`.
 
-Every conv and linear layer is quantized (see `quant.py`) and every norm is a switchable
-BatchNorm: one BatchNorm per precision, each with its own statistics, because activations at 4
-bits and at 16 bits have different distributions. All of these layers are `RandomLayer`s tied
-under ``"precision"``, so a path is one precision for the whole network: a `uniform` draw is one
-random precision (RPI at inference, RPT in training) and everything built for RNA paths
-(samplers, EOT, protocols, logging, checkpoints) works on these models unchanged.
+As in the original (GATECH-EIC/Double-Win-Quant, `CIFAR/model/preact_resnet.py`), every body conv
+is quantized (weights per output channel, inputs with a running range; see `quant.py`) while the
+stem conv (on the image), the shortcut projections and the classifier head stay in full precision;
+every norm is a switchable BatchNorm: one BatchNorm per precision, each with its own statistics,
+because activations at 4 bits and at 16 bits have different distributions. The quantized convs and
+the switchable norms are `RandomLayer`s tied under ``"precision"``, so a path is one precision for
+the whole network: a `uniform` draw is one random precision (RPI at inference, RPT in training)
+and everything built for RNA paths (samplers, EOT, protocols, logging, checkpoints) works on these
+models unchanged.
+
+The checkpoint identity carries ``"quantizer": "dwq"`` (this quantizer), so a checkpoint written
+with the earlier per-tensor, batch-range quantizer (every layer quantized, no running ranges) is
+refused with a CheckpointMismatchError naming that key instead of failing on missing weights.
 
     model = rna_core.create_model("preact_resnet18", method="rpt", norm="bn", precisions="4-16")
     rna_core.set_path(model, path_for_precision(model, 8))
@@ -19,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch.nn as nn
 
 from .errors import ConfigError
-from .models.layers import LayerFactory
+from .models.layers import LayerFactory, check_conv_role
 from .models.registry import register_method
 from .norms import NormSpec, parse_space
 from .paths import Path, get_path, random_layers
@@ -33,6 +40,11 @@ if TYPE_CHECKING:
 # the adversarial batch and for the update; the alternative draws the two independently.
 RPT_DRAWS = ("per_iteration", "attack_and_update")
 DEFAULT_PRECISIONS = "4-16"
+# Names the quantizer in the checkpoint identity: Double-Win Quant's (per-output-channel weights,
+# running input ranges, full-precision stem/shortcuts/head). Change it when the quantizer changes.
+QUANTIZER = "dwq"
+# Conv roles the original keeps in full precision (QConv2d called with full_prec=True).
+FULL_PRECISION_ROLES = ("stem", "shortcut")
 
 
 def parse_precisions(spec: str | int | Sequence[int]) -> tuple[int, ...]:
@@ -107,7 +119,11 @@ class SwitchableBatchNorm(RandomNorm):
 
 
 class RptFactory(LayerFactory):
-    """Quantized convs and linears and switchable BatchNorms, all tied to one precision choice."""
+    """Quantized body convs and switchable BatchNorms, all tied to one precision choice.
+
+    Stem and shortcut convs and the classifier head are plain full-precision layers (not random
+    layers, so not part of a path), as in the original.
+    """
 
     def __init__(self, precisions: str | int | Sequence[int] = DEFAULT_PRECISIONS):
         super().__init__("bn")
@@ -116,15 +132,22 @@ class RptFactory(LayerFactory):
     def norm(self, channels: int, where: str) -> nn.Module:
         return SwitchableBatchNorm(channels, self.precisions, where)
 
-    def conv(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0) -> nn.Module:
+    def conv(
+        self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, *, role: str = "body"
+    ) -> nn.Module:
+        check_conv_role(role)
+        if role in FULL_PRECISION_ROLES:
+            return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, bias=False)
         return QuantConv2d(in_ch, out_ch, kernel, stride, padding, bias=False, precisions=self.precisions)
 
     def linear(self, in_features: int, out_features: int) -> nn.Module:
-        return QuantLinear(in_features, out_features, bias=True, precisions=self.precisions)
+        # The classifier head: a plain nn.Linear in the original too.
+        return nn.Linear(in_features, out_features)
 
     def describe(self) -> dict[str, str]:
-        # The precision set is part of the checkpoint identity: a model with another set is refused.
-        return {"norm": "bn", "precisions": format_precisions(self.precisions)}
+        # The precision set and the quantizer are part of the checkpoint identity: a model with
+        # another set, or a checkpoint of the earlier quantizer, is refused.
+        return {"norm": "bn", "precisions": format_precisions(self.precisions), "quantizer": QUANTIZER}
 
 
 def _check_norm(norm: str) -> None:
@@ -199,6 +222,8 @@ def path_for_precision(model: nn.Module, bits: int) -> Path:
 
 __all__ = [
     "DEFAULT_PRECISIONS",
+    "FULL_PRECISION_ROLES",
+    "QUANTIZER",
     "RPT_DRAWS",
     "RptFactory",
     "SwitchableBatchNorm",

@@ -17,7 +17,15 @@ from rna_core.config import AttackConfig, TrainConfig, flatten, load_config
 from rna_core.data import BatchIterator, make_synthetic
 from rna_core.optim import build_optimizer
 from rna_core.paths import PathSampler
-from rna_core.quant import QuantConv2d, QuantLinear, quantize, quantize_values
+from rna_core.quant import (
+    QuantConv2d,
+    QuantLinear,
+    RunningRange,
+    channel_range,
+    quantize,
+    quantize_values,
+    quantize_weight,
+)
 from rna_core.rpt import SwitchableBatchNorm, format_precisions, parse_precisions, path_for_precision, precision_of
 from rna_core.training import craft_adversarial, evaluate_clean, evaluate_pgd, train_step
 
@@ -85,9 +93,10 @@ def test_straight_through_gradients_reach_weights_and_inputs(gen):
     weights = torch.randn(out.shape, generator=gen)
     (out * weights).sum().backward()
     assert conv.weight.grad.abs().sum() > 0 and inp.grad.abs().sum() > 0
-    # STE: the gradients are those of a plain conv evaluated at the quantized weight and input.
+    # STE: the gradients are those of a plain conv evaluated at the quantized weight and input
+    # (train mode: the input with the batch's range; the weight per output channel).
     qx = quantize_values(inp.detach(), 4).requires_grad_(True)
-    qw = quantize_values(conv.weight.detach(), 4).requires_grad_(True)
+    qw = quantize_values(conv.weight.detach(), 4, *channel_range(conv.weight)).requires_grad_(True)
     (F.conv2d(qx, qw, None, 1, 1) * weights).sum().backward()
     torch.testing.assert_close(inp.grad, qx.grad)
     torch.testing.assert_close(conv.weight.grad, qw.grad)
@@ -98,13 +107,181 @@ def test_straight_through_gradients_reach_weights_and_inputs(gen):
     assert lin.weight.grad.abs().sum() > 0 and lin.bias.grad.abs().sum() > 0 and v.grad.abs().sum() > 0
 
 
+# ---------------------------------------------------------------- fidelity to Double-Win Quant's quantizer
+
+
+def _measure(model, gen, batches=2, n=16):
+    """A few train-mode forwards (no update), so every quantized layer has a running input range."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.rand(n, 3, 32, 32, generator=gen))
+    return model.eval()
+
+
+def _forget_ranges(model):
+    """The same model with its quantizers never measured: eval falls back to each batch's own range."""
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, RunningRange):
+            m.num_measured.zero_()
+    return twin
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "preact_resnet18"])
+def test_eval_prediction_does_not_depend_on_the_rest_of_the_batch(name, gen):
+    model = _measure(_rpt(name=name, precisions="4,8"), gen)
+    set_path(model, path_for_precision(model, 4))  # the coarsest precision: range matters most
+    x0 = torch.rand(1, 3, 32, 32, generator=gen)
+    others = (torch.rand(7, 3, 32, 32, generator=gen) * 2 - 0.5).clamp(0, 1)  # higher contrast
+    batch = torch.cat([x0, others])
+    first = next(m for m in model.modules() if isinstance(m, QuantConv2d))
+    seen = []
+    handle = first.register_forward_pre_hook(lambda m, args: seen.append(torch.aminmax(args[0])))
+    with torch.no_grad():
+        alone, inside = model(x0), model(batch)[:1]
+        handle.remove()
+        torch.testing.assert_close(alone, inside, atol=1e-5, rtol=0)
+        # The same comparison fails for a batch-range quantizer (the earlier one): the first
+        # quantized layer sees another input range alone than inside the batch, and neither is
+        # the running range eval uses.
+        (lo1, hi1), (lo8, hi8) = seen
+        assert (hi8 - hi1) > 0.05 or (lo1 - lo8) > 0.05
+        running = (first.input_range.running_min, first.input_range.running_max)
+        assert abs(running[1] - hi1) > 1e-3 and abs(running[1] - hi8) > 1e-3
+        batch_range = _forget_ranges(model)
+        gap = (batch_range(x0) - batch_range(batch)[:1]).abs().max()
+    assert gap > 1e-3, gap
+
+
+def test_running_range_updates_in_train_mode_only_first_batch_sets_it(gen):
+    conv = QuantConv2d(3, 4, 3, padding=1, precisions=(4, 8))
+    rr = conv.input_range
+    x1 = torch.rand(4, 3, 8, 8, generator=gen) * 2 - 0.5
+    x2 = torch.rand(4, 3, 8, 8, generator=gen) * 4 - 1
+    with torch.no_grad():
+        conv.eval()(x1)  # never measured: eval runs (on the batch range) but measures nothing
+        assert rr.num_measured.item() == 0 and rr.running_min.item() == 0 and rr.running_max.item() == 0
+        conv.train()(x1)
+        assert rr.num_measured.item() == 1  # the first batch sets the range (no mixing with zeros)
+        assert rr.running_min.item() == x1.min().item() and rr.running_max.item() == x1.max().item()
+        conv.set_choice(1)  # one range for all precisions
+        trained = conv(x2)
+        assert rr.num_measured.item() == 2  # later batches: 0.1 * running + 0.9 * batch
+        # train mode quantizes with the batch's own range, not the running one
+        wq = quantize_values(conv.weight, 8, *channel_range(conv.weight))
+        torch.testing.assert_close(trained, F.conv2d(quantize_values(x2, 8), wq, None, 1, 1))
+        assert not torch.allclose(trained, F.conv2d(quantize_values(x2, 8, rr.running_min, rr.running_max), wq, None, 1, 1))
+        torch.testing.assert_close(rr.running_min, 0.1 * x1.min() + 0.9 * x2.min())
+        torch.testing.assert_close(rr.running_max, 0.1 * x1.max() + 0.9 * x2.max())
+        frozen = {k: v.clone() for k, v in conv.state_dict().items()}
+        conv.eval()
+        out = conv(x1)
+        assert all(torch.equal(v, frozen[k]) for k, v in conv.state_dict().items())  # eval moves nothing
+        expected = F.conv2d(quantize_values(x1, 8, rr.running_min, rr.running_max),
+                            quantize_values(conv.weight, 8, *channel_range(conv.weight)), None, 1, 1)
+        torch.testing.assert_close(out, expected)
+    # A whole model measures in train-mode forwards (training and attack crafting), not in eval.
+    model = _rpt(precisions="4,8")
+    counters = [m.num_measured for m in model.modules() if isinstance(m, RunningRange)]
+    assert len(counters) == 3
+    _measure(model, gen, batches=2, n=2)
+    with torch.no_grad():
+        model(torch.rand(2, 3, 32, 32, generator=gen))
+    assert [c.item() for c in counters] == [2, 2, 2]
+
+
+def test_eval_clamps_inputs_outside_the_running_range(gen):
+    conv = QuantConv2d(2, 2, 1, precisions=(3,))
+    lin = QuantLinear(2, 2, bias=False, precisions=(3,))
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(2).view(2, 2, 1, 1))  # per channel 0..1: exact at any precision
+        lin.weight.copy_(torch.eye(2))
+        x = torch.rand(2, 2, 4, 4, generator=gen)
+        x[0, 0, 0, :2] = torch.tensor([0.0, 1.0])  # the measured range is exactly [0, 1]
+        conv.train()(x)
+        lin.train()(x.permute(0, 2, 3, 1).reshape(-1, 2))
+    conv.eval(), lin.eval()
+    probe = torch.tensor([-3.0, -0.01, 0.0, 0.2, 0.55, 0.99, 1.0, 5.0]).view(1, 2, 2, 2).requires_grad_(True)
+    levels = torch.tensor([0, 0, 0, 1, 4, 7, 7, 7], dtype=torch.float32).view(1, 2, 2, 2) / 7  # 3 bits over [0, 1]
+    out = conv(probe)
+    torch.testing.assert_close(out, levels)
+    torch.testing.assert_close(lin(probe.detach().view(4, 2)), levels.view(4, 2))
+    g = torch.randn(out.shape, generator=gen)
+    out.backward(g)
+    torch.testing.assert_close(probe.grad, g)  # straight-through, clamped values included
+    torch.testing.assert_close(quantize_values(probe, 3, torch.tensor(0.0), torch.tensor(1.0)), levels)
+
+
+def test_weights_are_quantized_per_output_channel():
+    conv = QuantConv2d(1, 2, 4, precisions=(4,))
+    with torch.no_grad():
+        conv.weight[0] = torch.linspace(-1e-3, 1e-3, 16).view(1, 4, 4)  # a channel of tiny weights
+        conv.weight[1] = torch.linspace(-1.0, 1.0, 16).view(1, 4, 4)
+    per_channel = quantize_weight(conv.weight, 4).detach()
+    # 16 evenly spaced weights are exactly the 16 levels of their own channel's range...
+    torch.testing.assert_close(per_channel, conv.weight.detach(), atol=1e-9, rtol=1e-5)
+    assert per_channel[0].unique().numel() == 16
+    # ...while one range for the whole tensor (step 2/15) collapses the tiny channel to <= 2 values.
+    assert quantize_values(conv.weight, 4)[0].unique().numel() <= 2
+    # The layer computes with the per-channel weights: one-hot inputs read them back.
+    onehots = torch.eye(16).view(16, 1, 4, 4)  # inputs in {0, 1}: exact at any precision
+    with torch.no_grad():
+        read = conv.train()(onehots).view(16, 2).t()
+    torch.testing.assert_close(read, per_channel.view(2, 16), atol=1e-9, rtol=1e-5)
+
+
+# random layers with every conv and the head quantized (before) and with the original's
+# full-precision stem, shortcuts and head (now), and the full-precision convs and shortcut count.
+RPT_LAYERS = {"small_cnn": (9, 7, 0), "resnet18": (41, 36, 3), "preact_resnet18": (38, 33, 3), "wrn16_2": (30, 25, 3)}
+
+
+@pytest.mark.parametrize("name", sorted(RPT_LAYERS))
+def test_stem_shortcuts_and_head_are_full_precision(name):
+    before, now, shortcuts = RPT_LAYERS[name]
+    model = _rpt(name=name, precisions="4,8")
+    reference = create_model(name, method="rna", norm="bn")  # same structure, plain layers
+    ref_convs = [n for n, m in reference.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in reference.modules())
+    roles = {}
+    for n, m in model.named_modules():
+        if isinstance(m, (torch.nn.Conv2d, QuantConv2d)):
+            role = "stem" if n in ("conv1", "convs.0") else "shortcut" if "shortcut" in n else "body"
+            roles[n] = role
+            assert isinstance(m, QuantConv2d) == (role == "body"), (n, type(m))
+            assert (type(m) is torch.nn.Conv2d) == (role != "body"), (n, type(m))
+    assert sorted(roles) == sorted(ref_convs)
+    assert list(roles.values()).count("stem") == 1 and list(roles.values()).count("shortcut") == shortcuts
+    assert type(model.linear) is torch.nn.Linear
+    layers = random_layers(model)
+    assert len(layers) == now == len(ref_convs) - 1 - shortcuts + norms
+    assert before == len(ref_convs) + norms + 1 and now == before - 1 - shortcuts - 1
+    assert not any(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in layers)
+    assert count_paths(model) == 2
+
+
+def test_checkpoint_of_the_earlier_quantizer_is_refused(tmp_path, gen):
+    model = _measure(_rpt(precisions="4,8"), gen, batches=1, n=2)
+    ckpt = save_checkpoint(tmp_path / "rpt.pt", model)
+    load_checkpoint(ckpt, _rpt(precisions="4,8", seed=1))  # the current identity loads
+    # A checkpoint written before: no quantizer key in its identity, no running-range buffers.
+    payload = torch.load(ckpt, weights_only=True)
+    assert payload["identity"]["quantizer"] == "dwq"
+    del payload["identity"]["quantizer"]
+    payload["model"] = {k: v for k, v in payload["model"].items() if ".input_range." not in k}
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    with pytest.raises(CheckpointMismatchError, match="quantizer: checkpoint None vs model 'dwq'"):
+        load_checkpoint(old, _rpt(precisions="4,8"))
+
+
 # ---------------------------------------------------------------- layers on the path mechanism
 
 
 def test_one_precision_choice_for_the_whole_network():
     model = _rpt(precisions="4-16")
     layers = random_layers(model)
-    assert len(layers) == 4 + 4 + 1  # 4 convs, 4 switchable BNs, 1 linear, all tied
+    assert len(layers) == 3 + 4  # 3 body convs, 4 switchable BNs, all tied (stem and head: full precision)
     assert {layer.tie for layer in layers} == {"precision"}
     assert count_paths(model) == 13
     gen = torch.Generator().manual_seed(3)
@@ -118,7 +295,7 @@ def test_one_precision_choice_for_the_whole_network():
     set_path(model, str(path))  # the compact string form round-trips
     assert precision_of(model) == 8 and all(layer.bits == 8 for layer in layers)
     with pytest.raises(ConfigError, match="tied"):
-        set_path(model, Path((0,) * 8 + (1,)))
+        set_path(model, Path((0,) * 6 + (1,)))
     with pytest.raises(ConfigError, match="not in the model's precisions"):
         path_for_precision(model, 3)
     with pytest.raises(ConfigError, match="no quantized layers"):
@@ -162,10 +339,12 @@ def test_paper_models_build_with_rpt(name):
     model = create_model(name, method="rpt", norm="bn", precisions="4,8")
     layers = random_layers(model)
     convs = sum(isinstance(m, QuantConv2d) for m in layers)
-    assert convs > 15 and sum(isinstance(m, QuantLinear) for m in layers) == 1
-    assert not any(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    assert convs > 11 and not any(isinstance(m, QuantLinear) for m in model.modules())
+    plain = [m for m in model.modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)]
+    assert len(plain) == 1 + 3 + 1  # stem, 3 shortcut projections, head: full precision
     assert count_paths(model) == 2
-    assert model.rna_spec == {"model": name, "num_classes": 10, "method": "rpt", "norm": "bn", "precisions": "4,8"}
+    assert model.rna_spec == {"model": name, "num_classes": 10, "method": "rpt", "norm": "bn", "precisions": "4,8",
+                              "quantizer": "dwq"}
 
 
 # ---------------------------------------------------------------- configuration

@@ -3,7 +3,8 @@
 Models never construct a norm or a conv directly; they ask a :class:`LayerFactory`. The default
 factory makes plain convolutions and, per norm position, either one norm (a single spec) or a
 :class:`RandomNorm` over a space. Other factories (quantized layers for RPI+RPT) plug in here
-without touching model code.
+without touching model code. Models name each conv's role (`stem`, `body`, `shortcut`) and
+build only the classifier head with `linear`, so a factory can treat those layers differently.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
+CONV_ROLES = ("stem", "body", "shortcut")
+
+
+def check_conv_role(role: str) -> None:
+    """A misspelt role would silently build a body conv; refuse it (a programming error)."""
+    if role not in CONV_ROLES:
+        raise ValueError(f"conv role must be one of {', '.join(CONV_ROLES)}, got {role!r}")
+
+
 class LayerFactory:
     """Makes the convs, linears and norms of a model from a norm spec or random space."""
 
@@ -46,10 +56,18 @@ class LayerFactory:
             return build_norm(self.space[0], channels, where)
         return RandomNorm(self.space, channels, where)
 
-    def conv(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0) -> nn.Module:
+    def conv(
+        self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, *, role: str = "body"
+    ) -> nn.Module:
+        """A bias-free conv. `role` (one of CONV_ROLES) says where it sits: `stem` (the first conv,
+        on the image), `shortcut` (a residual projection) or `body`. This factory builds all three
+        alike; the `rpt` factory keeps stem and shortcut convs in full precision, as the original.
+        """
+        check_conv_role(role)
         return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, bias=False)
 
     def linear(self, in_features: int, out_features: int) -> nn.Module:
+        """The classifier head (the only linear layer the models build)."""
         return nn.Linear(in_features, out_features)
 
     def describe(self) -> dict[str, str]:

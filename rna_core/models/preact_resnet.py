@@ -19,7 +19,7 @@ class PreActBlock(nn.Module):
         self.conv2 = f.conv(out_ch, out_ch, 3, 1, 1)
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = f.conv(in_ch, out_ch, 1, stride, 0)
+            self.shortcut = f.conv(in_ch, out_ch, 1, stride, 0, role="shortcut")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
@@ -33,7 +33,7 @@ class PreActResNet(nn.Module):
     def __init__(self, f: LayerFactory, blocks: tuple[int, ...], num_classes: int, standardize: Standardize):
         super().__init__()
         self.standardize = standardize
-        self.conv1 = f.conv(3, 64, 3, 1, 1)
+        self.conv1 = f.conv(3, 64, 3, 1, 1, role="stem")
         stages, _ = build_stages(f, PreActBlock, blocks, (64, 128, 256, 512), 64, "layer")
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.bn = f.norm(512, "bn")

@@ -19,7 +19,7 @@ class BasicBlock(nn.Module):
         self.bn2 = f.norm(out_ch, f"{where}.bn2")
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(f.conv(in_ch, out_ch, 1, stride, 0), f.norm(out_ch, f"{where}.shortcut"))
+            self.shortcut = nn.Sequential(f.conv(in_ch, out_ch, 1, stride, 0, role="shortcut"), f.norm(out_ch, f"{where}.shortcut"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -31,7 +31,7 @@ class ResNet(nn.Module):
     def __init__(self, f: LayerFactory, blocks: tuple[int, ...], num_classes: int, standardize: Standardize):
         super().__init__()
         self.standardize = standardize
-        self.conv1 = f.conv(3, 64, 3, 1, 1)
+        self.conv1 = f.conv(3, 64, 3, 1, 1, role="stem")
         self.bn1 = f.norm(64, "bn1")
         stages, _ = build_stages(f, BasicBlock, blocks, (64, 128, 256, 512), 64, "layer")
         self.layer1, self.layer2, self.layer3, self.layer4 = stages

@@ -23,7 +23,7 @@ class SmallCNN(nn.Module):
         convs, norms = [], []
         in_ch = 3
         for i, ch in enumerate(chans):
-            convs.append(f.conv(in_ch, ch, 3, 1 if i == 0 else 2, 1))
+            convs.append(f.conv(in_ch, ch, 3, 1 if i == 0 else 2, 1, role="stem" if i == 0 else "body"))
             norms.append(f.norm(ch, f"norm{i + 1}"))
             in_ch = ch
         self.convs = nn.ModuleList(convs)

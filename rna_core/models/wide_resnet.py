@@ -19,7 +19,7 @@ class WideResNet(nn.Module):
         n = (depth - 4) // 6
         widths = (16, 16 * widen, 32 * widen, 64 * widen)
         self.standardize = standardize
-        self.conv1 = f.conv(3, widths[0], 3, 1, 1)
+        self.conv1 = f.conv(3, widths[0], 3, 1, 1, role="stem")
         stages, in_ch = build_stages(f, PreActBlock, (n, n, n), widths[1:], widths[0], "block")
         self.block1, self.block2, self.block3 = stages
         self.bn = f.norm(in_ch, "bn")
