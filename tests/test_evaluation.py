@@ -347,6 +347,16 @@ def test_a_bn_baseline_and_an_rna_model_get_their_own_table_rows(random_model, t
         assert line.split("|")[3].strip() == f"{100 * natural.accuracy:.2f}"
 
 
+def test_two_runs_with_the_same_label_are_not_averaged_into_one_row():
+    rows = [r for r in make_rows() if r.method == "rna"]
+    other = [dataclasses.replace(r, run_id="run-two-abcdef", correct=r.correct // 2, accuracy=r.accuracy / 2) for r in rows]
+    body = paper_table(rows + other, "transfer").splitlines()[2:]
+    assert sorted(line.split("|")[2].strip() for line in body) == ["rna [r1]", "rna [run-two-]"]
+    clean = {line.split("|")[2].strip(): line.split("|")[3].strip() for line in body}
+    assert clean == {"rna [r1]": "79.30", "rna [run-two-]": "39.65"}  # mean over 3 trials; not a blended 59.48
+    assert paper_table(rows, "transfer").splitlines()[2].split("|")[2].strip() == "rna"  # one run: plain label
+
+
 def test_markdown_table_has_the_papers_columns_one_table_per_protocol():
     rows = make_rows()
     table = paper_table(rows, "transfer")

@@ -78,12 +78,21 @@ def _format(values: list[float]) -> str:
 
 
 def paper_table(rows: Iterable[ResultRow], protocol: str, dataset: str | None = None) -> str:
-    """One Markdown table of `protocol` (restricted to `dataset` when given)."""
+    """One Markdown table of `protocol` (restricted to `dataset` when given).
+
+    A cell averages the trials of one evaluated model. Two runs with the same model and method
+    label (e.g. two RNA runs trained with different modes) get a row each, the method then
+    suffixed with the run id, so merged result files never blend two models into one number.
+    """
     rows = [r for r in rows if r.protocol == protocol and (dataset is None or r.dataset == dataset)]
     cols = _columns(rows)
+    runs: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for r in rows:
+        runs[(r.model, r.method)].add(r.run_id)
     cells: dict[tuple[str, str], dict[tuple[str, float | None], list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        cells[(r.model, r.method)][(r.attack, _eps_key(r.eps))].append(r.accuracy)
+        method = r.method if len(runs[(r.model, r.method)]) == 1 else f"{r.method} [{r.run_id[:8]}]"
+        cells[(r.model, method)][(r.attack, _eps_key(r.eps))].append(r.accuracy)
     header = ["Model", "Method"] + [_column_label(a, e) for a, e in cols]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(cols)) + "|"]
     for model, method in sorted(cells):
