@@ -762,6 +762,9 @@ def check_output_folder(out_dir: Path, fingerprint: str) -> None:
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file; give a folder")
+    from .trainer import check_writable_folder
+
+    check_writable_folder(str(out_dir), "the output folder")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     try:

@@ -73,7 +73,10 @@ from .trainer import (
     _exists,
     _join,
     _meta_model,
+    base_dir,
     check_data,
+    check_tracking_store,
+    check_writable_folder,
     ensure_ray,
     preflight,
     read_job_file,
@@ -666,7 +669,6 @@ def _open_parent(plan: SweepPlan, config_text: str, echo: Echo) -> tuple[Any, tr
         tracking.reopen_run(client, ref.run_id, {})
         echo(f"resuming MLflow parent run {ref.run_id}")
         return client, ref
-    from .trainer import base_dir
 
     cfg, spec = plan.sc.base, plan.sc.sweep
     uri = tracking.resolve_tracking_uri(base_dir())
@@ -940,6 +942,9 @@ def run_sweep(
     validate_sweep(sc)
     plan = plan_sweep(sc, config_path, resume)
     check_data(plan.sc.base, echo)
+    check_writable_folder(plan.sc.base.ray.storage_path, "ray.storage_path")
+    if not plan.stored:
+        check_tracking_store(tracking.resolve_tracking_uri(base_dir()))
     text = config_text or yaml.safe_dump({**to_dict(plan.sc.base), "sweep": plan.sc.sweep.to_dict()}, sort_keys=False)
 
     client, parent = _open_parent(plan, text, echo)

@@ -153,6 +153,33 @@ def _exists(path: str) -> bool:
 # ----------------------------------------------------------------------------- validation
 
 
+def check_writable_folder(path: str, what: str) -> None:
+    """ConfigError unless the local folder `path` exists or can be created, and can be written.
+
+    Checked on the nearest existing ancestor, creating nothing, so a bad `ray.storage_path`,
+    `--out` or MLflow store is one line before any run is opened (not a traceback after it).
+    URIs (s3://, gs://, http://) are left to their clients.
+    """
+    if _is_uri(path) and not path.startswith("file://"):
+        return
+    target = Path(path[len("file://"):] if path.startswith("file://") else path).expanduser()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{what} {target} cannot be created: {probe} is a file, not a folder; choose another place")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {target} is not writable (no write permission on {probe}); choose another place")
+
+
+def check_tracking_store(uri: str) -> None:
+    """A local MLflow store (SQLite file or folder) must be creatable where the URI says."""
+    if uri.startswith("sqlite:///"):
+        check_writable_folder(str(Path(uri[len("sqlite:///"):]).parent), "the MLflow store's folder")
+    elif "://" not in uri:
+        check_writable_folder(uri, "the MLflow store")
+
+
 def load_resume_config(run_dir: str, overrides: list[str] | None = None) -> Config:
     """The config stored with a run (for `--resume` without `--config`), with overrides applied."""
     job = read_job_file(run_dir)
@@ -221,6 +248,7 @@ def preflight(cfg: Config) -> None:
     except (NotImplementedError, RuntimeError):  # a layer that cannot be built on meta
         structure = build_model(cfg)
     check_strategy(structure, cfg.train.sampling)  # e.g. a fixed: path of the wrong length
+    check_writable_folder(cfg.ray.storage_path, "ray.storage_path")
     if cfg.data.batch_size < cfg.ray.num_workers:
         raise ConfigError(
             f"data.batch_size ({cfg.data.batch_size}) is the global batch and must be >= ray.num_workers "
@@ -347,6 +375,23 @@ def plan_run(cfg: Config, config_path: str | None = None, resume: str | None = N
     return RunPlan(cfg, candidate, _join(cfg.ray.storage_path, candidate), None)
 
 
+def already_finished(plan: RunPlan) -> TrainingOutcome | None:
+    """The outcome recorded by a run that already trained all of `plan.cfg.train.epochs`, else None.
+
+    Rerunning the command of a finished run used to start Ray, set its MLflow run back to
+    RUNNING and log the final evaluation a second time.
+    """
+    record = (plan.job or {}).get("finished")
+    if not record or int(record.get("epochs", 0)) < plan.cfg.train.epochs:
+        return None
+    epochs = int(record["epochs"])
+    return TrainingOutcome(
+        run_name=plan.run_name, run_dir=plan.run_dir, checkpoint=record.get("checkpoint"),
+        mlflow=tracking.RunRef.from_dict(plan.job["mlflow"]), experiment=str(plan.job.get("experiment", plan.cfg.mlflow.experiment)),
+        final_metrics=dict(record.get("final_metrics") or {}), epochs_done=epochs, start_epoch=epochs, resumed=None, state_digests=[],
+    )
+
+
 def _open_mlflow_run(
     plan: RunPlan, echo: Echo, parent: tracking.RunRef | None = None, extra_tags: dict[str, Any] | None = None
 ) -> tuple[Any, tracking.RunRef]:
@@ -412,23 +457,28 @@ def run_training(
     plan = plan_run(cfg, config_path, resume)
     cfg = plan.cfg
     preflight(cfg)
+    finished = already_finished(plan)
+    if finished is not None:
+        echo(f"run {plan.run_name} already trained {finished.epochs_done} of train.epochs={cfg.train.epochs} epochs; "
+             f"nothing to do (to train on, resume with a larger train.epochs)")
+        return finished
     check_data(cfg, echo)
+    if parent_run is None and not plan.job:  # a new run goes to the local store: it must be creatable
+        check_tracking_store(tracking.resolve_tracking_uri(base_dir()))
 
     client, ref = _open_mlflow_run(plan, echo, parent_run, run_tags)
     status = "FAILED"
     try:
-        write_job_file(
-            plan.run_dir,
-            {
-                "format": 1,
-                "run_name": plan.run_name,
-                "config": flatten(cfg),
-                "mlflow": ref.to_dict(),
-                "experiment": cfg.mlflow.experiment,
-                "created": (plan.job or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "git_commit": tracking.git_commit(),
-            },
-        )
+        job_record = {
+            "format": 1,
+            "run_name": plan.run_name,
+            "config": flatten(cfg),
+            "mlflow": ref.to_dict(),
+            "experiment": cfg.mlflow.experiment,
+            "created": (plan.job or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "git_commit": tracking.git_commit(),
+        }
+        write_job_file(plan.run_dir, job_record)
         tracking.set_tags(client, ref.run_id, {JOB_FILE_TAG: "written"})
         _log_text(client, ref.run_id, "config.yaml", dump_yaml(cfg))
         verb = "resuming" if plan.job else "starting"
@@ -457,6 +507,10 @@ def run_training(
             git_commit=tracking.git_commit(),
         )
         _log_text(client, ref.run_id, "model_card.md", card)
+        epochs_done = int(out.get("epochs_done", 0))
+        if epochs_done >= cfg.train.epochs:  # a rerun of the same command then starts nothing
+            job_record["finished"] = {"epochs": epochs_done, "checkpoint": checkpoint_file, "final_metrics": final}
+            write_job_file(plan.run_dir, job_record)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

@@ -155,6 +155,8 @@ def test_an_output_folder_of_another_evaluation_is_refused(env):
     with pytest.raises(ConfigError, match="not written by jobs/evaluate.py"):
         _plan(env, "reuse")
     assert sorted(p.name for p in plan.out_dir.iterdir()) == ["notes.txt"]
+    with pytest.raises(ConfigError, match="is a file, not a folder"):  # --out below a file
+        _plan(env, "reuse/notes.txt/out")
 
 
 def test_a_checkpoint_with_a_wrong_shaped_tensor_is_refused_on_the_driver(env, tmp_path):

@@ -300,9 +300,12 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
         (None, "--config"),
         ("resume", "not_a_run"),
         ("corrupt data", "is not a readable Parquet file"),
+        ("storage under a file", "ray.storage_path"),
+        ("mlflow store under a file", "the MLflow store's folder"),
     ],
     ids=["bad key", "unknown norm", "groups do not divide", "batch below workers", "bad mode", "unreadable fixed path",
-         "fixed path of the wrong length", "no config", "not a run", "corrupt parquet"],
+         "fixed path of the wrong length", "no config", "not a run", "corrupt parquet", "storage under a file",
+         "mlflow store under a file"],
 )
 def test_bad_inputs_fail_before_anything_starts(args, needle, tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(REPO))
@@ -314,6 +317,13 @@ def test_bad_inputs_fail_before_anything_starts(args, needle, tmp_path, monkeypa
     if args == "resume":
         (tmp_path / "not_a_run").mkdir()
         argv = ["--resume", str(tmp_path / "not_a_run")]
+    elif args in ("storage under a file", "mlflow store under a file"):
+        (tmp_path / "not_a_run").write_text("a file, not a folder")
+        argv = ["--config", str(REPO / "configs/smoke.yaml"), "--set", "data.dataset=synthetic"]
+        if args == "storage under a file":
+            argv += ["--set", f"ray.storage_path={tmp_path}/not_a_run/results"]
+        else:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/not_a_run/mlflow.db")
     elif args == "corrupt data":
         data = tmp_path / "not_a_run"  # the one folder the final check allows
         data.mkdir()
@@ -483,6 +493,18 @@ def test_train_then_resume_into_same_run(ray_env, monkeypatch):
     assert len(set(out2.state_digests)) == 1
     assert any(line.startswith("resuming") for line in lines)
     test_train_then_resume_into_same_run.final_digest = out2.state_digests[0]  # for the next test
+
+    # the same command once more: the run is done, so nothing starts and MLflow is untouched
+    lines.clear()
+    before = client.get_run(out.mlflow.run_id)
+    history = len(client.get_metric_history(out.mlflow.run_id, "final_clean_acc"))
+    out3 = run_training(replace(cfg, train=replace(cfg.train, epochs=3)), echo=lines.append)
+    assert (out3.epochs_done, out3.checkpoint, out3.mlflow.run_id) == (3, out2.checkpoint, out.mlflow.run_id)
+    assert out3.final_metrics == out2.final_metrics and out3.resumed is None
+    assert len(lines) == 1 and "already trained 3" in lines[0]
+    after = client.get_run(out.mlflow.run_id)
+    assert (after.info.status, after.info.end_time) == ("FINISHED", before.info.end_time)
+    assert len(client.get_metric_history(out.mlflow.run_id, "final_clean_acc")) == history  # not logged again
 
 
 def test_worker_failure_is_retried_from_checkpoint(ray_env):
