@@ -18,7 +18,7 @@ import time  # noqa: E402
 from typing import Sequence  # noqa: E402
 
 from jobs._cli import OneLineParser, run_main  # noqa: E402
-from rna_core.errors import ConfigError  # noqa: E402
+from rna_core.errors import ConfigError, DatasetNotFoundError  # noqa: E402
 
 DATASETS = ("cifar10", "cifar100")
 ENCODINGS = ("png", "jpeg")
@@ -45,12 +45,21 @@ def run(args: argparse.Namespace) -> list[Path]:
     from rna_core.data.torchvision_data import load_torchvision_cifar
 
     # Load both splits before writing anything, so a missing split leaves no new files behind.
-    splits = {
-        split: load_torchvision_cifar(
-            args.dataset, root=args.root, train=split == "train", download=not args.no_download
-        )
-        for split in ("train", "test")
-    }
+    try:
+        splits = {
+            split: load_torchvision_cifar(
+                args.dataset, root=args.root, train=split == "train", download=not args.no_download
+            )
+            for split in ("train", "test")
+        }
+    except DatasetNotFoundError as e:
+        if not args.no_download:
+            raise
+        # the loader's own hint (run prepare_data.py) would send the user in a circle
+        raise DatasetNotFoundError(
+            f"{args.dataset} files not found under --root {args.root}; drop --no-download to fetch them, "
+            f"or point --root at the folder that holds torchvision's {args.dataset} files"
+        ) from e
     written = []
     for split, ds in splits.items():
         t0 = time.perf_counter()

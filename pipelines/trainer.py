@@ -124,7 +124,14 @@ def read_job_file(run_dir: str, name: str = JOB_FILE) -> dict[str, Any] | None:
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
+        text = f.read().decode(errors="replace")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{_join(run_dir, name)} is not valid JSON ({e.msg}); restore it or choose another run folder") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_join(run_dir, name)} does not hold a job record; restore it or choose another run folder")
+    return data
 
 
 def write_job_file(run_dir: str, data: dict[str, Any], name: str = JOB_FILE) -> None:

@@ -262,6 +262,7 @@ def test_prepare_data_bad_dataset(tmp_path: Path) -> None:
     out, root = str(tmp_path / "out"), str(tmp_path / "empty")
     res = _prepare("--dataset", "cifar10", "--out", out, "--root", root, "--no-download")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "drop --no-download" in res.stderr and "run `python jobs/prepare_data.py" not in res.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -152,6 +152,9 @@ def test_resume_plan_reads_the_run_folder_and_refuses_another_model(tmp_path, mo
     (tmp_path / "runs" / "foreign").mkdir()
     with pytest.raises(ConfigError, match="not written by jobs/train.py"):
         plan_run(replace(named, mlflow=replace(named.mlflow, run_name="foreign")))
+    (run_dir / "rna_job.json").write_text('{"config": ')  # truncated: one line, not a JSONDecodeError
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        plan_run(cfg, resume="runs/r1")
 
 
 def test_a_sweep_trial_stopped_before_its_job_file_reuses_its_child_run(tmp_path, monkeypatch):
