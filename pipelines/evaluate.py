@@ -275,11 +275,12 @@ def load_source(run_id: str | None = None, checkpoint: str | None = None, overri
 
     Writes nothing: an unknown run, a missing store or a missing file is a ConfigError.
     """
-    from .trainer import base_dir
+    from .trainer import base_dir, check_tracking_store
 
     if (run_id is None) == (checkpoint is None):
         raise ConfigError("give exactly one of --run-id RUN_ID or --checkpoint PATH")
     uri = tracking.resolve_tracking_uri(base_dir())
+    check_tracking_store(uri)  # an unreachable server: one line, not minutes of MLflow retries
     if checkpoint is not None:
         path = _local_checkpoint(checkpoint)
         payload = read_checkpoint(path)

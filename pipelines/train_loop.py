@@ -66,7 +66,7 @@ EPOCH_METRICS = ("train_loss", "train_acc", "clean_acc", "pgd20_acc", "lr", "epo
 FINAL_METRICS = ("final_clean_acc", "final_pgd20_transfer_acc", "final_eot_pgd_acc")
 # The evaluation job's naming, acc_<attack>_<protocol>, logged beside the final_* names.
 EVAL_JOB_ALIASES = {
-    "final_clean_acc": "acc_natural",
+    "final_clean_acc": "acc_natural_transfer",  # clean accuracy on a fresh random path, as evaluate names it
     "final_pgd20_transfer_acc": "acc_pgd20_transfer",
     "final_eot_pgd_acc": "acc_eot_pgd_eot",
 }

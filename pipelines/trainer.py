@@ -179,10 +179,25 @@ def check_writable_folder(path: str, what: str) -> None:
         raise ConfigError(f"{what} {target} is not writable (no write permission on {probe}); choose another place")
 
 
-def check_tracking_store(uri: str) -> None:
-    """A local MLflow store (SQLite file or folder) must be creatable where the URI says."""
+def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
+    """The MLflow store must be usable: a local one creatable, a tracking server answering.
+
+    An unreachable server otherwise hangs in MLflow's own retries for minutes before the first
+    run is created; here it is one line after `timeout_s`.
+    """
     if uri.startswith("sqlite:///"):
         check_writable_folder(str(Path(uri[len("sqlite:///"):]).parent), "the MLflow store's folder")
+    elif uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+        except urllib.error.HTTPError:
+            pass  # the server answered (a proxy may not route /health): reachable
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ConfigError(f"the MLflow tracking server {uri} is not reachable ({reason}); start it or fix MLFLOW_TRACKING_URI") from None
     elif "://" not in uri:
         check_writable_folder(uri, "the MLflow store")
 

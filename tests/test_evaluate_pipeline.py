@@ -307,6 +307,7 @@ def test_bad_inputs_exit_2_with_one_line_before_ray_starts(env, tmp_path):
         (["--checkpoint", str(tmp_path / "missing.pt")], "missing.pt' does not exist", None),
         (["--run-id", "0123456789abcdef"], "MLflow run '0123456789abcdef' not found", uri),
         (["--run-id", "0123456789abcdef"], "no MLflow store", f"sqlite:///{tmp_path}/absent.db"),
+        (["--run-id", "0123456789abcdef"], "is not reachable", "http://127.0.0.1:9/"),  # used to hang in retries
     ]
     procs = []
     for i, (args, needle, store_uri) in enumerate(cases):

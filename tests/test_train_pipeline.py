@@ -305,10 +305,11 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
         ("corrupt data", "is not a readable Parquet file"),
         ("storage under a file", "ray.storage_path"),
         ("mlflow store under a file", "the MLflow store's folder"),
+        ("mlflow server down", "is not reachable"),  # used to hang in MLflow's retries
     ],
     ids=["bad key", "unknown norm", "groups do not divide", "batch below workers", "bad mode", "unreadable fixed path",
          "fixed path of the wrong length", "no config", "not a run", "corrupt parquet", "storage under a file",
-         "mlflow store under a file"],
+         "mlflow store under a file", "mlflow server down"],
 )
 def test_bad_inputs_fail_before_anything_starts(args, needle, tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(REPO))
@@ -320,6 +321,9 @@ def test_bad_inputs_fail_before_anything_starts(args, needle, tmp_path, monkeypa
     if args == "resume":
         (tmp_path / "not_a_run").mkdir()
         argv = ["--resume", str(tmp_path / "not_a_run")]
+    elif args == "mlflow server down":
+        argv = ["--config", str(REPO / "configs/smoke.yaml"), "--set", "data.dataset=synthetic"]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9/")  # discard port: nothing listens
     elif args in ("storage under a file", "mlflow store under a file"):
         (tmp_path / "not_a_run").write_text("a file, not a folder")
         argv = ["--config", str(REPO / "configs/smoke.yaml"), "--set", "data.dataset=synthetic"]
@@ -464,11 +468,11 @@ def test_train_then_resume_into_same_run(ray_env, monkeypatch):
     for metric in ("train_loss", "train_acc", "clean_acc", "pgd20_acc", "lr", "epoch_seconds", "images_per_second"):
         assert _steps(client, out.mlflow.run_id, metric) == [1, 2], metric
     m = runs[0].data.metrics
-    for metric in ("final_clean_acc", "final_pgd20_transfer_acc", "final_eot_pgd_acc", "acc_natural",
+    for metric in ("final_clean_acc", "final_pgd20_transfer_acc", "final_eot_pgd_acc", "acc_natural_transfer",
                    "acc_pgd20_transfer", "acc_eot_pgd_eot"):
         assert 0.0 <= m[metric] <= 1.0, metric
     assert m["final_eval_images"] == 48 and m["replicas_in_sync"] == 1.0
-    assert m["final_clean_acc"] == m["acc_natural"] and m["images_per_second"] > 0
+    assert m["final_clean_acc"] == m["acc_natural_transfer"] and m["images_per_second"] > 0
     assert {"config.yaml", "model_card.md", "checkpoint/checkpoint.pt", "checkpoint/meta.json"} <= _artifacts(client, out.mlflow.run_id)
     card = Path(client.download_artifacts(out.mlflow.run_id, "model_card.md")).read_text()
     assert "small_cnn" in card and "16 paths" in card and f"{m['final_eot_pgd_acc']:.4f}" in card
