@@ -761,8 +761,6 @@ def check_output_folder(out_dir: Path, fingerprint: str) -> None:
     data or seed; the folder's `evaluation.json` fingerprint says that. So a folder of another
     model (e.g. an `--out` reused) or a folder jobs/evaluate.py did not write is a ConfigError.
     """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir} is a file; give a folder")
     from .trainer import check_writable_folder
 
     check_writable_folder(str(out_dir), "the output folder")

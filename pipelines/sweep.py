@@ -63,7 +63,7 @@ import yaml
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from rna_core.config import Config, apply_overrides, config_from_dict, flatten, read_yaml_file, to_dict, unflatten
+from rna_core.config import Config, apply_overrides, config_from_dict, flatten, is_plain_folder_name, read_yaml_file, to_dict, unflatten
 from rna_core.errors import ConfigError, RnaError
 
 from . import tracking
@@ -302,7 +302,7 @@ def _check_spec(spec: SweepSpec) -> None:
         raise ConfigError(f"sweep.max_concurrent_trials must be >= 1 (or omitted for automatic), got {spec.max_concurrent_trials}")
     if not 0 < spec.trial_cpus <= 64:
         raise ConfigError(f"sweep.trial_cpus must be in (0, 64], got {spec.trial_cpus}")
-    if spec.name is not None and (not spec.name.strip() or "/" in spec.name or spec.name.startswith(".")):
+    if spec.name is not None and not is_plain_folder_name(spec.name):
         raise ConfigError(f"sweep.name '{spec.name}' must be a plain folder name (no '/')")
     a = spec.asha
     if a.grace_period < 1 or a.reduction_factor <= 1 or (a.max_t is not None and a.max_t < a.grace_period):

@@ -163,6 +163,11 @@ class ScalingConfig:
             )
 
 
+def is_plain_folder_name(name: str) -> bool:
+    """A run or sweep name becomes a folder under ray.storage_path: no separators, no '.'/'..'."""
+    return bool(name.strip()) and "/" not in name and "\\" not in name and not name.startswith(".")
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     """MLflow: experiment and run names (the tracking URI comes from MLFLOW_TRACKING_URI)."""
@@ -174,7 +179,7 @@ class TrackingConfig:
         if not self.experiment:
             raise ConfigError("mlflow.experiment must not be empty")
         name = self.run_name
-        if name is not None and (not name.strip() or "/" in name or "\\" in name or name.startswith(".")):
+        if name is not None and not is_plain_folder_name(name):
             raise ConfigError(f"mlflow.run_name '{name}' must be a plain folder name (no '/', not starting with '.')")
 
 
