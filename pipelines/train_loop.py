@@ -54,7 +54,7 @@ from rna_core.config import Config, unflatten
 from rna_core.data import BatchIterator, ImageTensorDataset, load_dataset
 from rna_core.optim import apply_config_on_resume, build_optimizer, build_scheduler
 from rna_core.paths import PathSampler
-from rna_core.speed import use_channels_last
+from rna_core.speed import resolve_speed, use_channels_last
 from rna_core.training import evaluate_clean, evaluate_pgd, train_epoch
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -367,7 +367,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             say(f"[{run_name}] resuming after epoch {start_epoch} from {checkpoint.path}")
 
-    if train_cfg.channels_last:
+    speed = resolve_speed(train_cfg, device)  # train.amp_bf16 / channels_last `auto` decided for this device
+    if speed.channels_last:
         use_channels_last(model)  # before DDP, so its buckets see the final parameter layout
     ddp_model = wrap_ddp(model, device) if world > 1 else model
 
@@ -378,6 +379,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     sampler = PathSampler(train_cfg.sampling, seed=mix_seed(seed, rank))
 
     client = tracking.client_for(run_ref.tracking_uri) if (rank == 0 and run_ref) else None
+    if rank == 0:
+        say(f"[{run_name}] speed: train.amp_bf16={cfg.train.amp_bf16} -> {str(speed.amp_bf16).lower()}, "
+            f"train.channels_last={cfg.train.channels_last} -> {str(speed.channels_last).lower()} ({speed.reason})")
+        if client is not None:
+            tracking.log_new_params(client, run_ref.run_id, speed.params())
     epochs = cfg.train.epochs
     last_metrics: dict[str, float] = {}
     for epoch in range(start_epoch, epochs):
@@ -461,6 +467,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         "resumed": resumed,
         "state_digests": digests,
         "world_size": world,
+        "speed": speed.params(),
     }
 
 

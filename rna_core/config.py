@@ -20,6 +20,7 @@ import yaml
 from .errors import ConfigError
 from .norms import parse_space
 from .paths import parse_strategy
+from .speed import speed_choice
 
 TRAIN_MODES = ("blackbox", "whitebox", "eot", "natural")
 SCHEDULES = ("multistep", "cosine", "constant")
@@ -106,10 +107,20 @@ class TrainConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     eval_pgd_steps: int = 20
     eval_every: int = 1  # epochs between per-epoch clean/pgd20 evaluations
-    # Speed (rna_core/speed.py, docs/benchmarks.md); off by default: they change results within rounding.
-    channels_last: bool = False  # channels_last memory format for the model and batches
-    amp_bf16: bool = False  # bf16 autocast for forwards (attack and update); meant for CUDA
+    # Speed (rna_core/speed.py, docs/benchmarks.md). auto: on where the device has bf16 fast paths
+    # (CUDA sm_80+, CPUs with AMX-BF16 or AVX-512 BF16); they change results within rounding, so
+    # bit-exact comparisons set false. Jobs log the resolved values (resolved.train.*).
+    channels_last: str = "auto"  # auto | true | false: channels_last memory format for the model and batches
+    amp_bf16: str = "auto"  # auto | true | false: bf16 autocast for the forwards (attack and update)
     compile: bool = False  # torch.compile the model (see docs/benchmarks.md: does not pay with random paths)
+
+    def __post_init__(self) -> None:
+        # True/False (Python, YAML, old checkpoints' flattened configs) mean "true"/"false".
+        for name in ("channels_last", "amp_bf16"):
+            try:
+                object.__setattr__(self, name, speed_choice(getattr(self, name)))
+            except ConfigError:
+                pass  # validate() reports it, with the key
 
     def validate(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -133,6 +144,8 @@ class TrainConfig:
             raise ConfigError(f"train.gamma (the lr factor at each milestone) must be in (0, 1], got {self.gamma}")
         if self.eval_pgd_steps < 0 or self.eval_every < 1:
             raise ConfigError(f"train.eval_pgd_steps must be >= 0 and train.eval_every >= 1, got {self.eval_pgd_steps} and {self.eval_every}")
+        for name in ("channels_last", "amp_bf16"):
+            speed_choice(getattr(self, name), f"train.{name}")
         self.attack.validate()
 
 
