@@ -19,7 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import at_step, common, gpu, vs_reference_loop, vs_torchattacks  # noqa: E402
+from bench import at_step, common, eval_precision, gpu, norm_layout, vs_reference_loop, vs_torchattacks  # noqa: E402
 from rna_core import create_model  # noqa: E402
 from rna_core.config import AttackConfig, TrainConfig  # noqa: E402
 
@@ -193,3 +193,32 @@ def test_gpu_bench_compares_with_torchattacks_where_it_is_installed():
     line = result["extra"]["vs_torchattacks on this device"]
     assert line.startswith("time(torchattacks) / time(ours) = ") and "batch 8" in line
     assert float(line.split(" = ")[1].split(" ")[0]) > 0
+
+
+def test_eval_precision_tiny_runs_both_precisions_on_the_same_units(capsys, tmp_path):
+    from rna_core.checkpoint import save_checkpoint
+    from rna_core.config import load_config
+    from rna_core.data import make_synthetic, write_parquet_dataset
+
+    test = make_synthetic(16, seed=0, split="test")
+    write_parquet_dataset(tmp_path / "test.parquet", test.images, test.labels, test.classes, "cifar10")
+    cfg = load_config(None, ["model.name=small_cnn", "model.norm=bn,gns:1", "data.dataset=cifar10"])
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ckpt.pt", create_model("small_cnn", norm="bn,gns:1"), config=cfg)
+    result = eval_precision.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--data-dir", str(tmp_path), "--limit", "16",
+                                  "--batch", "8", "--units", "pgd20:transfer,eot_pgd:eot", "--eot-iter", "2", "--threads", "1"])
+    out = capsys.readouterr().out
+    _check_printed(out, "eval_precision", result)
+    assert set(result["timings"]) == {"fp32 pgd20:transfer", "bf16 pgd20:transfer", "fp32 eot_pgd:eot", "bf16 eot_pgd:eot"}
+    assert all(len(t["seconds"]) == 2 for t in result["timings"].values())  # 2 batches each
+    assert "bf16 - fp32 = " in result["extra"]["accuracy pgd20:transfer"] and "on 16 images" in result["extra"]["accuracy eot_pgd:eot"]
+    assert set(result["headlines"]) == {"speed pgd20:transfer", "speed eot_pgd:eot"}
+
+
+def test_norm_layout_tiny_times_both_ways(capsys):
+    result = norm_layout.main(["--batch", "2", "--stages", "1", "--group-channels", "1,16", *TINY])
+    out = capsys.readouterr().out
+    _check_printed(out, "norm_layout", result)
+    assert set(result["timings"]) == {"gn C=64 D=1 channels_last", "gn C=64 D=1 via_contiguous", "gn C=64 D=16 channels_last",
+                                      "gn C=64 D=16 via_contiguous", "bn C=64 channels_last"}
+    assert "C=64 D=16: channels_last / via_contiguous" in result["extra"]
