@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rna_core.attacks.registry import Attack, attack_spec, get_attack
-from rna_core.checkpoint import checkpoint_config, model_identity, read_checkpoint
+from rna_core.checkpoint import PREDATES_HINT, checkpoint_config, identity_mismatch, model_identity, read_checkpoint
 from rna_core.config import Config, ScalingConfig, apply_overrides, config_from_dict, flatten, to_dict
 from rna_core.data import BatchIterator, ImageTensorDataset, load_dataset
 from rna_core.errors import CheckpointMismatchError, ConfigError
@@ -244,11 +244,11 @@ def _source_from_payload(payload: dict[str, Any], where: str, overrides: Sequenc
             model = build_model(cfg)
     except (NotImplementedError, RuntimeError):
         model = build_model(cfg)
-    expected, found = model_identity(model), payload["identity"]
-    if expected != found:
-        diffs = "; ".join(f"{k}: checkpoint {found.get(k)!r} vs config {expected.get(k)!r}"
-                          for k in sorted(set(expected) | set(found)) if expected.get(k) != found.get(k))
-        raise CheckpointMismatchError(f"checkpoint {where} does not match its model settings ({diffs}); do not override model.* keys")
+    mismatch = identity_mismatch(payload["identity"], model_identity(model), "config")
+    if mismatch is not None:
+        diffs, predates = mismatch
+        hint = PREDATES_HINT if predates else "do not override model.* keys"
+        raise CheckpointMismatchError(f"checkpoint {where} does not match its model settings ({diffs}); {hint}")
     state = payload["model"]
     missing = sorted(set(model.state_dict()) - set(state))
     if missing:

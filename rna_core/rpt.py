@@ -106,7 +106,7 @@ class SwitchableBatchNorm(RandomNorm):
     """One BatchNorm2d per precision (own affine and running statistics), switched by the path."""
 
     def __init__(self, channels: int, precisions: Sequence[int], where: str = "", tie: str | None = PRECISION_TIE):
-        super().__init__(tuple(NormSpec("bn") for _ in precisions), channels, where, tie)
+        super().__init__(tuple(NormSpec("bn") for _ in precisions), channels, where, tie, allow_identical=True)
         self.precisions = tuple(int(b) for b in precisions)
 
     @property
@@ -130,6 +130,10 @@ class RptFactory(LayerFactory):
         self.precisions = parse_precisions(precisions)
 
     def norm(self, channels: int, where: str) -> nn.Module:
+        return SwitchableBatchNorm(channels, self.precisions, where)
+
+    def final_norm(self, channels: int, where: str) -> nn.Module:
+        # Double-Win Quant's PreActResNet and WideResNet switch their norm before pooling too.
         return SwitchableBatchNorm(channels, self.precisions, where)
 
     def conv(

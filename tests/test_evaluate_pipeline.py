@@ -301,7 +301,15 @@ def test_bad_inputs_exit_2_with_one_line_before_ray_starts(env, tmp_path):
     uri = f"sqlite:///{store}/mlflow.db"
     tracking.client_for(uri).search_experiments()  # an existing store without that run
     before = sorted(p.name for p in store.iterdir())
+    # A checkpoint as the code before issue 13 wrote it for a space with `in` (then an affine
+    # GroupNorm): its identity lacks norm_versions, so it is refused by name, not loaded.
+    old = read_checkpoint(env["ckpt"])
+    old["config"] = {**old["config"], "model.norm": "bn,in"}
+    old["identity"] = {**old["identity"], "norm": "bn,in"}
+    assert "norm_versions" not in old["identity"]
+    torch.save(old, tmp_path / "old_in.pt")
     cases = [
+        (["--checkpoint", str(tmp_path / "old_in.pt")], "norm_versions: checkpoint None vs config 'in=2'); it was written before", None),
         (["--checkpoint", env["ckpt"], "--attacks", "fgsm,nope"], "unknown attack 'nope'", None),
         (["--checkpoint", env["ckpt"], "--protocols", "transfer,whitebox"], "unknown protocol 'whitebox'", None),
         (["--checkpoint", str(tmp_path / "missing.pt")], "missing.pt' does not exist", None),

@@ -343,8 +343,10 @@ def test_paper_models_build_with_rpt(name):
     plain = [m for m in model.modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)]
     assert len(plain) == 1 + 3 + 1  # stem, 3 shortcut projections, head: full precision
     assert count_paths(model) == 2
+    # PreActResNet-18 also names its shortcut wiring (Double-Win Quant's: the raw block input).
+    wiring = {"shortcut": "block_input"} if name == "preact_resnet18" else {}
     assert model.rna_spec == {"model": name, "num_classes": 10, "method": "rpt", "norm": "bn", "precisions": "4,8",
-                              "quantizer": "dwq"}
+                              "quantizer": "dwq", **wiring}
 
 
 # ---------------------------------------------------------------- configuration

@@ -111,6 +111,7 @@ def test_space_forms_domains_and_overrides():
         ({"train.lrr": {"grid": [0.1]}}, {}, "'train.lrr' is not a config key (did you mean train.lr?)"),
         ({"model.norm": {"grid": ["bn,gns:1", "bn,zz"]}}, {}, "zz"),
         ({"model.norm": {"grid": ["bn,gn:3"]}}, {}, "3 groups do not divide"),  # small_cnn has 16 channels
+        ({"model.norm": {"grid": ["bn,gns:1", "gns:1,gn:16"]}}, {}, "two identical candidates at layer 'norm1'"),
         ({"train.sampling": {"grid": ["uniform", "far:2"]}}, {}, "far:2"),
         ({"train.lr": {"grid": [0.1, -1]}}, {}, "train.lr must be positive"),
         ({"mlflow.experiment": {"grid": ["a", "b"]}}, {}, "cannot be swept"),
@@ -125,7 +126,7 @@ def test_space_forms_domains_and_overrides():
         ({"model.norm": {"grid": ["bn"]}}, {"searcher": "grid"}, "unknown key 'sweep.searcher'"),
         ({"train.eval_every": {"grid": [1, 2]}}, {}, "needs train.eval_every: 1"),
     ],
-    ids=["unknown key", "unknown norm", "groups do not divide", "bad strategy", "bad lr", "unsweepable",
+    ids=["unknown key", "unknown norm", "groups do not divide", "identical candidates", "bad strategy", "bad lr", "unsweepable",
          "duplicate", "scalar", "two domains", "log low", "float range on int", "unknown domain",
          "final metric", "bad scheduler", "bad sweep key", "metric needs eval every epoch"],
 )

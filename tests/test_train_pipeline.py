@@ -296,6 +296,7 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
         (["--set", "train.nope=1"], "train.nope"),
         (["--set", "model.norm=bn,zz"], "zz"),
         (["--set", "model.norm=gn:3"], "3 groups do not divide"),  # small_cnn has 16 channels
+        (["--set", "model.norm=bn,ln,gn:1"], "'ln' and 'gn:1' are both GroupNorm with 1 group"),
         (["--set", "data.dataset=synthetic", "--set", "data.batch_size=1"], "batch_size"),
         (["--set", "train.mode=fast"], "train.mode"),
         (["--set", "train.sampling=fixed:01-1"], "cannot read path '01-1'"),
@@ -307,7 +308,7 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
         ("mlflow store under a file", "the MLflow store's folder"),
         ("mlflow server down", "is not reachable"),  # used to hang in MLflow's retries
     ],
-    ids=["bad key", "unknown norm", "groups do not divide", "batch below workers", "bad mode", "unreadable fixed path",
+    ids=["bad key", "unknown norm", "groups do not divide", "identical candidates", "batch below workers", "bad mode", "unreadable fixed path",
          "fixed path of the wrong length", "no config", "not a run", "corrupt parquet", "storage under a file",
          "mlflow store under a file", "mlflow server down"],
 )

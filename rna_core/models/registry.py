@@ -79,5 +79,13 @@ def create_model(
     standardize = Standardize(mean or default_mean, std or default_std)
     factory = _METHODS[method](norm=norm, **method_options)
     model = _MODELS[name](factory, num_classes, standardize)
-    model.rna_spec = {"model": name, "num_classes": num_classes, "method": method, **factory.describe()}  # type: ignore[attr-defined]
+    # The checkpoint identity: what was built. A model adds `identity_extra` for parts of its
+    # structure that changed since checkpoints were first written (e.g. a plain final norm).
+    model.rna_spec = {  # type: ignore[attr-defined]
+        "model": name,
+        "num_classes": num_classes,
+        "method": method,
+        **factory.describe(),
+        **getattr(model, "identity_extra", {}),
+    }
     return model
