@@ -8,18 +8,24 @@ rank reports to Ray. At the end the held-out slice is evaluated under `transfer`
 
 DDP and random paths (the decision this module is built around)
 ----------------------------------------------------------------
-Every rank draws its own attack and update paths, from a generator reseeded at every step with
-`(seed, rank, step)`: the ranks together train W sub-networks per step, as RNA intends, and a run
-is reproducible (also across a resume, which restarts at an epoch boundary). So a candidate
-norm may be used on one rank and not on another. We keep the standard DDP semantics: the
-gradient of every parameter is the sum over ranks divided by the world size, where a rank that
-did not use the parameter contributes zero. `find_unused_parameters=True` gives exactly that:
-DDP marks a locally unused parameter ready with a zero gradient, so the all-reduce never waits
-for it; a parameter unused on *every* rank keeps `grad=None` on every rank, so SGD skips it
-everywhere (weight decay and momentum included), as single-process training would. Gradients
-are therefore identical on all ranks, and so are the parameters after every step.
-(Adding `0 * p.sum()` for inactive candidates instead would hand them zero gradients every
-step, so weight decay and momentum would move parameters no path used: a different recipe.)
+By default (`train.rank_paths: shared`) all ranks run the same attack path and the same update
+path in a step: the paths come from one stream seeded at every step with `(seed, step)` alone,
+so the global batch trains one sub-network per step, as the official code's `DataParallel` does
+(and as a single process with the same seed does: the stream does not depend on the world size).
+The PGD random start is data, not a path: it comes from a second generator seeded with
+`(seed, rank, step)`, so each rank draws its own noise for its own images. A run is reproducible,
+also across a resume (which restarts at an epoch boundary). `train.rank_paths: per_rank` is the
+alternative: one generator per rank, seeded with `(seed, rank, step)`, draws that rank's paths
+and noise, so W ranks train W sub-networks per step (W paths x B/W images instead of one path x B).
+
+Gradients are the standard DDP average in both cases. `find_unused_parameters=True` is needed
+because inactive candidates take no part in the update's forward: DDP marks a locally unused
+parameter ready with a zero gradient, so the all-reduce never waits for it (with per-rank paths a
+candidate may be used on one rank only and still gets the average), and a parameter no rank used
+keeps `grad=None` on every rank. `rna_core.training` then gives those a zero gradient
+(`train.inactive_candidates: decay`, the official loops' behaviour: weight decay and momentum
+every step) or leaves them to SGD's skip (`skip`). Either way the decision is the same on every
+rank, so gradients, and the parameters after every step, are identical on all ranks.
 
 The attack runs on the bare module (`attack_model=ddp.module`): its forwards skip DDP, and its
 backward passes are `torch.autograd.grad` with respect to the input only, which never reaches
@@ -50,7 +56,7 @@ import torch.nn as nn
 
 from rna_core.checkpoint import load_checkpoint, save_checkpoint
 from rna_core.builders import effective_train_config, model_from_config
-from rna_core.config import Config, unflatten
+from rna_core.config import Config, TrainConfig, unflatten
 from rna_core.data import BatchIterator, ImageTensorDataset, load_dataset
 from rna_core.optim import apply_config_on_resume, build_optimizer, build_scheduler
 from rna_core.paths import PathSampler
@@ -105,21 +111,42 @@ def per_worker_batch_size(global_batch: int, world: int) -> int:
     return max(1, global_batch // world)
 
 
+SHARED_PATH_STREAM = -0x5A7  # the `rank` slot of the path stream that every rank shares
+
+
+def step_streams(train_cfg: TrainConfig, seed: int, rank: int) -> tuple[PathSampler, torch.Generator | None]:
+    """The path sampler and the noise generator of a rank (None: the sampler's generator draws both).
+
+    `train.rank_paths: shared` gives a separate noise generator, so that `seeded_steps` can seed
+    the paths from (seed, step) on every rank and the random start from (seed, rank, step).
+    """
+    sampler = PathSampler(train_cfg.sampling, seed=mix_seed(seed, rank))
+    return sampler, (torch.Generator() if train_cfg.rank_paths == "shared" else None)
+
+
 def seeded_steps(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     generator: torch.Generator,
     seed: int,
     rank: int,
     first_step: int,
+    noise_generator: torch.Generator | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield the batches, reseeding `generator` from (seed, rank, global step) before each one.
+    """Yield the batches, reseeding the step's generators before each one.
 
-    The generator drives the step's path draws and the PGD random start, so what step k does is
-    a function of (seed, rank, k) alone: reproducible, and unchanged by a resume.
+    Without `noise_generator` (per-rank paths), `generator` draws the step's paths and its PGD
+    random start and is seeded from (seed, rank, global step). With it (shared paths), `generator`
+    draws the paths only and is seeded from (seed, global step), the same on every rank, and
+    `noise_generator` is seeded from (seed, rank, global step). What step k does is a function of
+    (seed, rank, k) alone: reproducible, and unchanged by a resume.
     """
     step = first_step
     for batch in batches:
-        generator.manual_seed(mix_seed(seed, rank, step))
+        if noise_generator is None:
+            generator.manual_seed(mix_seed(seed, rank, step))
+        else:
+            generator.manual_seed(mix_seed(seed, SHARED_PATH_STREAM, step))
+            noise_generator.manual_seed(mix_seed(seed, rank, step))
         yield batch
         step += 1
 
@@ -375,7 +402,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     held_out = load_split(cfg, "test")
     batch = per_worker_batch_size(cfg.data.batch_size, world)
     steps_per_epoch = -(-(len(train_full) // world) // batch)
-    sampler = PathSampler(train_cfg.sampling, seed=mix_seed(seed, rank))
+    sampler, noise_generator = step_streams(train_cfg, seed, rank)
 
     client = tracking.client_for(run_ref.tracking_uri) if (rank == 0 and run_ref) else None
     epochs = cfg.train.epochs
@@ -388,8 +415,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         )
         lr = float(optimizer.param_groups[0]["lr"])
         stats = train_epoch(
-            ddp_model, seeded_steps(batches, sampler.generator, seed, rank, epoch * steps_per_epoch),
-            optimizer, train_cfg, sampler, attack_model=model,
+            ddp_model, seeded_steps(batches, sampler.generator, seed, rank, epoch * steps_per_epoch, noise_generator),
+            optimizer, train_cfg, sampler, attack_model=model, noise_generator=noise_generator,
         )
         scheduler.step()
         average_buffers(model)
@@ -481,6 +508,7 @@ __all__ = [
     "per_worker_batch_size",
     "seeded_steps",
     "state_digest",
+    "step_streams",
     "train_loop_per_worker",
     "wrap_ddp",
 ]

@@ -264,6 +264,67 @@ def test_ddp_gradient_is_all_rank_average_with_random_paths(tmp_path):
     assert reports[0]["state_digest"] == reports[1]["state_digest"]  # parameters and buffers
 
 
+def _record_steps(rank: int, world: int, rank_paths: str, ddp: bool) -> dict:
+    """Three blackbox steps of the production epoch loop on identical data on every rank: the path
+    and a digest of the input of every forward (attack iterates, then the update), and the weights."""
+    from rna_core.optim import build_optimizer
+    from rna_core.paths import get_path
+    from rna_core.training import train_epoch
+    from pipelines.train_loop import effective_train_config, step_streams
+
+    cfg = load_config(None, ["model.name=small_cnn", "model.norm=bn,gns:1", "data.dataset=synthetic",
+                             "train.attack.steps=2", f"train.rank_paths={rank_paths}", "train.seed=5"])
+    tcfg = effective_train_config(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    net = wrap_ddp(model, torch.device("cpu")) if ddp else model
+    opt = build_optimizer(model, tcfg)
+    forwards: list[tuple[str, str]] = []
+    model.register_forward_pre_hook(lambda m, args: forwards.append((str(get_path(m)), state_digest({"x": args[0]}))))
+    gen = torch.Generator().manual_seed(42)  # the same images on every rank: only the noise may differ
+    batches = [(torch.rand(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)) for _ in range(3)]
+    sampler, noise = step_streams(tcfg, cfg.train.seed, rank)
+    train_epoch(net, seeded_steps(batches, sampler.generator, cfg.train.seed, rank, 0, noise), opt, tcfg, sampler,
+                attack_model=model, noise_generator=noise)
+    return {"paths": [p for p, _ in forwards], "inputs": [d for _, d in forwards], "params": state_digest(dict(model.named_parameters()))}
+
+
+def _rank_paths_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        report = {mode: _record_steps(rank, world, mode, ddp=True) for mode in ("shared", "per_rank")}
+        (Path(out_dir) / f"paths{rank}.json").write_text(json.dumps(report))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # trains (3 steps in 2 processes, ~20 s)
+def test_ddp_ranks_share_one_attack_path_and_one_update_path_per_step(tmp_path):
+    """The official code runs DataParallel: one path per step for the whole global batch. Default
+    (`train.rank_paths: shared`): every rank runs the paths that one process with the same seed
+    draws, step by step; only the random start noise differs (each rank has its own images).
+    `per_rank` is the alternative: each rank draws its own paths."""
+    world = 2
+    mp.start_processes(_rank_paths_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, start_method="spawn")
+    ranks = [json.loads((tmp_path / f"paths{r}.json").read_text()) for r in range(world)]
+    single = _record_steps(0, 1, "shared", ddp=False)  # one process, as DataParallel would run it
+    forwards_per_step = 2 + 1  # two PGD iterates, then the update
+    shared = [r["shared"] for r in ranks]
+    assert len(single["paths"]) == 3 * forwards_per_step
+    assert shared[0]["paths"] == shared[1]["paths"] == single["paths"]
+    attack_paths = single["paths"][0::forwards_per_step]
+    update_paths = single["paths"][2::forwards_per_step]
+    assert len(set(attack_paths + update_paths)) > 1 and attack_paths != update_paths  # blackbox: drawn anew
+    first_iterates = [r["inputs"][0::forwards_per_step] for r in shared]
+    assert all(a != b for a, b in zip(*first_iterates))  # random start noise: per rank
+    assert shared[0]["params"] == shared[1]["params"]
+    per_rank = [r["per_rank"] for r in ranks]
+    assert per_rank[0]["paths"] != per_rank[1]["paths"]  # the option: each rank its own paths
+    assert per_rank[0]["params"] == per_rank[1]["params"]
+
+
 # ----------------------------------------------------------------------------- CLI: bad input
 
 
