@@ -62,7 +62,7 @@ def parse_args(argv: Sequence[str] | None):
     src.add_argument("--run-id", help="MLflow run of a training job (its checkpoint artifact is evaluated)")
     src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint.pt written by jobs/train.py")
     p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS), help="comma-separated (default: %(default)s)")
-    p.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS), help="comma-separated among transfer, early-stop, fixed-path, eot (default: %(default)s)")
+    p.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS), help="comma-separated among transfer, transfer-raw, early-stop, fixed-path, eot (default: %(default)s)")
     p.add_argument("--trials", type=int, default=d.trials, help="repetitions with distinct seeds, for the stability summary (default: %(default)s)")
     p.add_argument("--limit", type=int, default=d.limit, help="test images: a fixed subset spread over the classes; 0 = all (default)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's data.eval_batch_size")

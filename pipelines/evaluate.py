@@ -207,9 +207,15 @@ def _hash(obj: Any, n: int = 12) -> str:
     return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()[:n]
 
 
+# Version of the scoring rules a unit's counts depend on beyond its settings (2: the unperturbed
+# rule for every attack under transfer and eot, issue 13). Units stored under another version are
+# other units, so an earlier evaluation's counts are never mixed with this code's.
+SCORING_RULES = 2
+
+
 def settings_hash(attack: Attack) -> str:
     """Short hash of an attack's full settings: a unit run with other settings is another unit."""
-    return _hash({"name": attack.name, "settings": attack.settings}, 8)
+    return _hash({"name": attack.name, "settings": attack.settings, "rules": SCORING_RULES}, 8)
 
 
 def data_digest(ds: ImageTensorDataset) -> str:
