@@ -483,3 +483,17 @@ def test_transfer_raw_is_transfer_for_attacks_that_perturb_every_example(random_
     assert torch.equal(a.x_adv, b.x_adv) and a.correct == b.correct and a.score_path == b.score_path
     natural = get_attack("natural")
     assert torch.equal(run_protocol(random_model, x, y, natural, "transfer", seed=5).x_adv, x)  # natural stays clean
+
+
+def test_early_stop_is_attributed_to_double_win_quant_not_to_the_rna_code():
+    """Double-Win Quant's CIFAR/utils.py attack_pgd stops attacking an example once it is
+    misclassified; RNA's utils.py attack_pgd attacks every example every step. The docs must say so."""
+    from pathlib import Path
+
+    import rna_core.evaluation.protocols as protocols
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for text in (protocols.__doc__, readme):
+        line = next(line for line in text.splitlines() if "early-stop" in line and "(" in line)
+        assert "the paper's adaptive setting" not in text and "(its adaptive setting)" not in text
+        assert "Double-Win Quant" in text[text.index(line): text.index(line) + 400], line
