@@ -463,10 +463,16 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
         ("storage under a file", "ray.storage_path"),
         ("mlflow store under a file", "the MLflow store's folder"),
         ("mlflow server down", "is not reachable"),  # used to hang in MLflow's retries
+        (["--set", "train.inactive_candidates=freeze"], "train.inactive_candidates 'freeze' is unknown; valid: decay, skip"),
+        (["--set", "train.rank_paths=each"], "train.rank_paths 'each' is unknown; valid: shared, per_rank"),
+        (["--set", "data.val_size=-5"], "data.val_size must be >= 0"),
+        (["--set", "train.select_on_test=perhaps"], "train.select_on_test' expects true or false"),
+        ("val_size above the training rows", "data.val_size (8) leaves 0 of the 8 training images"),
     ],
     ids=["bad key", "unknown norm", "groups do not divide", "batch below workers", "bad mode", "unreadable fixed path",
          "fixed path of the wrong length", "no config", "not a run", "corrupt parquet", "storage under a file",
-         "mlflow store under a file", "mlflow server down"],
+         "mlflow store under a file", "mlflow server down", "inactive candidates", "rank paths", "negative val_size",
+         "select_on_test not a bool", "val_size above the training rows"],
 )
 def test_bad_inputs_fail_before_anything_starts(args, needle, tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(REPO))
@@ -488,6 +494,15 @@ def test_bad_inputs_fail_before_anything_starts(args, needle, tmp_path, monkeypa
             argv += ["--set", f"ray.storage_path={tmp_path}/not_a_run/results"]
         else:
             monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/not_a_run/mlflow.db")
+    elif args == "val_size above the training rows":
+        from rna_core.data import make_synthetic, write_parquet_dataset
+
+        data = tmp_path / "not_a_run"
+        for split in ("train", "test"):
+            ds = make_synthetic(8, seed=0, split=split)
+            write_parquet_dataset(data / f"{split}.parquet", ds.images, ds.labels, ds.classes, "cifar10")
+        argv = ["--config", str(REPO / "configs/smoke.yaml"), "--set", f"data.data_dir={data}", "--set", "data.dataset=cifar10",
+                "--set", "data.val_size=8"]
     elif args == "corrupt data":
         data = tmp_path / "not_a_run"  # the one folder the final check allows
         data.mkdir()
