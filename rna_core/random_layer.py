@@ -37,7 +37,9 @@ class RandomNorm(RandomLayer):
     """K candidate normalizations sharing one position in the network; exactly one is applied.
 
     Each candidate has its own affine parameters and running statistics. Only the active one runs,
-    so inactive candidates get no gradient and their statistics do not move.
+    so inactive candidates get no gradient from the loss and their statistics do not move (the
+    training step then gives them a zero gradient, so SGD decays them as the official loops do:
+    `rna_core.training.give_unused_parameters_zero_grad`).
     """
 
     def __init__(self, space: str | tuple[NormSpec, ...], channels: int, where: str = "", tie: str | None = None):
