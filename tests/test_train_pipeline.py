@@ -360,7 +360,7 @@ def test_ddp_gradient_is_all_rank_average_with_random_paths(tmp_path):
     assert reports[0]["state_digest"] == reports[1]["state_digest"]  # parameters and buffers
 
 
-def _record_steps(rank: int, world: int, rank_paths: str, ddp: bool) -> dict:
+def _record_steps(rank: int, world: int, rank_paths: str, ddp: bool, *extra: str) -> dict:
     """Three blackbox steps of the production epoch loop on identical data on every rank: the path
     and a digest of the input of every forward (attack iterates, then the update), and the weights."""
     from rna_core.optim import build_optimizer
@@ -369,7 +369,7 @@ def _record_steps(rank: int, world: int, rank_paths: str, ddp: bool) -> dict:
     from pipelines.train_loop import effective_train_config, step_streams
 
     cfg = load_config(None, ["model.name=small_cnn", "model.norm=bn,gns:1", "data.dataset=synthetic",
-                             "train.attack.steps=2", f"train.rank_paths={rank_paths}", "train.seed=5"])
+                             "train.attack.steps=2", f"train.rank_paths={rank_paths}", "train.seed=5", *extra])
     tcfg = effective_train_config(cfg)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -382,7 +382,12 @@ def _record_steps(rank: int, world: int, rank_paths: str, ddp: bool) -> dict:
     sampler, noise = step_streams(tcfg, cfg.train.seed, rank)
     train_epoch(net, seeded_steps(batches, sampler.generator, cfg.train.seed, rank, 0, noise), opt, tcfg, sampler,
                 attack_model=model, noise_generator=noise)
-    return {"paths": [p for p, _ in forwards], "inputs": [d for _, d in forwards], "params": state_digest(dict(model.named_parameters()))}
+    torch.manual_seed(0)  # the initial weights again (rank 0's, which DDP broadcast)
+    init = dict(build_model(cfg).named_parameters())
+    unused = {n: p for n, p in model.named_parameters() if ".candidates.1." in n}  # gns: off every path with fixed:0000
+    return {"paths": [p for p, _ in forwards], "inputs": [d for _, d in forwards], "params": state_digest(dict(model.named_parameters())),
+            "gns_moved": [not torch.equal(p.detach(), init[n].detach()) for n, p in unused.items() if n.endswith("weight")],  # biases start at 0
+            "gns_momentum": [("momentum_buffer" in opt.state.get(p, {})) for p in unused.values()]}
 
 
 def _rank_paths_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -390,6 +395,8 @@ def _rank_paths_worker(rank: int, world: int, init_file: str, out_dir: str) -> N
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         report = {mode: _record_steps(rank, world, mode, ddp=True) for mode in ("shared", "per_rank")}
+        for policy in ("decay", "skip"):  # candidates no rank uses (fixed all-bn path): decayed on every rank, or skipped
+            report[policy] = _record_steps(rank, world, "shared", True, "train.sampling=fixed:0000", f"train.inactive_candidates={policy}")
         (Path(out_dir) / f"paths{rank}.json").write_text(json.dumps(report))
         dist.barrier()
     finally:
@@ -419,6 +426,13 @@ def test_ddp_ranks_share_one_attack_path_and_one_update_path_per_step(tmp_path):
     per_rank = [r["per_rank"] for r in ranks]
     assert per_rank[0]["paths"] != per_rank[1]["paths"]  # the option: each rank its own paths
     assert per_rank[0]["params"] == per_rank[1]["params"]
+    # DDP leaves grad None on parameters no rank used; the step then gives them a zero gradient
+    # (inactive_candidates: decay, the official loops), the same on every rank.
+    for r in ranks:
+        assert len(r["decay"]["gns_moved"]) == 4 and all(r["decay"]["gns_moved"]) and len(r["decay"]["gns_momentum"]) == 8
+        assert all(r["decay"]["gns_momentum"])
+        assert not any(r["skip"]["gns_moved"]) and not any(r["skip"]["gns_momentum"])
+    assert ranks[0]["decay"]["params"] == ranks[1]["decay"]["params"] and ranks[0]["skip"]["params"] == ranks[1]["skip"]["params"]
 
 
 # ----------------------------------------------------------------------------- CLI: bad input
