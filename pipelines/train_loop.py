@@ -61,10 +61,10 @@ from rna_core.checkpoint import load_checkpoint, save_checkpoint
 from rna_core.builders import effective_train_config, model_from_config
 from rna_core.config import Config, TrainConfig, unflatten
 from rna_core.data import BatchIterator, ImageTensorDataset, load_dataset
-from rna_core.optim import apply_config_on_resume, build_optimizer, build_scheduler
 from rna_core.errors import ConfigError
+from rna_core.optim import apply_config_on_resume, build_optimizer, build_scheduler
 from rna_core.paths import PathSampler
-from rna_core.selection import BestEpoch, selection_criterion, selections_of, split_metric
+from rna_core.selection import BestEpoch, Criterion, selection_criterion, selections_of, split_metric
 from rna_core.speed import use_channels_last
 from rna_core.training import evaluate_clean, evaluate_pgd, train_epoch
 
@@ -369,7 +369,7 @@ def write_checkpoint_dir(
 
 def selection_scores(
     model: nn.Module,
-    criterion: Any,
+    criterion: Criterion,
     best: Mapping[str, BestEpoch],
     held_out: ImageTensorDataset,
     val_split: ImageTensorDataset | None,
