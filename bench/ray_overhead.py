@@ -56,10 +56,9 @@ def bench_config(args: argparse.Namespace, workers: int, cpus: float, storage: s
 
 def plain_epochs(cfg: Config, threads: int) -> list[float]:
     """`cfg.train.epochs` epochs of the plain loop, built exactly as the Ray worker builds them."""
-    from pipelines.train_loop import build_model, effective_train_config, epoch_shard_indices, load_split, mix_seed, seeded_steps
+    from pipelines.train_loop import build_model, effective_train_config, epoch_shard_indices, load_split, mix_seed, seeded_steps, step_streams
     from rna_core.data import BatchIterator
     from rna_core.optim import build_optimizer, build_scheduler
-    from rna_core.paths import PathSampler
     from rna_core.training import train_epoch
 
     torch.set_num_threads(threads)
@@ -70,14 +69,15 @@ def plain_epochs(cfg: Config, threads: int) -> list[float]:
     optimizer = build_optimizer(model, train_cfg)
     scheduler = build_scheduler(optimizer, train_cfg)
     data = load_split(cfg, "train")
-    sampler = PathSampler(train_cfg.sampling, seed=mix_seed(seed, 0))
+    sampler, noise = step_streams(train_cfg, seed, 0)
     steps = -(-len(data) // cfg.data.batch_size)
     out = []
     for epoch in range(cfg.train.epochs):
         shard = data.subset(epoch_shard_indices(len(data), 0, 1, seed, epoch))
         batches = BatchIterator(shard, cfg.data.batch_size, shuffle=False, seed=mix_seed(seed, 0, 0xA06) % (1 << 31),
                                 epoch=epoch, augment=cfg.data.augment)
-        stats = train_epoch(model, seeded_steps(batches, sampler.generator, seed, 0, epoch * steps), optimizer, train_cfg, sampler)
+        stats = train_epoch(model, seeded_steps(batches, sampler.generator, seed, 0, epoch * steps, noise), optimizer, train_cfg, sampler,
+                            noise_generator=noise)
         scheduler.step()
         out.append(float(stats["epoch_seconds"]))
     return out

@@ -1,6 +1,7 @@
 """Evaluate a trained model under attacks and protocols, fanned out on Ray, tracked in MLflow.
 
-    python jobs/evaluate.py --run-id <mlflow run id>            # the checkpoint of a training run
+    python jobs/evaluate.py --run-id <mlflow run id>            # the checkpoint of a training run (its last epoch)
+    python jobs/evaluate.py --run-id <id> --selected val        # its epoch selected on the validation split
     python jobs/evaluate.py --checkpoint ray_results/<run>/<epoch>/checkpoint.pt
         [--attacks fgsm,pgd20,...] [--protocols transfer,eot,...] [--trials N] [--limit N] [--batch-size B]
     ray job submit --working-dir . -- python jobs/evaluate.py --run-id <id>
@@ -61,8 +62,11 @@ def parse_args(argv: Sequence[str] | None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-id", help="MLflow run of a training job (its checkpoint artifact is evaluated)")
     src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint.pt written by jobs/train.py")
+    p.add_argument("--selected", choices=("val", "test"), default=None,
+                   help="with --run-id: the run's checkpoint selected on the validation split (val) or on the test set "
+                        "(test, the papers' way, labelled so) instead of its last epoch")
     p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS), help="comma-separated (default: %(default)s)")
-    p.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS), help="comma-separated among transfer, early-stop, fixed-path, eot (default: %(default)s)")
+    p.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS), help="comma-separated among transfer, transfer-raw, early-stop, fixed-path, eot (default: %(default)s)")
     p.add_argument("--trials", type=int, default=d.trials, help="repetitions with distinct seeds, for the stability summary (default: %(default)s)")
     p.add_argument("--limit", type=int, default=d.limit, help="test images: a fixed subset spread over the classes; 0 = all (default)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's data.eval_batch_size")
@@ -99,7 +103,7 @@ def job(argv: Sequence[str] | None) -> int:
         out_dir=args.out, fail_once_marker=os.environ.get(FAIL_ONCE_ENV) or None,
     )
     # Validation only (nothing started or written) up to run_evaluation.
-    source = load_source(run_id=args.run_id, checkpoint=args.checkpoint, overrides=args.overrides)
+    source = load_source(run_id=args.run_id, checkpoint=args.checkpoint, overrides=args.overrides, selected=args.selected)
     plan = plan_evaluation(source, options)
 
     def echo(line: str) -> None:

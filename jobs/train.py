@@ -62,10 +62,19 @@ def job(argv: Sequence[str] | None) -> int:
         print(
             f"  results     clean {f.get('final_clean_acc', float('nan')):.4f}  pgd20 (transfer) "
             f"{f.get('final_pgd20_transfer_acc', float('nan')):.4f}  eot-pgd {f.get('final_eot_pgd_acc', float('nan')):.4f}"
-            f"  on {int(f.get('final_eval_images', 0))} held-out images"
+            f"  on {int(f.get('final_eval_images', 0))} held-out images (last epoch: the result)"
         )
+        for which, info in out.selected.items():
+            print(
+                f"  selected    on {which}, epoch {info['epoch']}: clean {f.get(f'{which}_selected_final_clean_acc', float('nan')):.4f}  "
+                f"pgd20 (transfer) {f.get(f'{which}_selected_final_pgd20_transfer_acc', float('nan')):.4f}  "
+                f"eot-pgd {f.get(f'{which}_selected_final_eot_pgd_acc', float('nan')):.4f}"
+                + ("  (selected on the test set: biased upward)" if which == "test" else "")
+            )
     print(f"  mlflow run  {out.mlflow.run_id} in experiment '{out.experiment}' (id {out.mlflow.experiment_id}), store {out.mlflow.tracking_uri}")
     print(f"  checkpoint  {out.checkpoint}")
+    for which, info in out.selected.items():
+        print(f"  selected    {info['checkpoint']}  (python jobs/evaluate.py --run-id {out.mlflow.run_id} --selected {which})")
     print(f"  run folder  {out.run_dir}")
     print(f"  mlflow ui   {ui_command(out.mlflow.tracking_uri)}")
     print(f"  evaluate    python jobs/evaluate.py --run-id {out.mlflow.run_id}")

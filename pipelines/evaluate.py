@@ -73,6 +73,7 @@ from rna_core.evaluation import (
 )
 from rna_core.evaluation.protocols import check_protocol
 from rna_core.paths import check_strategy, count_paths
+from rna_core.selection import SELECTION_LABELS, SELECTIONS
 
 from . import tracking
 from .train_loop import CHECKPOINT_FILE, DATA_SEED, build_model, fixed_subset, state_digest
@@ -151,6 +152,13 @@ class ModelSource:
     parent_run_id: str | None = None  # the training run (kind "run")
     parent_experiment_id: str | None = None
     training_run_id: str | None = None  # the run a bare checkpoint came from, when it says
+    selection: str | None = None  # None: a last-epoch checkpoint; "val" | "test": a selected epoch (rna_core.selection)
+    selected_epoch: int | None = None
+
+    @property
+    def checkpoint_label(self) -> str:
+        """Which checkpoint of its run this is, as rows, tables and MLflow name it."""
+        return SELECTION_LABELS[self.selection]
 
 
 @dataclass(frozen=True)
@@ -207,9 +215,15 @@ def _hash(obj: Any, n: int = 12) -> str:
     return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()[:n]
 
 
+# Version of the scoring rules a unit's counts depend on beyond its settings (2: the unperturbed
+# rule for every attack under transfer and eot, issue 13). Units stored under another version are
+# other units, so an earlier evaluation's counts are never mixed with this code's.
+SCORING_RULES = 2
+
+
 def settings_hash(attack: Attack) -> str:
     """Short hash of an attack's full settings: a unit run with other settings is another unit."""
-    return _hash({"name": attack.name, "settings": attack.settings}, 8)
+    return _hash({"name": attack.name, "settings": attack.settings, "rules": SCORING_RULES}, 8)
 
 
 def data_digest(ds: ImageTensorDataset) -> str:
@@ -270,15 +284,35 @@ def _local_checkpoint(path: str) -> Path:
     return (base_dir() / p).resolve()
 
 
-def load_source(run_id: str | None = None, checkpoint: str | None = None, overrides: Sequence[str] = ()) -> ModelSource:
+def _selection_of(payload: Mapping[str, Any], where: str) -> tuple[str | None, int | None]:
+    """(selection, epoch) a checkpoint says it holds: written by training as `selected_on`."""
+    which = (payload.get("extra") or {}).get("selected_on")
+    if which is None:
+        return None, None
+    if which not in SELECTIONS:
+        raise ConfigError(f"checkpoint {where} says it was selected on '{which}', which this code does not know; update the code")
+    return str(which), int(payload.get("epoch", 0))
+
+
+def load_source(
+    run_id: str | None = None, checkpoint: str | None = None, overrides: Sequence[str] = (), selected: str | None = None
+) -> ModelSource:
     """The model to evaluate: the checkpoint artifact of MLflow run `run_id`, or a local `checkpoint`.
 
+    `selected` ("val" | "test", with `run_id`) takes the run's selected checkpoint
+    (`selected_<which>/checkpoint.pt`) instead of the last epoch's. A checkpoint written as a
+    selected one says so itself, so rows of a `checkpoint` are labelled as well.
     Writes nothing: an unknown run, a missing store or a missing file is a ConfigError.
     """
     from .trainer import base_dir, check_tracking_store
 
     if (run_id is None) == (checkpoint is None):
         raise ConfigError("give exactly one of --run-id RUN_ID or --checkpoint PATH")
+    if selected is not None and selected not in SELECTIONS:
+        raise ConfigError(f"--selected '{selected}' is unknown; valid: {', '.join(SELECTIONS)}")
+    if selected is not None and checkpoint is not None:
+        raise ConfigError("--selected picks a checkpoint of a training run (--run-id); with --checkpoint, pass the selected file itself "
+                          "(<run folder>/selected_<val|test>/checkpoint.pt)")
     uri = tracking.resolve_tracking_uri(base_dir())
     check_tracking_store(uri)  # an unreachable server: one line, not minutes of MLflow retries
     if checkpoint is not None:
@@ -286,9 +320,10 @@ def load_source(run_id: str | None = None, checkpoint: str | None = None, overri
         payload = read_checkpoint(path)
         cfg, state, digest = _source_from_payload(payload, f"'{checkpoint}'", overrides)
         trained_in = (payload.get("extra") or {}).get("mlflow_run_id")
+        which, epoch = _selection_of(payload, f"'{checkpoint}'")
         return ModelSource(
             "checkpoint", f"ckpt-{_safe(path.parent.name)}-{digest[:8]}", str(path), cfg, state, digest, uri,
-            training_run_id=str(trained_in) if trained_in else None,
+            training_run_id=str(trained_in) if trained_in else None, selection=which, selected_epoch=epoch,
         )
     run_id = run_id.strip()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
@@ -300,17 +335,32 @@ def load_source(run_id: str | None = None, checkpoint: str | None = None, overri
         run = client.get_run(run_id)
     except MlflowException:
         raise ConfigError(f"MLflow run '{run_id}' not found in {uri}; pass the run id printed by jobs/train.py (or set MLFLOW_TRACKING_URI)") from None
-    names = {a.path for a in client.list_artifacts(run_id, CHECKPOINT_ARTIFACT.rsplit("/", 1)[0])}
-    if CHECKPOINT_ARTIFACT not in names:
-        raise ConfigError(f"MLflow run '{run_id}' has no {CHECKPOINT_ARTIFACT} artifact (did its training finish?); evaluate a --checkpoint instead")
+    artifact = CHECKPOINT_ARTIFACT if selected is None else selected_artifact(selected)
+    names = {a.path for a in client.list_artifacts(run_id, artifact.rsplit("/", 1)[0])}
+    if artifact not in names:
+        if selected is not None:
+            how = "data.val_size > 0" if selected == "val" else "train.select_on_test=true"
+            raise ConfigError(f"MLflow run '{run_id}' has no {artifact} artifact: it made no selection on {selected} "
+                              f"(train with {how}); evaluate its last epoch without --selected")
+        raise ConfigError(f"MLflow run '{run_id}' has no {artifact} artifact (did its training finish?); evaluate a --checkpoint instead")
     with tempfile.TemporaryDirectory(prefix="rna-eval-ckpt-") as tmp:
-        local = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, tmp)
+        local = client.download_artifacts(run_id, artifact, tmp)
         payload = read_checkpoint(local)
     cfg, state, digest = _source_from_payload(payload, f"of run '{run_id}'", overrides)
+    which, epoch = _selection_of(payload, f"{artifact} of run '{run_id}'")
+    if which != selected:
+        raise ConfigError(f"{artifact} of run '{run_id}' holds a checkpoint {SELECTION_LABELS[which]}, not {SELECTION_LABELS[selected]}")
+    label = f"run-{_safe(run_id)}" + (f"-selected-{selected}" if selected else "")
     return ModelSource(
-        "run", f"run-{_safe(run_id)}", f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}", cfg, state, digest, uri,
+        "run", label, f"runs:/{run_id}/{artifact}", cfg, state, digest, uri,
         parent_run_id=run_id, parent_experiment_id=run.info.experiment_id, training_run_id=run_id,
+        selection=which, selected_epoch=epoch,
     )
+
+
+def selected_artifact(which: str) -> str:
+    """Where pipelines.trainer logs a run's selected checkpoint (beside checkpoint/, the last epoch)."""
+    return f"selected_{which}/{CHECKPOINT_FILE}"
 
 
 def resolve_attacks(names: Sequence[str], settings: Mapping[str, Mapping[str, Any]], include_natural: bool) -> list[Attack]:
@@ -383,8 +433,10 @@ def plan_evaluation(source: ModelSource, options: EvalOptions = EvalOptions()) -
         for t in range(o.trials) for a in attacks for p in o.protocols for first, stop in bounds
     ]
     spec = getattr(structure, "rna_spec", {}) or {}
-    meta = {"model": str(spec.get("model", cfg.model.name)), "method": method_label(spec or {"method": cfg.model.method}),
-            "dataset": dataset.name}
+    method = method_label(spec or {"method": cfg.model.method})
+    if source.selection is not None:  # a selected epoch's weights: its own table row, never blended with the last epoch's
+        method += f" [{source.checkpoint_label}, epoch {source.selected_epoch}]"
+    meta = {"model": str(spec.get("model", cfg.model.name)), "method": method, "dataset": dataset.name}
     return EvalPlan(source, o, attacks, dataset, digest, fingerprint, out_dir, units, meta)
 
 
@@ -739,7 +791,7 @@ def _eval_params(plan: EvalPlan) -> dict[str, Any]:
         "eval.images": len(plan.dataset), "eval.batch_size": o.batch_size, "eval.seed": o.seed,
         "eval.eot_iter": o.eot_iter, "eval.strategy": o.strategy, "eval.shard_size": o.shard_size,
         "eval.weights_digest": plan.source.weights_digest, "eval.data_digest": plan.data_digest,
-        "eval.fingerprint": plan.fingerprint,
+        "eval.fingerprint": plan.fingerprint, "eval.checkpoint": plan.source.checkpoint_label,
     }
     for a in plan.attacks:
         if a.settings:
@@ -811,7 +863,10 @@ def open_eval_run(plan: EvalPlan, echo: Echo) -> tuple[Any, tracking.RunRef]:
         exp_id = tracking.get_or_create_experiment(client, src.cfg.mlflow.experiment, tracking.artifact_root_for(src.tracking_uri))
     if src.training_run_id:
         tags["rna.training_run_id"] = src.training_run_id
-    name = f"eval-{plan.row_meta['model']}-{plan.fingerprint[:6]}"
+    tags["rna.checkpoint"] = src.checkpoint_label + (f" (epoch {src.selected_epoch})" if src.selection else "")
+    if src.selection == "test":
+        tags["rna.selection_on_test_set"] = "true (the papers' way: biased upward)"
+    name = f"eval-{plan.row_meta['model']}-{plan.fingerprint[:6]}" + (f"-selected-on-{src.selection}" if src.selection else "")
     run_id = tracking.start_run(client, exp_id, name, params, tags)
     return client, tracking.RunRef(src.tracking_uri, exp_id, run_id)
 
@@ -863,6 +918,8 @@ def run_evaluation(plan: EvalPlan, echo: Echo = print) -> EvalOutcome:
         write_rows_parquet(rows, results, merge=True)
         all_rows = [r for r in read_rows_parquet(results) if r.run_id == row_run]
         title = f"{plan.row_meta['model']} {plan.row_meta['method']}, {plan.source.description}"
+        if plan.source.selection == "test":
+            title += " (selected on the test set, the papers' way: biased upward)"
         (plan.out_dir / TABLES_FILE).write_text(render_markdown(all_rows, title=title))
         (plan.out_dir / STABILITY_FILE).write_text(
             f"# Stability over trials: {title}\n\nAccuracy (%) over trials; std is the sample standard deviation.\n\n"
@@ -895,9 +952,10 @@ def evaluate(
     options: EvalOptions = EvalOptions(),
     overrides: Sequence[str] = (),
     echo: Echo = print,
+    selected: str | None = None,
 ) -> EvalOutcome:
     """Load, validate and plan (nothing started or written on a bad input), then run."""
-    source = load_source(run_id=run_id, checkpoint=checkpoint, overrides=overrides)
+    source = load_source(run_id=run_id, checkpoint=checkpoint, overrides=overrides, selected=selected)
     plan = plan_evaluation(source, options)
     return run_evaluation(plan, echo)
 
@@ -921,5 +979,6 @@ __all__ = [
     "plan_evaluation",
     "resolve_attacks",
     "run_evaluation",
+    "selected_artifact",
     "summary_metrics",
 ]

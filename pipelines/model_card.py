@@ -39,8 +39,13 @@ def render_model_card(
     num_paths: int | None = None,
     epochs_done: int | None = None,
     git_commit: str | None = None,
+    selected: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
-    """Markdown for the trained model `cfg` with its final `results` (metric name -> value)."""
+    """Markdown for the trained model `cfg` with its final `results` (metric name -> value).
+
+    `selected` ({"val" | "test": {epoch, metric, score, checkpoint, criterion}}, rna_core.selection)
+    adds a column per selected checkpoint; every column says which checkpoint its numbers come from.
+    """
     m, d, t = cfg.model, cfg.data, cfg.train
     a = t.attack
     method = METHOD_NAMES.get(m.method, m.method)
@@ -66,7 +71,8 @@ def render_model_card(
         + (f" (x{t.gamma:g} at {', '.join(f'{x:g}' for x in t.milestones)} of the run)" if t.schedule == "multistep" else ""),
         f"- Epochs {t.epochs}" + (f" ({epochs_done} completed)" if epochs_done is not None else "")
         + f", global batch {d.batch_size}, augmentation {'on' if d.augment else 'off'}"
-        + (f", a fixed subset of {d.train_limit} training images" if d.train_limit else ""),
+        + (f", a fixed subset of {d.train_limit} training images" if d.train_limit else "")
+        + (f", {d.val_size} training images held out for model selection" if d.val_size else ""),
         f"- Workers {cfg.ray.num_workers} (DDP), seed {t.seed}",
         "",
         "## Results",
@@ -74,17 +80,36 @@ def render_model_card(
         f"Held-out slice: {int(n_eval) if n_eval is not None else d.eval_limit} test images (a fixed subset, the same for every run); "
         f"attacks L-inf eps {a.eps:g}/255, step {a.step_size:g}/255, {t.eval_pgd_steps} steps.",
         "",
-        "| Attack | Protocol | Accuracy |",
-        "|---|---|---|",
+    ]
+    selected = dict(selected or {})
+    columns = [("Last epoch (the result)", "")] + [
+        (f"Selected on {w} (epoch {info['epoch']})" + (": biased" if w == "test" else ""), f"{w}_selected_")
+        for w, info in selected.items()
+    ]
+    lines += [
+        "| Attack | Protocol | " + " | ".join(c for c, _ in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
     ]
     for key, name, protocol in RESULT_ROWS:
         if key in results:
-            lines.append(f"| {name} | {protocol} | {_fmt(results[key])} |")
+            cells = [_fmt(results.get(prefix + key, "-")) for _, prefix in columns]
+            lines.append(f"| {name} | {protocol} | " + " | ".join(cells) + " |")
+    lines += ["", f"- **Last epoch (the result)**: the weights after epoch {epochs_done if epochs_done is not None else t.epochs}"
+              + (f", `{checkpoint}`" if checkpoint else "") + "; metrics `final_*`."]
+    for w, info in selected.items():
+        where = (f"{d.val_size} training images held out (`data.val_size`), never trained on" if w == "val"
+                 else f"the held-out test slice that the table reports on (`train.select_on_test`, the papers' way): "
+                      "**biased upward**, not comparable with the last epoch")
+        lines.append(
+            f"- **Selected on {w}**: epoch {info['epoch']}, the best {info['metric']} ({_fmt(float(info['score']))}) "
+            f"on {where}; measure: {info.get('criterion', info['metric'])}; `{info['checkpoint']}` "
+            f"(MLflow artifact `selected_{w}/`); metrics `{w}_selected_final_*`."
+        )
     lines += ["", "## Provenance", ""]
     if run_id:
         lines.append(f"- MLflow run: `{run_id}`")
     if checkpoint:
-        lines.append(f"- Checkpoint: `{checkpoint}`")
+        lines.append(f"- Checkpoint (last epoch): `{checkpoint}`")
     if git_commit:
         lines.append(f"- Code: git commit `{git_commit}`")
     lines += [

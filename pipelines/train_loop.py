@@ -3,23 +3,32 @@
 Each Ray Train worker builds the model, optimizer, scheduler and its shard of the data, resumes
 from `ray.train.get_checkpoint()` when there is one, and runs `rna_core.training.train_epoch` once
 per epoch. After every epoch: BatchNorm statistics are averaged over ranks, the held-out slice
-is evaluated (sharded over ranks), rank 0 writes the checkpoint and logs to MLflow, and every
-rank reports to Ray. At the end the held-out slice is evaluated under `transfer` and `eot`.
+is evaluated (sharded over ranks), and the validation split when `data.val_size` > 0; an epoch
+that beats the kept one on a selection (`rna_core.selection`: `val`, and `test` on request)
+has its weights written to `<run folder>/selected_<which>/`; rank 0 writes the checkpoint and logs
+to MLflow, and every rank reports to Ray. At the end the last epoch's weights (the result) and
+each selected epoch's are evaluated on the held-out slice under `transfer` and `eot`, same seeds.
 
 DDP and random paths (the decision this module is built around)
 ----------------------------------------------------------------
-Every rank draws its own attack and update paths, from a generator reseeded at every step with
-`(seed, rank, step)`: the ranks together train W sub-networks per step, as RNA intends, and a run
-is reproducible (also across a resume, which restarts at an epoch boundary). So a candidate
-norm may be used on one rank and not on another. We keep the standard DDP semantics: the
-gradient of every parameter is the sum over ranks divided by the world size, where a rank that
-did not use the parameter contributes zero. `find_unused_parameters=True` gives exactly that:
-DDP marks a locally unused parameter ready with a zero gradient, so the all-reduce never waits
-for it; a parameter unused on *every* rank keeps `grad=None` on every rank, so SGD skips it
-everywhere (weight decay and momentum included), as single-process training would. Gradients
-are therefore identical on all ranks, and so are the parameters after every step.
-(Adding `0 * p.sum()` for inactive candidates instead would hand them zero gradients every
-step, so weight decay and momentum would move parameters no path used: a different recipe.)
+By default (`train.rank_paths: shared`) all ranks run the same attack path and the same update
+path in a step: the paths come from one stream seeded at every step with `(seed, step)` alone,
+so the global batch trains one sub-network per step, as the official code's `DataParallel` does
+(and as a single process with the same seed does: the stream does not depend on the world size).
+The PGD random start is data, not a path: it comes from a second generator seeded with
+`(seed, rank, step)`, so each rank draws its own noise for its own images. A run is reproducible,
+also across a resume (which restarts at an epoch boundary). `train.rank_paths: per_rank` is the
+alternative: one generator per rank, seeded with `(seed, rank, step)`, draws that rank's paths
+and noise, so W ranks train W sub-networks per step (W paths x B/W images instead of one path x B).
+
+Gradients are the standard DDP average in both cases. `find_unused_parameters=True` is needed
+because inactive candidates take no part in the update's forward: DDP marks a locally unused
+parameter ready with a zero gradient, so the all-reduce never waits for it (with per-rank paths a
+candidate may be used on one rank only and still gets the average), and a parameter no rank used
+keeps `grad=None` on every rank. `rna_core.training` then gives those a zero gradient
+(`train.inactive_candidates: decay`, the official loops' behaviour: weight decay and momentum
+every step) or leaves them to SGD's skip (`skip`). Either way the decision is the same on every
+rank, so gradients, and the parameters after every step, are identical on all ranks.
 
 The attack runs on the bare module (`attack_model=ddp.module`): its forwards skip DDP, and its
 backward passes are `torch.autograd.grad` with respect to the input only, which never reaches
@@ -50,10 +59,12 @@ import torch.nn as nn
 
 from rna_core.checkpoint import load_checkpoint, save_checkpoint
 from rna_core.builders import effective_train_config, model_from_config
-from rna_core.config import Config, unflatten
+from rna_core.config import Config, TrainConfig, unflatten
 from rna_core.data import BatchIterator, ImageTensorDataset, load_dataset
+from rna_core.errors import ConfigError
 from rna_core.optim import apply_config_on_resume, build_optimizer, build_scheduler
 from rna_core.paths import PathSampler
+from rna_core.selection import BestEpoch, Criterion, selection_criterion, selections_of, split_metric
 from rna_core.speed import use_channels_last
 from rna_core.training import evaluate_clean, evaluate_pgd, train_epoch
 
@@ -61,6 +72,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 META_FILE = "meta.json"
 DATA_SEED = 0  # the synthetic task (class patterns) is fixed; train.seed varies the training only
 SUBSET_SEED = 0x5E1EC7  # which rows train_limit / eval_limit keep: fixed, so every run sees the same slice
+VAL_SEED = 0x7A11D  # which training rows data.val_size holds out: fixed, the same in every run and job
+SELECTED_DIR = "selected_{which}"  # beside the epoch checkpoints in the run folder: the selected epoch's weights
 
 EPOCH_METRICS = ("train_loss", "train_acc", "clean_acc", "pgd20_acc", "lr", "epoch_seconds", "images_per_second")
 FINAL_METRICS = ("final_clean_acc", "final_pgd20_transfer_acc", "final_eot_pgd_acc")
@@ -105,21 +118,42 @@ def per_worker_batch_size(global_batch: int, world: int) -> int:
     return max(1, global_batch // world)
 
 
+SHARED_PATH_STREAM = -0x5A7  # the `rank` slot of the path stream that every rank shares
+
+
+def step_streams(train_cfg: TrainConfig, seed: int, rank: int) -> tuple[PathSampler, torch.Generator | None]:
+    """The path sampler and the noise generator of a rank (None: the sampler's generator draws both).
+
+    `train.rank_paths: shared` gives a separate noise generator, so that `seeded_steps` can seed
+    the paths from (seed, step) on every rank and the random start from (seed, rank, step).
+    """
+    sampler = PathSampler(train_cfg.sampling, seed=mix_seed(seed, rank))
+    return sampler, (torch.Generator() if train_cfg.rank_paths == "shared" else None)
+
+
 def seeded_steps(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     generator: torch.Generator,
     seed: int,
     rank: int,
     first_step: int,
+    noise_generator: torch.Generator | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield the batches, reseeding `generator` from (seed, rank, global step) before each one.
+    """Yield the batches, reseeding the step's generators before each one.
 
-    The generator drives the step's path draws and the PGD random start, so what step k does is
-    a function of (seed, rank, k) alone: reproducible, and unchanged by a resume.
+    Without `noise_generator` (per-rank paths), `generator` draws the step's paths and its PGD
+    random start and is seeded from (seed, rank, global step). With it (shared paths), `generator`
+    draws the paths only and is seeded from (seed, global step), the same on every rank, and
+    `noise_generator` is seeded from (seed, rank, global step). What step k does is a function of
+    (seed, rank, k) alone: reproducible, and unchanged by a resume.
     """
     step = first_step
     for batch in batches:
-        generator.manual_seed(mix_seed(seed, rank, step))
+        if noise_generator is None:
+            generator.manual_seed(mix_seed(seed, rank, step))
+        else:
+            generator.manual_seed(mix_seed(seed, SHARED_PATH_STREAM, step))
+            noise_generator.manual_seed(mix_seed(seed, rank, step))
         yield batch
         step += 1
 
@@ -214,19 +248,21 @@ def evaluate_sharded(
     device: torch.device,
     seed: int,
     protocols: tuple[str, ...] = ("clean", "transfer"),
+    strategy: str | None = None,
 ) -> dict[str, float]:
     """Accuracy on the held-out slice, each rank scoring its share; counts summed over ranks.
 
     `protocols`: "clean", and PGD protocols of `rna_core.training.evaluate_pgd` ("transfer",
     "eot", "fixed-path"). Paths come from a generator seeded with (seed, rank, protocol), apart
-    from the training stream. Returns {protocol: accuracy} plus "n".
+    from the training stream, with `strategy` (default: train.sampling). Returns {protocol:
+    accuracy} plus "n".
     """
     shard = eval_shard(held_out, rank, world)
     t = cfg.train
     counts: list[float] = []
     for i, protocol in enumerate(protocols):
         batches = BatchIterator(shard, cfg.data.eval_batch_size, shuffle=False, seed=0, device=device)
-        sampler = PathSampler(t.sampling, seed=mix_seed(seed, rank, 0xE7A1, i))
+        sampler = PathSampler(strategy or t.sampling, seed=mix_seed(seed, rank, 0xE7A1, i))
         if protocol == "clean":
             correct, n = evaluate_clean(model, batches, sampler)
         else:
@@ -255,10 +291,39 @@ def fixed_subset(dataset: ImageTensorDataset, limit: int) -> ImageTensorDataset:
 
 
 def load_split(cfg: Config, split: str) -> ImageTensorDataset:
-    """Training data (`train_limit` rows) or the held-out slice (`eval_limit` test rows), see fixed_subset."""
+    """Training data (`train_limit` rows, after `val_size` rows are held out) or the held-out
+    slice (`eval_limit` test rows), see fixed_subset and training_splits."""
+    if split == "train":
+        return training_splits(cfg)[0]
     d = cfg.data
     ds = load_dataset(d.dataset, split, data_dir=d.data_dir, download=False, synthetic_size=d.synthetic_size, seed=DATA_SEED)
-    return fixed_subset(ds, d.train_limit if split == "train" else d.eval_limit)
+    return fixed_subset(ds, d.eval_limit)
+
+
+def validation_rows(n: int, val_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation rows, training rows) of a training file of `n` rows, both in file order.
+
+    A fixed permutation (VAL_SEED) picks the `val_size` validation rows, so they are spread over
+    the classes of a class-sorted file, the same in every run, and disjoint from the rest.
+    """
+    if not 0 <= val_size < n:
+        raise ConfigError(f"data.val_size ({val_size}) must be smaller than the training set ({n} images); lower it")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SEED))
+    return perm[:val_size].sort().values, perm[val_size:].sort().values
+
+
+def training_splits(cfg: Config) -> tuple[ImageTensorDataset, ImageTensorDataset | None]:
+    """(rows to train on, validation split or None) of the training file: never overlapping.
+
+    `data.val_size` rows are held out first (validation_rows); `data.train_limit` then keeps a
+    fixed subset of the rest. With val_size 0 the training rows are those of earlier versions.
+    """
+    d = cfg.data
+    full = load_dataset(d.dataset, "train", data_dir=d.data_dir, download=False, synthetic_size=d.synthetic_size, seed=DATA_SEED)
+    if d.val_size <= 0:
+        return fixed_subset(full, d.train_limit), None
+    val_idx, train_idx = validation_rows(len(full), d.val_size)
+    return fixed_subset(full.subset(train_idx), d.train_limit), full.subset(val_idx)
 
 
 def say(line: str) -> None:
@@ -280,6 +345,8 @@ def format_epoch_line(run_name: str, epoch: int, epochs: int, m: Mapping[str, fl
         parts.append(f"clean_acc {m['clean_acc']:.3f}")
     if "pgd20_acc" in m:
         parts.append(f"pgd20_acc {m['pgd20_acc']:.3f}")
+    if "val_pgd20_acc" in m:
+        parts.append(f"val_pgd20_acc {m['val_pgd20_acc']:.3f}")
     parts += [f"lr {m['lr']:.4g}", f"{m['images_per_second']:.0f} img/s", f"{m['epoch_seconds']:.1f}s"]
     return "  ".join(parts)
 
@@ -298,6 +365,71 @@ def write_checkpoint_dir(
     save_checkpoint(d / CHECKPOINT_FILE, model, optimizer, scheduler, epoch=epoch, config=cfg, extra=dict(extra))
     (d / META_FILE).write_text(json.dumps({"epoch": epoch, **{k: v for k, v in extra.items() if k != "metrics"}, "metrics": dict(extra.get("metrics", {}))}, indent=1))
     return d / CHECKPOINT_FILE
+
+
+def selection_scores(
+    model: nn.Module,
+    criterion: Criterion,
+    best: Mapping[str, BestEpoch],
+    held_out: ImageTensorDataset,
+    val_split: ImageTensorDataset | None,
+    cfg: Config,
+    rank: int,
+    world: int,
+    device: torch.device,
+    seed: int,
+) -> dict[str, float]:
+    """Per-epoch scores of the selections whose measure is not already evaluated every epoch.
+
+    RNA's measure (PGD under transfer) is the `pgd20_acc` / `val_pgd20_acc` of every evaluation
+    epoch; RPI+RPT's (PGD at its lowest precision) is evaluated here, on the split it selects on.
+    """
+    out: dict[str, float] = {}
+    if criterion.metric == "pgd20_acc":
+        return out
+    for w, record in best.items():
+        split = val_split if w == "val" else held_out
+        acc = evaluate_sharded(model, split, cfg, rank, world, device, mix_seed(seed, 1 + (w == "val")),
+                               (criterion.protocol,), strategy=criterion.strategy)
+        out[record.metric] = acc[criterion.protocol]
+    return out
+
+
+def selected_dir(storage_path: str, run_name: str, which: str) -> str:
+    """Folder (local path or URI) of a run's selected checkpoint: `<run folder>/selected_<which>`."""
+    return f"{storage_path.rstrip('/')}/{run_name}/{SELECTED_DIR.format(which=which)}"
+
+
+def write_selected(directory: str, model: nn.Module, epoch: int, cfg: Config, extra: Mapping[str, Any]) -> None:
+    """The selected epoch's weights (no optimizer state) as `checkpoint.pt` + `meta.json`.
+
+    Local folders are written file by file atomically; an object-store URI gets both files
+    uploaded from a temporary folder (an object appears whole or not at all).
+    """
+    if "://" not in directory:
+        write_checkpoint_dir(directory, model, None, None, epoch, cfg, extra)
+        return
+    import pyarrow.fs as pafs
+
+    with tempfile.TemporaryDirectory(prefix="rna-selected-") as tmp:
+        write_checkpoint_dir(tmp, model, None, None, epoch, cfg, extra)
+        fs, path = pafs.FileSystem.from_uri(directory)
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(tmp, path, destination_filesystem=fs)
+
+
+def read_selected(directory: str) -> dict[str, Any]:
+    """The payload of a selected checkpoint (see write_selected), read with weights_only=True."""
+    from rna_core.checkpoint import read_checkpoint
+
+    if "://" not in directory:
+        return read_checkpoint(FsPath(directory) / CHECKPOINT_FILE)
+    import pyarrow.fs as pafs
+
+    with tempfile.TemporaryDirectory(prefix="rna-selected-") as tmp:
+        fs, path = pafs.FileSystem.from_uri(directory)
+        pafs.copy_files(f"{path}/{CHECKPOINT_FILE}", f"{tmp}/{CHECKPOINT_FILE}", source_filesystem=fs)
+        return read_checkpoint(FsPath(tmp) / CHECKPOINT_FILE)
 
 
 # ----------------------------------------------------------------------------- the worker function
@@ -351,12 +483,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     optimizer = build_optimizer(model, train_cfg)
     scheduler = build_scheduler(optimizer, train_cfg)
 
+    criterion = selection_criterion(cfg, model)
+    best = {w: BestEpoch(w, split_metric(w, criterion)) for w in selections_of(cfg)}  # model selection (rna_core.selection)
+
     start_epoch, resumed = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             payload = load_checkpoint(FsPath(ckpt_dir) / CHECKPOINT_FILE, model, optimizer, scheduler)
         start_epoch = int(payload["epoch"])
+        for w, record in (payload.get("extra") or {}).get("selection", {}).items():
+            if w in best and record.get("metric") == best[w].metric:
+                best[w] = BestEpoch.from_dict(record)
         apply_config_on_resume(optimizer, scheduler, train_cfg, start_epoch)  # --set train.lr/epochs on resume
         resumed = {
             "epoch": start_epoch,
@@ -371,11 +509,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         use_channels_last(model)  # before DDP, so its buckets see the final parameter layout
     ddp_model = wrap_ddp(model, device) if world > 1 else model
 
-    train_full = load_split(cfg, "train")
+    train_full, val_split = training_splits(cfg)
     held_out = load_split(cfg, "test")
     batch = per_worker_batch_size(cfg.data.batch_size, world)
     steps_per_epoch = -(-(len(train_full) // world) // batch)
-    sampler = PathSampler(train_cfg.sampling, seed=mix_seed(seed, rank))
+    sampler, noise_generator = step_streams(train_cfg, seed, rank)
 
     client = tracking.client_for(run_ref.tracking_uri) if (rank == 0 and run_ref) else None
     epochs = cfg.train.epochs
@@ -388,8 +526,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         )
         lr = float(optimizer.param_groups[0]["lr"])
         stats = train_epoch(
-            ddp_model, seeded_steps(batches, sampler.generator, seed, rank, epoch * steps_per_epoch),
-            optimizer, train_cfg, sampler, attack_model=model,
+            ddp_model, seeded_steps(batches, sampler.generator, seed, rank, epoch * steps_per_epoch, noise_generator),
+            optimizer, train_cfg, sampler, attack_model=model, noise_generator=noise_generator,
         )
         scheduler.step()
         average_buffers(model)
@@ -409,7 +547,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         if done % max(1, cfg.train.eval_every) == 0 or done == epochs:
             t0 = time.perf_counter()
             acc = evaluate_sharded(model, held_out, cfg, rank, world, device, mix_seed(seed, done))
-            metrics.update(clean_acc=acc["clean"], pgd20_acc=acc["transfer"], eval_seconds=time.perf_counter() - t0)
+            metrics.update(clean_acc=acc["clean"], pgd20_acc=acc["transfer"])
+            if val_split is not None:
+                vacc = evaluate_sharded(model, val_split, cfg, rank, world, device, mix_seed(seed, done, 0x7A1))
+                metrics.update(val_clean_acc=vacc["clean"], val_pgd20_acc=vacc["transfer"])
+            metrics.update(selection_scores(model, criterion, best, held_out, val_split, cfg, rank, world, device, mix_seed(seed, done, 0x5E1)))
+            metrics["eval_seconds"] = time.perf_counter() - t0
+            for w, record in best.items():
+                if record.offer(done, metrics[record.metric]) and rank == 0:
+                    write_selected(
+                        selected_dir(cfg.ray.storage_path, run_name, w), model, done, cfg,
+                        {"selected_on": w, "selection_metric": record.metric, "selection_score": record.score,
+                         "selection_criterion": criterion.description, "mlflow_run_id": run_ref.run_id if run_ref else None,
+                         "run_name": run_name, "metrics": metrics},
+                    )
         last_metrics = metrics
 
         with tempfile.TemporaryDirectory(prefix="rna-ckpt-") as tmp:
@@ -418,7 +569,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 write_checkpoint_dir(
                     tmp, model, optimizer, scheduler, done, cfg,
                     {"mlflow_run_id": run_ref.run_id if run_ref else None, "run_name": run_name,
-                     "world_size": world, "metrics": metrics},
+                     "world_size": world, "metrics": metrics, "selection": {w: b.to_dict() for w, b in best.items()}},
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
                 if client is not None:
@@ -440,6 +591,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         "final_eval_seconds": time.perf_counter() - t0,
     }
     final.update({alias: final[key] for key, alias in EVAL_JOB_ALIASES.items()})
+    selected = {}
+    for w, record in best.items():  # the same final evaluation (same seed) of each selected epoch's weights
+        if record.epoch is None:
+            continue
+        where = selected_dir(cfg.ray.storage_path, run_name, w)
+        chosen = build_model(cfg).to(device)
+        chosen.load_state_dict(read_selected(where)["model"])
+        sacc = evaluate_sharded(chosen, held_out, cfg, rank, world, device, mix_seed(seed, 0xF1AA1), ("clean", "transfer", "eot"))
+        final.update({
+            f"{w}_selected_epoch": float(record.epoch), f"{w}_selected_score": record.score,
+            f"{w}_selected_final_clean_acc": sacc["clean"], f"{w}_selected_final_pgd20_transfer_acc": sacc["transfer"],
+            f"{w}_selected_final_eot_pgd_acc": sacc["eot"],
+        })
+        selected[w] = {"epoch": record.epoch, "metric": record.metric, "score": record.score, "checkpoint": f"{where}/{CHECKPOINT_FILE}",
+                       "criterion": criterion.description}
 
     digest = state_digest(model)
     digests = [digest]
@@ -453,8 +619,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             f"[{run_name}] final ({int(acc['n'])} held-out images): clean {final['final_clean_acc']:.3f}  "
             f"pgd20 (transfer) {final['final_pgd20_transfer_acc']:.3f}  eot-pgd {final['final_eot_pgd_acc']:.3f}"
         )
+        for w, info in selected.items():
+            say(
+                f"[{run_name}] selected on {w} (epoch {info['epoch']}, {info['metric']} {info['score']:.3f}): "
+                f"clean {final[f'{w}_selected_final_clean_acc']:.3f}  pgd20 (transfer) "
+                f"{final[f'{w}_selected_final_pgd20_transfer_acc']:.3f}  eot-pgd {final[f'{w}_selected_final_eot_pgd_acc']:.3f}"
+                + ("  [selected on the test set: biased upward]" if w == "test" else "")
+            )
     return {
         "final": final,
+        "selected": selected,
         "last_epoch": last_metrics,
         "epochs_done": epochs,
         "start_epoch": start_epoch,
@@ -479,8 +653,14 @@ __all__ = [
     "format_epoch_line",
     "mix_seed",
     "per_worker_batch_size",
+    "read_selected",
     "seeded_steps",
+    "selected_dir",
     "state_digest",
+    "step_streams",
+    "training_splits",
+    "validation_rows",
+    "write_selected",
     "train_loop_per_worker",
     "wrap_ddp",
 ]

@@ -64,6 +64,9 @@ class TrainingOutcome:
     resumed: dict[str, Any] | None
     state_digests: list[str]
     last_epoch_metrics: dict[str, float] = field(default_factory=dict)
+    # Model selection (rna_core.selection): {"val" | "test": {epoch, metric, score, checkpoint, criterion}}.
+    # The result is the last epoch (`checkpoint`); these are reported beside it, labelled.
+    selected: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- paths
@@ -230,13 +233,15 @@ def check_data(cfg: Config, echo: Echo | None = None) -> None:
     d = cfg.data
     if d.dataset == "synthetic":
         return
-    from rna_core.data.parquet import check_parquet_dataset, dataset_exists
+    from rna_core.data.parquet import check_parquet_dataset, dataset_exists, dataset_rows
     from rna_core.data.torchvision_data import _FOLDERS, load_torchvision_cifar
 
     root = d.data_dir or "./data"
     for split in ("train", "test"):
         if dataset_exists(_join(root, f"{split}.parquet")):
             check_parquet_dataset(_join(root, f"{split}.parquet"))  # corrupt or foreign: one line, before Ray
+            if split == "train":
+                check_val_size(cfg, dataset_rows(_join(root, "train.parquet")))
             continue
         if _is_uri(root):
             raise DatasetNotFoundError(
@@ -244,16 +249,30 @@ def check_data(cfg: Config, echo: Echo | None = None) -> None:
                 f"`python jobs/prepare_data.py --dataset {d.dataset} --out DIR` there"
             )
         if (Path(root) / _FOLDERS[d.dataset]).is_dir():
+            if split == "train":
+                check_val_size(cfg, 50_000)  # CIFAR-10 and CIFAR-100 both have 50,000 training images
             continue
         if d.download:
             if echo:
                 echo(f"downloading {d.dataset} ({split}) to {root} ...")
             load_torchvision_cifar(d.dataset, root=root, train=split == "train", download=True)
+            if split == "train":
+                check_val_size(cfg, 50_000)
             continue
         raise DatasetNotFoundError(
             f"{d.dataset} data not found in {root} (neither {split}.parquet nor torchvision files); "
             f"run `python jobs/prepare_data.py --dataset {d.dataset} --out DIR` and set data.data_dir=DIR, "
             "or set data.download=true"
+        )
+
+
+def check_val_size(cfg: Config, train_rows: int) -> None:
+    """The validation split must leave every worker training rows (one line before Ray, not in a worker)."""
+    d = cfg.data
+    if d.val_size and train_rows - d.val_size < cfg.ray.num_workers:
+        raise ConfigError(
+            f"data.val_size ({d.val_size}) leaves {max(train_rows - d.val_size, 0)} of the {train_rows} training images "
+            f"for {cfg.ray.num_workers} worker(s); lower data.val_size"
         )
 
 
@@ -280,6 +299,7 @@ def preflight(cfg: Config) -> None:
         n = cfg.data.train_limit or cfg.data.synthetic_size
         if min(n, cfg.data.synthetic_size) < cfg.ray.num_workers:
             raise ConfigError(f"the training set ({n} images) is smaller than ray.num_workers ({cfg.ray.num_workers})")
+        check_val_size(cfg, cfg.data.synthetic_size)
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -411,6 +431,7 @@ def already_finished(plan: RunPlan) -> TrainingOutcome | None:
         run_name=plan.run_name, run_dir=plan.run_dir, checkpoint=record.get("checkpoint"),
         mlflow=tracking.RunRef.from_dict(plan.job["mlflow"]), experiment=str(plan.job.get("experiment", plan.cfg.mlflow.experiment)),
         final_metrics=dict(record.get("final_metrics") or {}), epochs_done=epochs, start_epoch=epochs, resumed=None, state_digests=[],
+        selected=dict(record.get("selected") or {}),
     )
 
 
@@ -521,17 +542,22 @@ def run_training(
                 client.log_artifacts(ref.run_id, ckpt_dir, "checkpoint")
             checkpoint_file = _join(result.checkpoint.path, CHECKPOINT_FILE)
         final = dict(out.get("final", {}))
+        selected = dict(out.get("selected") or {})
+        for which, info in selected.items():  # beside checkpoint/ (the last epoch): selected_<which>/
+            _log_folder(client, ref.run_id, info["checkpoint"].rsplit("/", 1)[0], f"selected_{which}")
+        tracking.set_tags(client, ref.run_id, selection_tags(cfg, selected))
         from rna_core import count_paths
 
         card = render_model_card(
             cfg, final, run_name=plan.run_name, run_id=ref.run_id, checkpoint=checkpoint_file,
             num_paths=count_paths(_meta_model(cfg)), epochs_done=out.get("epochs_done"),
-            git_commit=tracking.git_commit(),
+            git_commit=tracking.git_commit(), selected=selected,
         )
         _log_text(client, ref.run_id, "model_card.md", card)
         epochs_done = int(out.get("epochs_done", 0))
         if epochs_done >= cfg.train.epochs:  # a rerun of the same command then starts nothing
-            job_record["finished"] = {"epochs": epochs_done, "checkpoint": checkpoint_file, "final_metrics": final}
+            job_record["finished"] = {"epochs": epochs_done, "checkpoint": checkpoint_file, "final_metrics": final,
+                                      "selected": selected}
             write_job_file(plan.run_dir, job_record)
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -553,7 +579,34 @@ def run_training(
         resumed=out.get("resumed"),
         state_digests=list(out.get("state_digests", [])),
         last_epoch_metrics=dict(out.get("last_epoch", {})),
+        selected=selected,
     )
+
+
+def selection_tags(cfg: Config, selected: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """MLflow tags saying which checkpoint each reported number comes from (rna_core.selection)."""
+    tags = {"rna.result": "last epoch (checkpoint/); final_* metrics"}
+    for which, info in selected.items():
+        note = " (selected on the test set, the papers' way: biased upward)" if which == "test" else ""
+        tags[f"rna.selected_on_{which}"] = (
+            f"epoch {info['epoch']} by {info['metric']} {info['score']:.4f}; selected_{which}/, {which}_selected_* metrics{note}"
+        )
+    if cfg.train.select_on_test:
+        tags["rna.selection_on_test_set"] = "true"
+    return tags
+
+
+def _log_folder(client: Any, run_id: str, folder: str, artifact_path: str) -> None:
+    """Log a local folder or an object-store folder (copied to a temporary folder first) as artifacts."""
+    if not _is_uri(folder):
+        client.log_artifacts(run_id, folder, artifact_path)
+        return
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(folder)
+    with tempfile.TemporaryDirectory(prefix="rna-selected-") as tmp:
+        pafs.copy_files(path, tmp, source_filesystem=fs)
+        client.log_artifacts(run_id, tmp, artifact_path)
 
 
 def _meta_model(cfg: Config):

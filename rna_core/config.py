@@ -23,6 +23,13 @@ from .paths import parse_strategy
 
 TRAIN_MODES = ("blackbox", "whitebox", "eot", "natural")
 SCHEDULES = ("multistep", "cosine", "constant")
+# SGD on parameters that got no gradient in a step (inactive candidates): `decay` gives them a zero
+# gradient, so weight decay and momentum move them every step as in the official loops; `skip`
+# leaves them untouched (SGD skips a parameter whose grad is None).
+INACTIVE_CANDIDATES = ("decay", "skip")
+# Paths of one DDP step: `shared`, one attack path and one update path for the whole global batch
+# (as the official DataParallel code); `per_rank`, each rank draws its own.
+RANK_PATHS = ("shared", "per_rank")
 
 
 @dataclass(frozen=True)
@@ -60,8 +67,9 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 256
     augment: bool = True
-    train_limit: int = 0  # 0 = the whole training set
-    eval_limit: int = 1000  # size of the held-out slice evaluated during and after training
+    train_limit: int = 0  # 0 = the whole training set (what is left after val_size)
+    eval_limit: int = 1000  # size of the held-out slice of the test set evaluated during and after training
+    val_size: int = 0  # training rows held out for model selection (never trained on); 0 = off
 
     def validate(self) -> None:
         if self.dataset not in ("cifar10", "cifar100", "synthetic"):
@@ -71,6 +79,13 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.train_limit < 0 or self.eval_limit < 0:
             raise ConfigError("data.train_limit and data.eval_limit must be >= 0 (0 = all)")
+        if self.val_size < 0:
+            raise ConfigError(f"data.val_size must be >= 0 (0 = no validation split), got {self.val_size}")
+        if self.dataset == "synthetic" and self.val_size >= self.synthetic_size:
+            raise ConfigError(
+                f"data.val_size ({self.val_size}) must be smaller than the training set "
+                f"(data.synthetic_size {self.synthetic_size}), so that rows are left to train on"
+            )
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,11 @@ class TrainConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     eval_pgd_steps: int = 20
     eval_every: int = 1  # epochs between per-epoch clean/pgd20 evaluations
+    inactive_candidates: str = "decay"  # decay (official) | skip: SGD on parameters unused in a step
+    rank_paths: str = "shared"  # shared (official, one path per step for all ranks) | per_rank
+    # Also keep the epoch with the best per-epoch robust accuracy on the held-out *test* slice (the
+    # papers' way; biased upward). Labelled test-selected wherever its numbers appear.
+    select_on_test: bool = False
     # Speed (rna_core/speed.py, docs/benchmarks.md); off by default: they change results within rounding.
     channels_last: bool = False  # channels_last memory format for the model and batches
     amp_bf16: bool = False  # bf16 autocast for forwards (attack and update); meant for CUDA
@@ -131,6 +151,12 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"train.gamma (the lr factor at each milestone) must be in (0, 1], got {self.gamma}")
+        if self.inactive_candidates not in INACTIVE_CANDIDATES:
+            raise ConfigError(
+                f"train.inactive_candidates '{self.inactive_candidates}' is unknown; valid: {', '.join(INACTIVE_CANDIDATES)}"
+            )
+        if self.rank_paths not in RANK_PATHS:
+            raise ConfigError(f"train.rank_paths '{self.rank_paths}' is unknown; valid: {', '.join(RANK_PATHS)}")
         if self.eval_pgd_steps < 0 or self.eval_every < 1:
             raise ConfigError(f"train.eval_pgd_steps must be >= 0 and train.eval_every >= 1, got {self.eval_pgd_steps} and {self.eval_every}")
         self.attack.validate()
@@ -391,6 +417,8 @@ def with_changes(cfg: Config, **sections: Any) -> Config:
 
 
 __all__ = [
+    "INACTIVE_CANDIDATES",
+    "RANK_PATHS",
     "AttackConfig",
     "Config",
     "DataConfig",

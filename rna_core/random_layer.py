@@ -37,10 +37,12 @@ class RandomNorm(RandomLayer):
     """K candidate normalizations sharing one position in the network; exactly one is applied.
 
     Each candidate has its own affine parameters and running statistics (where its kind has them;
-    `in` has neither). Only the active one runs, so inactive candidates get no gradient and their
-    statistics do not move. Two candidates that build the same layer at this width (`ln,gn:1`) are a
-    configuration error; `allow_identical` is for layers that repeat one kind on purpose (switchable
-    BatchNorm: one BatchNorm per precision).
+    `in` has neither). Only the active one runs, so inactive candidates get no gradient from the loss
+    and their statistics do not move (the training step then gives them a zero gradient, so SGD decays
+    them as the official loops do: `rna_core.training.give_unused_parameters_zero_grad`). Two
+    candidates that build the same layer at this width (`ln,gn:1`) are a configuration error;
+    `allow_identical` is for layers that repeat one kind on purpose (switchable BatchNorm: one
+    BatchNorm per precision).
     """
 
     def __init__(

@@ -43,8 +43,9 @@ def test_registry_has_the_paper_attacks_with_the_paper_settings():
     assert (pgd.eps, pgd.settings["step_size"], pgd.settings["steps"], pgd.settings["random_start"]) == (8 / 255, 2 / 255, 20, True)
     mi = get_attack("mifgsm").settings
     assert (mi["steps"], mi["decay"], mi["step_size"]) == (5, 1.0, 2 / 255)
-    assert get_attack("deepfool").settings == {"steps": 50, "overshoot": 0.02}
-    assert get_attack("cw_l2").settings == {"c": 1e-4, "kappa": 0.0, "steps": 1000, "lr": 0.01}
+    # fill_eps: L2 radius of the unperturbed rule under transfer/eot (ours, not the paper's setting)
+    assert get_attack("deepfool").settings == {"steps": 50, "overshoot": 0.02, "fill_eps": 0.5}
+    assert get_attack("cw_l2").settings == {"c": 1e-4, "kappa": 0.0, "steps": 1000, "lr": 0.01, "fill_eps": 0.5}
     assert get_attack("cw_inf").settings["steps"] == 20
     assert get_attack("autoattack_rand").settings["eot_iter"] == 20
     # which library runs what (the issue: libraries wherever they implement the attack)

@@ -169,6 +169,22 @@ def test_a_checkpoint_with_a_wrong_shaped_tensor_is_refused_on_the_driver(env, t
         load_source(checkpoint=str(bad))
 
 
+def test_a_selected_checkpoint_is_labelled_in_its_rows(env, tmp_path):
+    """A checkpoint written as the epoch selected on val (pipelines.train_loop.write_selected) names
+    itself; its rows never share a table row with the run's last epoch."""
+    payload = read_checkpoint(env["ckpt"])
+    model = build_model(load_source(checkpoint=env["ckpt"]).cfg)
+    model.load_state_dict(payload["model"])
+    path = save_checkpoint(tmp_path / "selected_val" / "checkpoint.pt", model, epoch=1, config=load_source(checkpoint=env["ckpt"]).cfg,
+                           extra={"selected_on": "val", "selection_metric": "val_pgd20_acc", "selection_score": 0.5})
+    source = load_source(checkpoint=str(path))
+    assert (source.selection, source.selected_epoch, source.checkpoint_label) == ("val", 1, "selected on val")
+    plan = plan_evaluation(source, EvalOptions(**{**SMALL, "out_dir": str(tmp_path / "out")}))
+    assert plan.row_meta["method"] == "rna(bn,gns:1) [selected on val, epoch 1]"
+    last = plan_evaluation(load_source(checkpoint=env["ckpt"]), EvalOptions(**{**SMALL, "out_dir": str(tmp_path / "out2")}))
+    assert last.row_meta["method"] == "rna(bn,gns:1)"
+
+
 def test_cli_attack_settings_are_in_pixels_like_configs():
     sys.path.insert(0, str(REPO))
     from jobs.evaluate import parse_attack_settings
@@ -316,6 +332,8 @@ def test_bad_inputs_exit_2_with_one_line_before_ray_starts(env, tmp_path):
         (["--run-id", "0123456789abcdef"], "MLflow run '0123456789abcdef' not found", uri),
         (["--run-id", "0123456789abcdef"], "no MLflow store", f"sqlite:///{tmp_path}/absent.db"),
         (["--run-id", "0123456789abcdef"], "is not reachable", "http://127.0.0.1:9/"),  # used to hang in retries
+        (["--checkpoint", env["ckpt"], "--selected", "val"], "--selected picks a checkpoint of a training run", None),
+        (["--run-id", env["run_id"], "--selected", "val"], "made no selection on val (train with data.val_size > 0)", env["uri"]),
     ]
     procs = []
     for i, (args, needle, store_uri) in enumerate(cases):

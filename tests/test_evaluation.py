@@ -273,7 +273,7 @@ def test_batch_seeds_make_a_sharded_run_equal_to_a_sequential_one(random_model, 
 
 def test_bad_evaluation_input_is_a_config_error(random_model, test_data):
     x, y = xy(test_data, 4)
-    with pytest.raises(ConfigError, match="valid protocols: transfer, early-stop, fixed-path, eot"):
+    with pytest.raises(ConfigError, match="valid protocols: transfer, transfer-raw, early-stop, fixed-path, eot"):
         run_protocol(random_model, x, y, "fgsm", "whitebox", seed=0)
     with pytest.raises(ConfigError, match="unknown meta field"):
         evaluate_model(random_model, test_data, attacks=["fgsm"], meta={"runid": "x"}, progress=False)
@@ -434,3 +434,66 @@ def test_path_analysis_saves_data_and_plots(random_model, test_data, tmp_path):
     assert len(pq.read_table(files["parquet"])) == 9
     for png in (tmp_path / "dist" / "accuracy_vs_distance.png", tmp_path / "matrix" / "transfer_matrix.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def _one_path_labels(n: int = 12):
+    """An untrained RNA model and labels taken from one of its paths: other paths misclassify many
+    examples, so attacks that judge on the attack path hand some back unperturbed."""
+    torch.manual_seed(0)
+    model = rna_core.create_model("small_cnn", norm="bn,gns:1").eval()
+    x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    rna_core.set_path(model, "0000")
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y
+
+
+def test_one_unperturbed_rule_for_every_attack_under_transfer_and_eot():
+    """torchattacks' CW returns the clean input for every example it never misclassified and DeepFool
+    for every example misclassified from the start (RNA's evaluate.py scores those outputs on a fresh
+    path). Under transfer and eot no example may be scored unperturbed, for any attack: each gets
+    APGD-CE's highest-loss point inside the attack's threat model (L2 radius fill_eps for unbounded
+    L2 attacks), and the examples the attack did perturb keep the attack's own point."""
+    model, x, y = _one_path_labels()
+    cases = [("cw_l2", dict(steps=5)), ("deepfool", dict(steps=3)), ("autoattack", {}), ("fgsm", {})]
+    for name, settings in cases:
+        attack = get_attack(name, **settings)
+        raw = run_protocol(model, x, y, attack, "transfer-raw", seed=2, eot_iter=2)
+        for protocol in ("transfer", "eot"):
+            out = run_protocol(model, x, y, attack, protocol, seed=2, eot_iter=2)
+            dist = attack.threat.distance(out.x_adv, x)
+            assert int((dist <= 1e-5).sum()) == 0, f"{name} under {protocol}: {int((dist <= 1e-5).sum())} unperturbed"
+            assert out.x_adv.min() >= 0 and out.x_adv.max() <= 1
+            bound = attack.eps if attack.eps is not None else attack.settings["fill_eps"]
+            left = attack.threat.distance(raw.x_adv, x) <= 1e-5
+            if bool(left.any()):
+                assert float(dist[left].max()) <= bound + 1e-5, name  # fills stay in the budget
+            if protocol == "transfer":  # same seeds: only the unperturbed examples changed
+                assert torch.equal(out.x_adv[~left], raw.x_adv[~left]), name
+                assert out.attack_path == raw.attack_path and out.score_path == raw.score_path
+        if name in ("cw_l2", "deepfool"):
+            assert int(left.sum()) > 0, f"the test needs {name} to hand back clean inputs under transfer-raw"
+
+
+def test_transfer_raw_is_transfer_for_attacks_that_perturb_every_example(random_model, test_data):
+    x, y = xy(test_data, 16)
+    pgd = get_attack("pgd20", steps=3)
+    a = run_protocol(random_model, x, y, pgd, "transfer", seed=5)
+    b = run_protocol(random_model, x, y, pgd, "transfer-raw", seed=5)
+    assert torch.equal(a.x_adv, b.x_adv) and a.correct == b.correct and a.score_path == b.score_path
+    natural = get_attack("natural")
+    assert torch.equal(run_protocol(random_model, x, y, natural, "transfer", seed=5).x_adv, x)  # natural stays clean
+
+
+def test_early_stop_is_attributed_to_double_win_quant_not_to_the_rna_code():
+    """Double-Win Quant's CIFAR/utils.py attack_pgd stops attacking an example once it is
+    misclassified; RNA's utils.py attack_pgd attacks every example every step. The docs must say so."""
+    from pathlib import Path
+
+    import rna_core.evaluation.protocols as protocols
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for text in (protocols.__doc__, readme):
+        line = next(line for line in text.splitlines() if "early-stop" in line and "(" in line)
+        assert "the paper's adaptive setting" not in text and "(its adaptive setting)" not in text
+        assert "Double-Win Quant" in text[text.index(line): text.index(line) + 400], line

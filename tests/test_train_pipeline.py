@@ -94,6 +94,56 @@ def test_fixed_subset_is_stable_and_spans_classes_of_a_sorted_file():
     assert fixed_subset(ds, 0) is ds and fixed_subset(ds, 5000) is ds
 
 
+def _row_digests(ds) -> list[str]:
+    import hashlib
+
+    return [hashlib.sha256(ds.images[i].numpy().tobytes() + bytes([int(ds.labels[i])])).hexdigest() for i in range(len(ds))]
+
+
+def test_validation_split_never_overlaps_the_training_rows():
+    from pipelines.train_loop import load_split, training_splits, validation_rows
+
+    base = ["model.name=small_cnn", "data.dataset=synthetic", "data.synthetic_size=300"]
+    full, none = training_splits(load_config(None, base))
+    assert none is None and len(full) == 300  # val_size 0: the training rows of earlier versions
+    full_rows = _row_digests(full)
+    assert len(set(full_rows)) == 300  # every synthetic example is distinct, so contents identify rows
+    for extra in ([], ["data.train_limit=100"]):
+        cfg = load_config(None, [*base, "data.val_size=60", *extra])
+        train, val = training_splits(cfg)
+        assert len(val) == 60 and len(train) == (100 if extra else 240)
+        train_rows, val_rows = set(_row_digests(train)), set(_row_digests(val))
+        assert not train_rows & val_rows  # never trained on a validation row
+        assert train_rows | val_rows <= set(full_rows)
+        assert len(set(val.labels.tolist())) == 10  # spread over the classes
+        again_train, again_val = training_splits(cfg)  # the same rows in every run and job
+        assert torch.equal(again_val.images, val.images) and torch.equal(again_train.images, train.images)
+        assert torch.equal(load_split(cfg, "train").images, train.images)
+    val_idx, train_idx = validation_rows(50, 7)
+    assert len(val_idx) == 7 and sorted(val_idx.tolist() + train_idx.tolist()) == list(range(50))
+
+
+def test_val_size_is_validated_on_the_driver():
+    from rna_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.val_size must be >= 0"):
+        load_config(None, ["data.val_size=-1"])
+    with pytest.raises(ConfigError, match=r"data.val_size \(512\) must be smaller than the training set"):
+        load_config(None, ["data.dataset=synthetic", "data.val_size=512"])
+    with pytest.raises(ConfigError, match="train.select_on_test"):
+        load_config(None, ["train.select_on_test=maybe"])
+
+
+def test_best_epoch_keeps_the_first_strictly_better_epoch_as_the_official_loops():
+    """RNA and Double-Win Quant keep an epoch when `pgd_acc > best_pgd_acc`: ties keep the earlier one."""
+    from rna_core.selection import BestEpoch
+
+    best = BestEpoch("val", "val_pgd20_acc")
+    kept = [best.offer(e, s) for e, s in enumerate([0.2, 0.3, 0.3, float("nan"), 0.25, 0.31], start=1)]
+    assert kept == [True, True, False, False, False, True] and (best.epoch, best.score) == (6, 0.31)
+    assert BestEpoch.from_dict(best.to_dict()) == best
+
+
 def test_tracking_uri_resolution(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = tracking.resolve_tracking_uri(tmp_path)
@@ -116,6 +166,52 @@ def test_model_card_names_method_space_recipe_and_results():
     for text in ("RNA", "`bn,gns:1`", "1,048,576 paths", "PGD-10", "eps 8/255", "SGD lr 0.1, momentum 0.9, weight decay 0.0005",
                  "Epochs 200", "| PGD-20 | transfer", "0.5200", "| EOT-PGD | eot", "0.3100", "1000 test images", "`abc`"):
         assert text in card, text
+
+
+def test_selection_measures_are_the_official_ones_per_method():
+    """RNA's train.py selects on PGD-20 with random norms for attack and inference (transfer);
+    Double-Win Quant's on PGD-20 at its lowest precision, attacked and scored at that precision."""
+    from pipelines.train_loop import selection_scores
+    from rna_core.data import make_synthetic
+    from rna_core.rpt import path_for_precision, precision_of
+    from rna_core.selection import BestEpoch, selection_criterion
+    from rna_core.training import evaluate_pgd
+
+    rna_cfg = load_config(None, ["model.name=small_cnn", "data.dataset=synthetic"])
+    rna = selection_criterion(rna_cfg, build_model(rna_cfg))
+    assert (rna.metric, rna.protocol, rna.strategy) == ("pgd20_acc", "transfer", None)  # the per-epoch pgd20_acc itself
+
+    cfg = load_config(None, ["model.name=small_cnn", "model.method=rpt", "model.norm=bn", "model.precisions=4-6",
+                             "data.dataset=synthetic", "train.eval_pgd_steps=2", "data.eval_batch_size=16"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    crit = selection_criterion(cfg, model)
+    assert crit.metric == "pgd20_4bit_acc" and crit.protocol == "fixed-path"
+    assert precision_of(model, RnaPath.parse(crit.strategy.split(":", 1)[1])) == 4
+    data = make_synthetic(32, seed=0, split="test")
+    seen: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, a: seen.append(precision_of(m)))
+    scores = selection_scores(model, crit, {"test": BestEpoch("test", crit.metric)}, data, None, cfg, 0, 1, torch.device("cpu"), 7)
+    hook.remove()
+    assert set(seen) == {4}  # every attack forward and the scoring forward at 4 bits
+    from rna_core.data import BatchIterator
+
+    sampler = PathSampler(f"fixed:{path_for_precision(model, 4)}", seed=mix_seed(mix_seed(7, 1), 0, 0xE7A1, 0))
+    correct, n = evaluate_pgd(model, BatchIterator(data, 16, shuffle=False, seed=0), sampler, "fixed-path", steps=2)
+    assert scores == {"pgd20_4bit_acc": correct / n}
+
+
+def test_model_card_says_which_checkpoint_each_number_comes_from():
+    cfg = load_config(str(REPO / "configs" / "paper_resnet18_cifar10.yaml"), ["data.val_size=5000", "train.select_on_test=true"])
+    results = {"final_clean_acc": 0.81, "final_pgd20_transfer_acc": 0.42, "final_eot_pgd_acc": 0.31,
+               "val_selected_final_clean_acc": 0.79, "val_selected_final_pgd20_transfer_acc": 0.47, "val_selected_final_eot_pgd_acc": 0.33,
+               "test_selected_final_clean_acc": 0.78, "test_selected_final_pgd20_transfer_acc": 0.49, "test_selected_final_eot_pgd_acc": 0.34}
+    selected = {"val": {"epoch": 101, "metric": "val_pgd20_acc", "score": 0.5, "checkpoint": "/r/selected_val/checkpoint.pt"},
+                "test": {"epoch": 103, "metric": "pgd20_acc", "score": 0.51, "checkpoint": "/r/selected_test/checkpoint.pt"}}
+    card = render_model_card(cfg, results, run_name="r", checkpoint="/r/epoch_0200/checkpoint.pt", epochs_done=200, selected=selected)
+    assert "| Attack | Protocol | Last epoch (the result) | Selected on val (epoch 101) | Selected on test (epoch 103): biased |" in card
+    assert "| PGD-20 | transfer: attack one path, score a fresh one (the paper's setting) | 0.4200 | 0.4700 | 0.4900 |" in card
+    assert "5000 training images held out" in card and "**biased upward**" in card and "`/r/selected_val/checkpoint.pt`" in card
 
 
 @pytest.mark.parametrize("preset", ["smoke", "paper_resnet18_cifar10", "paper_wrn34_10_cifar10",
@@ -264,6 +360,81 @@ def test_ddp_gradient_is_all_rank_average_with_random_paths(tmp_path):
     assert reports[0]["state_digest"] == reports[1]["state_digest"]  # parameters and buffers
 
 
+def _record_steps(rank: int, world: int, rank_paths: str, ddp: bool, *extra: str) -> dict:
+    """Three blackbox steps of the production epoch loop on identical data on every rank: the path
+    and a digest of the input of every forward (attack iterates, then the update), and the weights."""
+    from rna_core.optim import build_optimizer
+    from rna_core.paths import get_path
+    from rna_core.training import train_epoch
+    from pipelines.train_loop import effective_train_config, step_streams
+
+    cfg = load_config(None, ["model.name=small_cnn", "model.norm=bn,gns:1", "data.dataset=synthetic",
+                             "train.attack.steps=2", f"train.rank_paths={rank_paths}", "train.seed=5", *extra])
+    tcfg = effective_train_config(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    net = wrap_ddp(model, torch.device("cpu")) if ddp else model
+    opt = build_optimizer(model, tcfg)
+    forwards: list[tuple[str, str]] = []
+    model.register_forward_pre_hook(lambda m, args: forwards.append((str(get_path(m)), state_digest({"x": args[0]}))))
+    gen = torch.Generator().manual_seed(42)  # the same images on every rank: only the noise may differ
+    batches = [(torch.rand(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)) for _ in range(3)]
+    sampler, noise = step_streams(tcfg, cfg.train.seed, rank)
+    train_epoch(net, seeded_steps(batches, sampler.generator, cfg.train.seed, rank, 0, noise), opt, tcfg, sampler,
+                attack_model=model, noise_generator=noise)
+    torch.manual_seed(0)  # the initial weights again (rank 0's, which DDP broadcast)
+    init = dict(build_model(cfg).named_parameters())
+    unused = {n: p for n, p in model.named_parameters() if ".candidates.1." in n}  # gns: off every path with fixed:0000
+    return {"paths": [p for p, _ in forwards], "inputs": [d for _, d in forwards], "params": state_digest(dict(model.named_parameters())),
+            "gns_moved": [not torch.equal(p.detach(), init[n].detach()) for n, p in unused.items() if n.endswith("weight")],  # biases start at 0
+            "gns_momentum": [("momentum_buffer" in opt.state.get(p, {})) for p in unused.values()]}
+
+
+def _rank_paths_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        report = {mode: _record_steps(rank, world, mode, ddp=True) for mode in ("shared", "per_rank")}
+        for policy in ("decay", "skip"):  # candidates no rank uses (fixed all-bn path): decayed on every rank, or skipped
+            report[policy] = _record_steps(rank, world, "shared", True, "train.sampling=fixed:0000", f"train.inactive_candidates={policy}")
+        (Path(out_dir) / f"paths{rank}.json").write_text(json.dumps(report))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # trains (3 steps in 2 processes, ~20 s)
+def test_ddp_ranks_share_one_attack_path_and_one_update_path_per_step(tmp_path):
+    """The official code runs DataParallel: one path per step for the whole global batch. Default
+    (`train.rank_paths: shared`): every rank runs the paths that one process with the same seed
+    draws, step by step; only the random start noise differs (each rank has its own images).
+    `per_rank` is the alternative: each rank draws its own paths."""
+    world = 2
+    mp.start_processes(_rank_paths_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, start_method="spawn")
+    ranks = [json.loads((tmp_path / f"paths{r}.json").read_text()) for r in range(world)]
+    single = _record_steps(0, 1, "shared", ddp=False)  # one process, as DataParallel would run it
+    forwards_per_step = 2 + 1  # two PGD iterates, then the update
+    shared = [r["shared"] for r in ranks]
+    assert len(single["paths"]) == 3 * forwards_per_step
+    assert shared[0]["paths"] == shared[1]["paths"] == single["paths"]
+    attack_paths = single["paths"][0::forwards_per_step]
+    update_paths = single["paths"][2::forwards_per_step]
+    assert len(set(attack_paths + update_paths)) > 1 and attack_paths != update_paths  # blackbox: drawn anew
+    first_iterates = [r["inputs"][0::forwards_per_step] for r in shared]
+    assert all(a != b for a, b in zip(*first_iterates))  # random start noise: per rank
+    assert shared[0]["params"] == shared[1]["params"]
+    per_rank = [r["per_rank"] for r in ranks]
+    assert per_rank[0]["paths"] != per_rank[1]["paths"]  # the option: each rank its own paths
+    assert per_rank[0]["params"] == per_rank[1]["params"]
+    # DDP leaves grad None on parameters no rank used; the step then gives them a zero gradient
+    # (inactive_candidates: decay, the official loops), the same on every rank.
+    for r in ranks:
+        assert len(r["decay"]["gns_moved"]) == 4 and all(r["decay"]["gns_moved"]) and len(r["decay"]["gns_momentum"]) == 8
+        assert all(r["decay"]["gns_momentum"])
+        assert not any(r["skip"]["gns_moved"]) and not any(r["skip"]["gns_momentum"])
+    assert ranks[0]["decay"]["params"] == ranks[1]["decay"]["params"] and ranks[0]["skip"]["params"] == ranks[1]["skip"]["params"]
+
+
 # ----------------------------------------------------------------------------- CLI: bad input
 
 
@@ -307,10 +478,16 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
         ("storage under a file", "ray.storage_path"),
         ("mlflow store under a file", "the MLflow store's folder"),
         ("mlflow server down", "is not reachable"),  # used to hang in MLflow's retries
+        (["--set", "train.inactive_candidates=freeze"], "train.inactive_candidates 'freeze' is unknown; valid: decay, skip"),
+        (["--set", "train.rank_paths=each"], "train.rank_paths 'each' is unknown; valid: shared, per_rank"),
+        (["--set", "data.val_size=-5"], "data.val_size must be >= 0"),
+        (["--set", "train.select_on_test=perhaps"], "train.select_on_test' expects true or false"),
+        ("val_size above the training rows", "data.val_size (8) leaves 0 of the 8 training images"),
     ],
     ids=["bad key", "unknown norm", "groups do not divide", "identical candidates", "batch below workers", "bad mode", "unreadable fixed path",
          "fixed path of the wrong length", "no config", "not a run", "corrupt parquet", "storage under a file",
-         "mlflow store under a file", "mlflow server down"],
+         "mlflow store under a file", "mlflow server down", "inactive candidates", "rank paths", "negative val_size",
+         "select_on_test not a bool", "val_size above the training rows"],
 )
 def test_bad_inputs_fail_before_anything_starts(args, needle, tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(REPO))
@@ -332,6 +509,15 @@ def test_bad_inputs_fail_before_anything_starts(args, needle, tmp_path, monkeypa
             argv += ["--set", f"ray.storage_path={tmp_path}/not_a_run/results"]
         else:
             monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/not_a_run/mlflow.db")
+    elif args == "val_size above the training rows":
+        from rna_core.data import make_synthetic, write_parquet_dataset
+
+        data = tmp_path / "not_a_run"
+        for split in ("train", "test"):
+            ds = make_synthetic(8, seed=0, split=split)
+            write_parquet_dataset(data / f"{split}.parquet", ds.images, ds.labels, ds.classes, "cifar10")
+        argv = ["--config", str(REPO / "configs/smoke.yaml"), "--set", f"data.data_dir={data}", "--set", "data.dataset=cifar10",
+                "--set", "data.val_size=8"]
     elif args == "corrupt data":
         data = tmp_path / "not_a_run"  # the one folder the final check allows
         data.mkdir()
@@ -544,3 +730,57 @@ def test_failed_run_is_marked_failed(ray_env, tmp_path):
     client = tracking.client_for(f"sqlite:///{ray_env}/mlflow.db")
     runs = _runs(client, "exp-c")
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
+
+
+@pytest.mark.slow  # starts Ray Train and trains 3 epochs
+def test_model_selection_on_a_validation_split_and_on_request_on_the_test_set(ray_env):
+    """The result stays the last epoch; the epochs with the best val / test robust accuracy are kept
+    too (strictly better, as the official loops), also across a worker failure and resume, logged and
+    labelled, and the evaluation job can take the selected checkpoint with its rows labelled."""
+    from pipelines.evaluate import load_source, plan_evaluation, EvalOptions
+    from pipelines.trainer import run_training
+    from rna_core.errors import ConfigError
+
+    cfg = _cfg(ray_env, "mlflow.experiment=exp-sel", "mlflow.run_name=sel", "train.epochs=3", "ray.max_failures=1",
+               "data.val_size=64", "train.select_on_test=true")
+    out = run_training(cfg, echo=lambda s: None, fail_after_epoch=2)
+    assert out.start_epoch == 2  # the retry resumed after epoch 2 with the selection state of its checkpoint
+    client = tracking.client_for(out.mlflow.tracking_uri)
+    run = client.get_run(out.mlflow.run_id)
+    m = run.data.metrics
+    for which, metric in (("val", "val_pgd20_acc"), ("test", "pgd20_acc")):
+        history = sorted(client.get_metric_history(out.mlflow.run_id, metric), key=lambda h: h.step)
+        assert [h.step for h in history] == [1, 2, 3], metric
+        best = max(range(3), key=lambda i: (history[i].value, -i))  # the first epoch with the highest score
+        assert out.selected[which]["epoch"] == best + 1 == m[f"{which}_selected_epoch"], (which, [h.value for h in history])
+        assert m[f"{which}_selected_score"] == history[best].value
+        payload = read_checkpoint(Path(out.selected[which]["checkpoint"]))
+        assert payload["epoch"] == best + 1 and payload["extra"]["selected_on"] == which and payload["optimizer"] is None
+        assert {f"selected_{which}/checkpoint.pt", f"selected_{which}/meta.json"} <= _artifacts(client, out.mlflow.run_id)
+        for key in ("final_clean_acc", "final_pgd20_transfer_acc", "final_eot_pgd_acc"):
+            assert 0.0 <= m[f"{which}_selected_{key}"] <= 1.0
+            if best + 1 == 3:  # the last epoch's weights, evaluated with the same seeds: the same numbers
+                assert m[f"{which}_selected_{key}"] == m[key]
+    assert _steps(client, out.mlflow.run_id, "val_clean_acc") == [1, 2, 3]
+    assert run.data.tags["rna.selection_on_test_set"] == "true" and "biased" in run.data.tags["rna.selected_on_test"]
+    card = Path(client.download_artifacts(out.mlflow.run_id, "model_card.md")).read_text()
+    assert f"Selected on val (epoch {out.selected['val']['epoch']})" in card and "Last epoch (the result)" in card
+
+    # the evaluation job: --selected val takes selected_val/ and labels its rows; the last epoch stays unlabelled
+    opts = EvalOptions(attacks=("fgsm",), protocols=("transfer",), path_analysis=0, out_dir=str(ray_env / "eval-sel"))
+    plan = plan_evaluation(load_source(run_id=out.mlflow.run_id, selected="val"), opts)
+    assert plan.row_meta["method"] == f"rna(bn,gns:1) [selected on val, epoch {out.selected['val']['epoch']}]"
+    from pipelines.evaluate import run_evaluation
+    from rna_core.evaluation import read_rows_parquet
+
+    done = run_evaluation(plan, echo=lambda s: None)
+    assert {r.method for r in read_rows_parquet(done.results_path)} == {plan.row_meta["method"]}
+    eval_run = client.get_run(done.mlflow.run_id)
+    assert eval_run.data.tags["rna.checkpoint"] == f"selected on val (epoch {out.selected['val']['epoch']})"
+    assert eval_run.info.run_name.endswith("-selected-on-val") and eval_run.data.params["eval.checkpoint"] == "selected on val"
+    plan_test = plan_evaluation(load_source(run_id=out.mlflow.run_id, selected="test"), replace(opts, out_dir=str(ray_env / "eval-t")))
+    assert "[selected on test" in plan_test.row_meta["method"]
+    last = plan_evaluation(load_source(run_id=out.mlflow.run_id), replace(opts, out_dir=str(ray_env / "eval-last")))
+    assert last.row_meta["method"] == "rna(bn,gns:1)"
+    with pytest.raises(ConfigError, match="--selected picks a checkpoint of a training run"):
+        load_source(checkpoint=out.checkpoint, selected="val")

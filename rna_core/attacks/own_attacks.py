@@ -19,6 +19,8 @@ from .registry import Attack, register_attack
 class Natural(Attack):
     """No perturbation: clean accuracy, scored by the same protocols as every attack. Runs: rna_core."""
 
+    perturbs = False  # exempt from the unperturbed rule: clean inputs are the point
+
     def __init__(self, name: str, settings: dict):
         super().__init__(name, {**settings, "eps": 0.0})
 

@@ -203,6 +203,13 @@ def check_parquet_dataset(uri: str) -> None:
     _read_metadata(schema, uri)
 
 
+def dataset_rows(uri: str) -> int:
+    """Number of examples in a dataset file, from the Parquet footer (no image is read)."""
+    fs, path = _resolve(uri)
+    with fs.open_input_file(path) as f:
+        return int(pq.ParquetFile(f).metadata.num_rows)
+
+
 def _open_dataset(uri: str, read: bool) -> tuple[pa.Table | None, pa.Schema, str]:
     """(the image and label columns if `read`, the schema, the path), or one-line errors."""
     fs, path = _resolve(uri)
