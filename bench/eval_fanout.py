@@ -2,7 +2,7 @@
 
 Same model (small_cnn, RNA), same synthetic test images, same attacks, protocols, trials, batch
 size and seeds for every case:
-  * fanout_2x1cpu: `pipelines.evaluate.fan_out` with a local Ray of 2 CPUs, tasks of 1 CPU
+  * fanout_2x1cpu: `pipelines.evaluation.job.fan_out` with a local Ray of 2 CPUs, tasks of 1 CPU
     (1 torch thread each), so 2 units run at once; then `gather_rows` sums the unit files.
   * seq_1thread: `rna_core.evaluation.evaluate_model` in this process with 1 torch thread: the
     sequential loop, one unit after another on one core (what each fan-out task runs).
@@ -45,8 +45,11 @@ CORES = 2  # the local Ray's CPUs: the fan-out's workers, and the cores of the b
 
 def build_plan(args: argparse.Namespace, out_dir: str):
     """The evaluation plan of a freshly initialised small_cnn (weights seeded) on synthetic data."""
-    from pipelines.evaluate import EvalOptions, ModelSource, plan_evaluation
-    from pipelines.train_loop import build_model, state_digest
+    from pipelines.evaluation.plan import plan_evaluation
+    from pipelines.evaluation.source import ModelSource
+    from rna_core.builders import model_from_config as build_model
+    from rna_core.config import EvalConfig as EvalOptions
+    from rna_core.distributed import state_digest
 
     cfg = config_from_dict({
         "model": {"name": args.model, "method": "rna", "norm": "bn,gns:1"},
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import ray
 
-    from pipelines.evaluate import fan_out, gather_rows
+    from pipelines.evaluation.job import fan_out
+    from pipelines.evaluation.store import gather_rows
     from rna_core.evaluation.runner import evaluate_model
 
     work = tempfile.mkdtemp(prefix="rna-bench-eval-")

@@ -56,8 +56,10 @@ def bench_config(args: argparse.Namespace, workers: int, cpus: float, storage: s
 
 def plain_epochs(cfg: Config, threads: int) -> list[float]:
     """`cfg.train.epochs` epochs of the plain loop, built exactly as the Ray worker builds them."""
-    from pipelines.train_loop import build_model, effective_train_config, epoch_shard_indices, load_split, mix_seed, seeded_steps, step_streams
-    from rna_core.data import BatchIterator
+    from rna_core.builders import effective_train_config
+    from rna_core.builders import model_from_config as build_model
+    from rna_core.data import BatchIterator, load_split
+    from rna_core.distributed import epoch_shard_indices, mix_seed, seeded_steps, step_streams
     from rna_core.optim import build_optimizer, build_scheduler
     from rna_core.training import train_epoch
 
@@ -85,7 +87,7 @@ def plain_epochs(cfg: Config, threads: int) -> list[float]:
 
 def ray_fit(cfg: Config, name: str) -> tuple[float, float, dict[str, Any]]:
     """(fit wall seconds, epoch_seconds of the last epoch measured in the worker, last metrics)."""
-    from pipelines.trainer import build_trainer
+    from pipelines.train import build_trainer
 
     trainer = build_trainer(cfg, name, {"config": flatten(cfg), "run_name": name, "mlflow": None}, use_gpu=False)
     start = time.perf_counter()
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import ray
 
-    from pipelines.trainer import ensure_ray
+    from pipelines.cluster import ensure_ray
 
     storage = tempfile.mkdtemp(prefix="rna-bench-ray-")
     cfg_ray1 = bench_config(args, 1, 2.0, storage)

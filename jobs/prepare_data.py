@@ -17,7 +17,7 @@ import argparse  # noqa: E402
 import time  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from jobs._cli import OneLineParser, run_main  # noqa: E402
+from jobs.cli import OneLineParser, run_main  # noqa: E402
 from rna_core.errors import ConfigError, DatasetNotFoundError  # noqa: E402
 
 DATASETS = ("cifar10", "cifar100")

@@ -4,7 +4,7 @@
     ray job submit --working-dir . -- python jobs/sweep.py --config configs/sweep_random_space_ablation.yaml
     python jobs/sweep.py --config configs/sweep_smoke.yaml --resume
 
-The config is a training config plus a `sweep:` section (see pipelines/sweep.py). `--set` reaches
+The config is a training config plus a `sweep:` section (see rna_core/sweep_config.py). `--set` reaches
 both parts (`--set train.epochs=1`, `--set sweep.max_concurrent_trials=1`). Running a sweep whose
 folder exists resumes it (Tune's restore: finished trials are not run again); `--resume` insists
 on that. A bad config is one line on stderr and exit code 2, before Ray starts. At the end it
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from typing import Sequence  # noqa: E402
 
-from jobs._cli import EXIT_INTERRUPTED, OneLineParser, add_config_arguments, run_main  # noqa: E402
+from jobs.cli import EXIT_INTERRUPTED, OneLineParser, add_config_arguments, run_main  # noqa: E402
 
 PROG = "sweep.py"
 EXIT_TRIALS_FAILED = 1
@@ -40,7 +40,8 @@ def parse_args(argv: Sequence[str] | None):
 def job(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     # Everything up to run_sweep's Ray start only validates: no Ray, no MLflow yet.
-    from pipelines.sweep import load_sweep_config, run_sweep
+    from pipelines.sweep.driver import run_sweep
+    from pipelines.sweep.spec import load_sweep_config
 
     sc = load_sweep_config(args.config, args.overrides)
 

@@ -10,16 +10,13 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from rna_core.config import Config
+from rna_core.evaluation import final_metric_names
+from rna_core.methods import get_method
 
-METHOD_NAMES = {
-    "rna": "Random Normalization Aggregation (RNA; Dong et al., NeurIPS 2022)",
-    "rpt": "Random Precision Training/Inference (RPI+RPT; Fu et al., ICML 2021)",
-}
-
-RESULT_ROWS = (
-    ("final_clean_acc", "Natural (clean)", "a fresh random path per batch"),
-    ("final_pgd20_transfer_acc", "PGD-20", "transfer: attack one path, score a fresh one (the paper's setting)"),
-    ("final_eot_pgd_acc", "EOT-PGD", "eot: every attack forward draws a fresh path (adaptive attack)"),
+RESULT_ROWS = (  # (role in final_metric_names, row name, protocol in words)
+    ("natural", "Natural (clean)", "a fresh random path per batch"),
+    ("pgd", "PGD-{steps}", "transfer: attack one path, score a fresh one (the paper's setting)"),
+    ("eot", "EOT-PGD-{steps}", "eot: every attack forward draws a fresh path (adaptive attack)"),
 )
 
 
@@ -48,15 +45,15 @@ def render_model_card(
     """
     m, d, t = cfg.model, cfg.data, cfg.train
     a = t.attack
-    method = METHOD_NAMES.get(m.method, m.method)
-    space = m.norm if m.method == "rna" else f"precisions {m.precisions} ({m.rpt_draws})"
-    n_eval = results.get("final_eval_images")
+    method = get_method(m.method)
+    names = final_metric_names(t)
+    n_eval = results.get("eval_images")
     lines = [
         f"# Model card: {run_name}",
         "",
         f"- **Model**: `{m.name}` for `{d.dataset}` ({cfg.num_classes()} classes)",
-        f"- **Method**: {method}",
-        f"- **Random space**: `{space}`" + (f", {num_paths:,} paths" if num_paths is not None else ""),
+        f"- **Method**: {method.title}",
+        f"- **Random space**: {method.random_space(m)}" + (f", {num_paths:,} paths" if num_paths is not None else ""),
         f"- **Path sampling**: `{t.sampling}`, training mode `{t.mode}`"
         + (f" (EOT over {t.eot_iter} paths)" if t.mode == "eot" else ""),
         "",
@@ -90,12 +87,14 @@ def render_model_card(
         "| Attack | Protocol | " + " | ".join(c for c, _ in columns) + " |",
         "|---|---|" + "---|" * len(columns),
     ]
-    for key, name, protocol in RESULT_ROWS:
+    for role, name, protocol in RESULT_ROWS:
+        key = names[role]
         if key in results:
             cells = [_fmt(results.get(prefix + key, "-")) for _, prefix in columns]
-            lines.append(f"| {name} | {protocol} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name.format(steps=t.eval_pgd_steps)} | {protocol} | " + " | ".join(cells) + " |")
+    metric_list = ", ".join(f"`{n}`" for n in names.values())
     lines += ["", f"- **Last epoch (the result)**: the weights after epoch {epochs_done if epochs_done is not None else t.epochs}"
-              + (f", `{checkpoint}`" if checkpoint else "") + "; metrics `final_*`."]
+              + (f", `{checkpoint}`" if checkpoint else "") + f"; metrics {metric_list}, as `jobs/evaluate.py` names them."]
     for w, info in selected.items():
         where = (f"{d.val_size} training images held out (`data.val_size`), never trained on" if w == "val"
                  else f"the held-out test slice that the table reports on (`train.select_on_test`, the papers' way): "
@@ -103,7 +102,7 @@ def render_model_card(
         lines.append(
             f"- **Selected on {w}**: epoch {info['epoch']}, the best {info['metric']} ({_fmt(float(info['score']))}) "
             f"on {where}; measure: {info.get('criterion', info['metric'])}; `{info['checkpoint']}` "
-            f"(MLflow artifact `selected_{w}/`); metrics `{w}_selected_final_*`."
+            f"(MLflow artifact `selected_{w}/`); metrics `{w}_selected_acc_*`."
         )
     lines += ["", "## Provenance", ""]
     if run_id:

@@ -1,14 +1,16 @@
 """One tree of frozen dataclasses for every job, loaded from YAML with `--set key=value` overrides.
 
 The tree flattens to `{"train.lr": 0.1, ...}` for `mlflow.log_params` and rebuilds from that dict
-(which is what Ray passes to workers). Every value is validated on construction, so a bad config
-fails on the driver with one clear line, before any cluster work starts.
+(which is what Ray passes to workers). Every value is coerced and validated here, on the driver,
+so a bad config fails with one clear line before any cluster work starts. Besides the training
+sections the tree has two optional ones, `sweep:` (rna_core/sweep_config.py, read by jobs/sweep.py)
+and `eval:` (rna_core/eval_config.py, the flags of jobs/evaluate.py); a training config has neither.
 """
 
 from __future__ import annotations
 
+import json
 import math
-
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -18,8 +20,12 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .norms import parse_space
+from .eval_config import EvalConfig
+from .evaluation.naming import pgd_metric
+from .methods import get_method
+from .models import list_models
 from .paths import parse_strategy
+from .sweep_config import SweepConfig
 
 TRAIN_MODES = ("blackbox", "whitebox", "eot", "natural")
 SCHEDULES = ("multistep", "cosine", "constant")
@@ -43,17 +49,9 @@ class ModelConfig:
     rpt_draws: str = "per_iteration"  # rpt only: one precision per iteration, or "attack_and_update"
 
     def validate(self) -> None:
-        from .models import list_methods, list_models
-
         if self.name not in list_models():
             raise ConfigError(f"model.name '{self.name}' is unknown; valid: {', '.join(list_models())}")
-        if self.method not in list_methods():
-            raise ConfigError(f"model.method '{self.method}' is unknown; valid: {', '.join(list_methods())}")
-        parse_space(self.norm)
-        if self.method == "rpt":
-            from .rpt import validate_model_config
-
-            validate_model_config(self)
+        get_method(self.method).validate(self)  # the method owns its fields (rna_core/methods/)
 
 
 @dataclass(frozen=True)
@@ -120,7 +118,7 @@ class TrainConfig:
     seed: int = 0
     attack: AttackConfig = field(default_factory=AttackConfig)
     eval_pgd_steps: int = 20
-    eval_every: int = 1  # epochs between per-epoch clean/pgd20 evaluations
+    eval_every: int = 1  # epochs between per-epoch evaluations (clean_acc, pgd<eval_pgd_steps>_acc)
     inactive_candidates: str = "decay"  # decay (official) | skip: SGD on parameters unused in a step
     rank_paths: str = "shared"  # shared (official, one path per step for all ranks) | per_rank
     # Also keep the epoch with the best per-epoch robust accuracy on the held-out *test* slice (the
@@ -129,7 +127,6 @@ class TrainConfig:
     # Speed (rna_core/speed.py, docs/benchmarks.md); off by default: they change results within rounding.
     channels_last: bool = False  # channels_last memory format for the model and batches
     amp_bf16: bool = False  # bf16 autocast for forwards (attack and update); meant for CUDA
-    compile: bool = False  # torch.compile the model (see docs/benchmarks.md: does not pay with random paths)
 
     def validate(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -157,8 +154,10 @@ class TrainConfig:
             )
         if self.rank_paths not in RANK_PATHS:
             raise ConfigError(f"train.rank_paths '{self.rank_paths}' is unknown; valid: {', '.join(RANK_PATHS)}")
-        if self.eval_pgd_steps < 0 or self.eval_every < 1:
-            raise ConfigError(f"train.eval_pgd_steps must be >= 0 and train.eval_every >= 1, got {self.eval_pgd_steps} and {self.eval_every}")
+        if self.eval_pgd_steps < 1 or self.eval_every < 1:
+            raise ConfigError(
+                f"train.eval_pgd_steps and train.eval_every must be >= 1, got {self.eval_pgd_steps} and {self.eval_every}"
+            )
         self.attack.validate()
 
 
@@ -218,10 +217,20 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: ScalingConfig = field(default_factory=ScalingConfig)
     mlflow: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig | None = None  # jobs/sweep.py: what varies (rna_core/sweep_config.py)
+    eval: EvalConfig | None = None  # jobs/evaluate.py: attacks, protocols, fan-out (rna_core/eval_config.py)
+
+    def __post_init__(self) -> None:
+        if self.sweep is not None and self.sweep.metric is None:  # rank trials by the per-epoch PGD accuracy
+            object.__setattr__(self, "sweep", replace(self.sweep, metric=pgd_metric(self.train.eval_pgd_steps)))
 
     def validate(self) -> "Config":
         for f in fields(self):
-            getattr(self, f.name).validate()
+            section = getattr(self, f.name)
+            if section is not None:
+                section.validate()
+        if self.sweep is not None and self.sweep.name is not None and not is_plain_folder_name(self.sweep.name):
+            raise ConfigError(f"sweep.name '{self.sweep.name}' must be a plain folder name (no '/')")
         return self
 
     def num_classes(self) -> int:
@@ -280,20 +289,33 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+def _section_type(typ: Any) -> type | None:
+    """The dataclass of a section field (`TrainConfig`, or `SweepConfig | None`), else None."""
+    if is_dataclass(typ):
+        return typ
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(typ) if is_dataclass(a)]
+        return inner[0] if inner else None
+    return None
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
     hints = _field_types(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
+    by_name = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(by_name))
     if unknown:
         where = prefix.rstrip(".") or "the top level"
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys in {where}: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys in {where}: {', '.join(sorted(by_name))}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        typ = hints[name]
-        if is_dataclass(typ):
-            kwargs[name] = _build(typ, value or {}, f"{prefix}{name}.")
+        typ, parse = hints[name], by_name[name].metadata.get("parse")
+        section = _section_type(typ)
+        if parse is not None:  # a field with its own form (a sweep space, attack settings)
+            kwargs[name] = parse(value, f"{prefix}{name}")
+        elif section is not None:
+            kwargs[name] = _build(section, value or {}, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, typ, f"{prefix}{name}")
     return cls(**kwargs)
@@ -305,11 +327,15 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Nested plain dict (tuples become lists), suitable for YAML."""
+    """Nested plain dict (tuples become lists), suitable for YAML; absent sections are left out."""
     out: dict[str, Any] = {}
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        if is_dataclass(value):
+        if value is None and _section_type(_field_types(type(cfg))[f.name]):
+            continue
+        if "flat" in f.metadata:
+            out[f.name] = json.loads(f.metadata["flat"](value))
+        elif is_dataclass(value):
             out[f.name] = to_dict(value)
         elif isinstance(value, tuple):
             out[f.name] = list(value)
@@ -319,13 +345,21 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
-    """`{"train.lr": 0.1, "train.attack.eps": 8.0, ...}`; tuples become comma-joined strings."""
+    """`{"train.lr": 0.1, "train.attack.eps": 8.0, ...}`; tuples become comma-joined strings.
+
+    Absent sections (`sweep`, `eval` of a training config) are left out; a field with its own
+    form (a sweep space, attack settings) is its JSON text.
+    """
     flat: dict[str, Any] = {}
 
     def walk(obj: Any, prefix: str) -> None:
         for f in fields(obj):
             value = getattr(obj, f.name)
-            if is_dataclass(value):
+            if value is None and _section_type(_field_types(type(obj))[f.name]):
+                continue
+            if "flat" in f.metadata:
+                flat[f"{prefix}{f.name}"] = f.metadata["flat"](value)
+            elif is_dataclass(value):
                 walk(value, f"{prefix}{f.name}.")
             elif isinstance(value, tuple):
                 flat[f"{prefix}{f.name}"] = ",".join(map(str, value))
@@ -350,9 +384,14 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
+# Keys this tree does not have that flattened configs stored with runs and checkpoints may carry;
+# they are dropped when such a config is read (torch.compile: see docs/benchmarks.md).
+RETIRED_KEYS = ("train.compile",)
+
+
 def unflatten(flat: dict[str, Any]) -> Config:
-    """Rebuild a Config from :func:`flatten`'s dict."""
-    return config_from_dict(_nest(flat))
+    """Rebuild a Config from :func:`flatten`'s dict (also one stored by an older version)."""
+    return config_from_dict(_nest({k: v for k, v in flat.items() if k not in RETIRED_KEYS}))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -394,17 +433,23 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return config_from_dict(apply_overrides(data, overrides or []))
 
 
-def read_yaml_file(path: str, example: str = "configs/smoke.yaml") -> Any:
-    """The parsed YAML of a preset file; a missing file or bad syntax is one clear ConfigError."""
+def read_yaml_file(path: str, example: str = "configs/smoke.yaml") -> dict[str, Any]:
+    """The sections of a preset file; a missing file, bad syntax or a non-mapping is one clear ConfigError."""
     p = FsPath(path)
     if not p.is_file():
         raise ConfigError(f"config file '{path}' does not exist; presets live in configs/ (e.g. {example})")
     try:
-        return yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(errors="replace")) or {}
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
         raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file '{path}' does not hold a config (a YAML mapping of sections model:, data:, train:, ...); "
+            f"pass a preset such as {example}"
+        )
+    return data
 
 
 def dump_yaml(cfg: Config) -> str:
@@ -422,15 +467,19 @@ __all__ = [
     "AttackConfig",
     "Config",
     "DataConfig",
+    "EvalConfig",
     "ModelConfig",
     "ScalingConfig",
+    "SweepConfig",
     "TrackingConfig",
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
     "dump_yaml",
     "flatten",
+    "is_plain_folder_name",
     "load_config",
+    "read_yaml_file",
     "parse_override",
     "to_dict",
     "unflatten",

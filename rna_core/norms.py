@@ -102,9 +102,11 @@ def parse_norm_spec(text: str) -> NormSpec:
 def parse_space(text: str | list[str] | tuple[str, ...]) -> tuple[NormSpec, ...]:
     """Parse a random space (`"bn,gns:1"` or a list of specs) into distinct specs, in order."""
     parts = text.split(",") if isinstance(text, str) else list(text)
-    specs = tuple(parse_norm_spec(p) for p in parts if str(p).strip())
-    if not specs:
+    if not any(str(p).strip() for p in parts):
         raise ConfigError("empty norm space; give at least one spec, e.g. 'bn' or 'bn,gns:1'")
+    if not all(str(p).strip() for p in parts):  # 'bn,,in': a spec left out, not a two-spec space
+        raise ConfigError(f"norm space '{text}' has an empty spec between commas; write each spec once, e.g. 'bn,in'")
+    specs = tuple(parse_norm_spec(p) for p in parts)
     seen: set[NormSpec] = set()
     for spec in specs:
         if spec in seen:

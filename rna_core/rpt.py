@@ -21,20 +21,16 @@ refused with a CheckpointMismatchError naming that key instead of failing on mis
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch.nn as nn
 
 from .errors import ConfigError
 from .models.layers import LayerFactory, check_conv_role
-from .models.registry import register_method
-from .norms import NormSpec, parse_space
+from .norms import NormSpec
 from .paths import Path, get_path, random_layers
 from .quant import MAX_BITS, PRECISION_TIE, QuantConv2d, QuantLinear
 from .random_layer import RandomNorm
-
-if TYPE_CHECKING:
-    from .config import ModelConfig
 
 # How RPT draws precisions in training: the original draws one per iteration, used both to craft
 # the adversarial batch and for the update; the alternative draws the two independently.
@@ -154,29 +150,6 @@ class RptFactory(LayerFactory):
         return {"norm": "bn", "precisions": format_precisions(self.precisions), "quantizer": QUANTIZER}
 
 
-def _check_norm(norm: str) -> None:
-    if tuple(parse_space(norm)) != (NormSpec("bn"),):
-        raise ConfigError(
-            f"method 'rpt' uses switchable BatchNorm, so model.norm must be 'bn', got '{norm}'; set model.norm: bn"
-        )
-
-
-@register_method("rpt")
-def _rpt_factory(norm: str = "bn", precisions: str | int | Sequence[int] = DEFAULT_PRECISIONS, **options: Any) -> RptFactory:
-    if options:
-        raise ConfigError(f"method 'rpt' takes only the options norm and precisions; got {sorted(options)}")
-    _check_norm(norm)
-    return RptFactory(precisions)
-
-
-def validate_model_config(model_cfg: "ModelConfig") -> None:
-    """Checks of the `rpt` fields of a ModelConfig (called by ModelConfig.validate for method rpt)."""
-    _check_norm(model_cfg.norm)
-    parse_precisions(model_cfg.precisions)
-    if model_cfg.rpt_draws not in RPT_DRAWS:
-        raise ConfigError(f"model.rpt_draws '{model_cfg.rpt_draws}' is unknown; valid: {', '.join(RPT_DRAWS)}")
-
-
 # ---------------------------------------------------------------- paths <-> precisions
 
 
@@ -236,5 +209,4 @@ __all__ = [
     "path_for_precision",
     "precision_of",
     "precisions_of",
-    "validate_model_config",
 ]

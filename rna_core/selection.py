@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch.nn as nn
 
 from .config import Config
+from .methods import Criterion, get_method
 
 SELECTIONS = ("val", "test")
 SELECTION_LABELS = {
@@ -34,30 +35,11 @@ SELECTION_LABELS = {
 }
 
 
-@dataclass(frozen=True)
-class Criterion:
-    """How an epoch is scored for selection: a PGD accuracy under a protocol and path strategy."""
-
-    metric: str  # per-epoch metric name on the test slice; `val_<metric>` on the validation split
-    protocol: str  # a protocol of rna_core.training.evaluate_pgd
-    strategy: str | None  # path strategy of that evaluation; None: the run's train.sampling
-    description: str
-
-
 def selection_criterion(cfg: Config, model: nn.Module) -> Criterion:
-    """The method's selection measure: RNA's PGD under `transfer` with random paths (its
-    `evaluate_pgd_random_norms`), RPI+RPT's PGD at its lowest precision, attacked and scored there
-    (Double-Win Quant's `evaluate_pgd` with `num_bits = num_bits_schedule[0]`)."""
-    steps = cfg.train.eval_pgd_steps
-    if cfg.model.method == "rpt":
-        from .rpt import path_for_precision, precisions_of
-
-        bits = min(precisions_of(model))
-        return Criterion(
-            f"pgd20_{bits}bit_acc", "fixed-path", f"fixed:{path_for_precision(model, bits)}",
-            f"PGD-{steps} accuracy at {bits} bits, attacked and scored at that precision (Double-Win Quant's train.py)",
-        )
-    return Criterion("pgd20_acc", "transfer", None, f"PGD-{steps} accuracy under transfer with random paths (RNA's train.py)")
+    """The method's selection measure (`Method.selection_criterion`): RNA's PGD under `transfer`
+    with random paths (its `evaluate_pgd_random_norms`), RPI+RPT's PGD at its lowest precision,
+    attacked and scored there (Double-Win Quant's `evaluate_pgd` with `num_bits = num_bits_schedule[0]`)."""
+    return get_method(cfg.model.method).selection_criterion(cfg, model)
 
 
 def split_metric(which: str, criterion: Criterion) -> str:

@@ -1,15 +1,14 @@
-"""Speed settings of the training step: channels_last memory format, bf16 autocast, torch.compile.
+"""Speed settings of the training step: channels_last memory format and bf16 autocast.
 
 Both are off by default (`TrainConfig.channels_last`, `TrainConfig.amp_bf16`) because they change
 results within rounding (channels_last picks other convolution kernels; bf16 keeps 8 bits of
 mantissa), and a run's numbers should not depend on a flag nobody asked for. On a GPU with tensor
 cores both pay (see docs/benchmarks.md); on CPU they are allowed but rarely help.
 
-`train_step` honours `channels_last` and `amp_bf16` itself. `compile` cannot be applied per step
-(compiling is a one-off that returns a new module), so jobs call :func:`prepare_model` once,
-before wrapping the model in DDP. With random paths torch.compile does not pay: dynamo treats
-each RandomLayer's integer `choice` as a constant, so every new path is a new graph (K^L paths;
-after `recompile_limit` graphs it falls back to eager). It is meant for plain-norm baselines.
+`train_step` honours `channels_last` and `amp_bf16` itself. torch.compile is not offered: with
+random paths dynamo treats each RandomLayer's integer `choice` as a constant, so every new path
+is a new graph (K^L paths; after `recompile_limit` graphs it falls back to eager), measured in
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -82,18 +81,4 @@ class AutocastForward(nn.Module):
         return out.float()
 
 
-def prepare_model(model: nn.Module, cfg: Any, backend: str = "inductor") -> nn.Module:
-    """Apply the one-off speed settings of a TrainConfig: channels_last, then torch.compile.
-
-    Returns the module to train: the compiled wrapper when `cfg.compile`. It shares parameters,
-    buffers and random layers with `model`, so paths set on either reach both; save checkpoints
-    from `model` (the wrapper's state_dict keys carry an `_orig_mod.` prefix).
-    """
-    if cfg.channels_last:
-        use_channels_last(model)
-    if cfg.compile:
-        return torch.compile(model, backend=backend)
-    return model
-
-
-__all__ = ["AutocastForward", "as_channels_last", "bf16_autocast", "prepare_model", "to_device_async", "use_channels_last"]
+__all__ = ["AutocastForward", "as_channels_last", "bf16_autocast", "to_device_async", "use_channels_last"]

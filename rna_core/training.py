@@ -24,6 +24,7 @@ from .attacks.pgd import pgd_linf
 from .config import INACTIVE_CANDIDATES, AttackConfig, TrainConfig
 from .paths import PathSampler, fresh_path_every_forward, set_path
 from .speed import AutocastForward, as_channels_last, bf16_autocast, use_channels_last
+from .units import to_unit
 
 
 @dataclass
@@ -46,8 +47,8 @@ def craft_adversarial(
 ) -> torch.Tensor:
     """PGD on the model's current path, or averaged over fresh paths when `eot_sampler` is given."""
     kwargs = dict(
-        eps=attack.eps / 255,
-        step_size=attack.step_size / 255,
+        eps=to_unit(attack.eps),
+        step_size=to_unit(attack.step_size),
         steps=attack.steps,
         use_random_start=attack.random_start,
         generator=generator,
@@ -197,7 +198,7 @@ def evaluate_pgd(
     if protocol not in ("transfer", "fixed-path", "eot"):
         raise ValueError(f"unknown protocol {protocol!r}")
     model.eval()
-    attack = AttackConfig(eps=eps, step_size=step_size, steps=steps, random_start=True)
+    attack = AttackConfig(eps=eps, step_size=step_size, steps=steps, random_start=True)  # pixels/255
     correct, n = 0, 0
     for x, y in batches:
         attack_path = sampler.apply(model)

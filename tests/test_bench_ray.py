@@ -19,6 +19,7 @@ def no_ray_left():
         ray.shutdown()
 
 
+@pytest.mark.slow  # starts Ray
 def test_ray_overhead_tiny(tmp_path, capsys):
     out = tmp_path / "ro.json"
     result = ray_overhead.main(["--tiny", "--json", str(out)])
@@ -35,6 +36,7 @@ def test_ray_overhead_tiny(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+@pytest.mark.slow  # starts Ray
 def test_eval_fanout_tiny(capsys):
     result = eval_fanout.main(["--tiny"])
     text = capsys.readouterr().out

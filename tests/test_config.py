@@ -86,3 +86,16 @@ def test_every_preset_loads():
         if isinstance(data, dict) and "sweep" in data:
             continue  # sweep presets have their own loader
         load_config(str(preset))
+
+
+def test_a_file_that_is_not_a_mapping_and_an_empty_spec_are_one_line_config_errors(tmp_path):
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- model\n- data\n")
+    for path in ("/etc/passwd", str(listed)):
+        with pytest.raises(ConfigError, match=f"config file '{path}' does not hold a config") as info:
+            load_config(path)
+        assert "\n" not in str(info.value)
+    for space in ("bn,,in", "bn,in,", ",bn"):
+        with pytest.raises(ConfigError, match="has an empty spec between commas"):
+            load_config(None, [f"model.norm={space}"])
+    assert load_config(None, ["model.norm=bn, in"]).model.norm == "bn, in"  # spaces around specs are fine

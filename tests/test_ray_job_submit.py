@@ -138,7 +138,8 @@ def test_ray_job_submit_runs_smoke_preset_to_succeeded():
         runs = client.search_runs([exp.experiment_id])
         assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_name == "submitted"
         assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")) == [1, 2]
-        assert 0.0 <= runs[0].data.metrics["final_eot_pgd_acc"] <= 1.0
+        assert 0.0 <= runs[0].data.metrics["acc_eot_pgd_steps2_eot"] <= 1.0  # eval_pgd_steps=2 is in the name
+        assert "pgd2_acc" in runs[0].data.metrics and "pgd20_acc" not in runs[0].data.metrics
         assert runs[0].data.params["data.data_dir"] == f"{tmp}/data"
     finally:
         if head is not None:

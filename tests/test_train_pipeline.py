@@ -1,7 +1,7 @@
 """The training job: DDP with random paths, Ray Train runs, MLflow tracking, resume, CLI errors.
 
 Three layers, cheapest first: pure helpers; a real 2-process gloo DDP group (no Ray) that checks
-the gradient averaging claim of `pipelines.train_loop` step by step; and 2-worker Ray Train runs
+the gradient averaging claim of `rna_core.distributed` step by step; and 2-worker Ray Train runs
 on synthetic data against a real SQLite MLflow store (one local Ray for the whole module).
 """
 
@@ -23,17 +23,10 @@ import torch.nn.functional as F
 
 from pipelines import tracking
 from pipelines.model_card import render_model_card
-from pipelines.train_loop import (
-    average_buffers,
-    build_model,
-    epoch_shard_indices,
-    fixed_subset,
-    mix_seed,
-    seeded_steps,
-    state_digest,
-    wrap_ddp,
-)
+from rna_core.builders import model_from_config as build_model
 from rna_core.checkpoint import read_checkpoint
+from rna_core.data import fixed_subset
+from rna_core.distributed import average_buffers, epoch_shard_indices, mix_seed, seeded_steps, state_digest, wrap_ddp
 from rna_core.config import AttackConfig, TrainConfig, load_config
 from rna_core.paths import Path as RnaPath
 from rna_core.paths import PathSampler, random_layers, set_path
@@ -101,7 +94,7 @@ def _row_digests(ds) -> list[str]:
 
 
 def test_validation_split_never_overlaps_the_training_rows():
-    from pipelines.train_loop import load_split, training_splits, validation_rows
+    from rna_core.data import load_split, training_splits, validation_rows
 
     base = ["model.name=small_cnn", "data.dataset=synthetic", "data.synthetic_size=300"]
     full, none = training_splits(load_config(None, base))
@@ -160,52 +153,57 @@ def test_model_card_names_method_space_recipe_and_results():
     cfg = load_config(str(REPO / "configs" / "paper_resnet18_cifar10.yaml"))
     card = render_model_card(
         cfg,
-        {"final_clean_acc": 0.81, "final_pgd20_transfer_acc": 0.52, "final_eot_pgd_acc": 0.31, "final_eval_images": 1000},
+        {"acc_natural_transfer": 0.81, "acc_pgd20_transfer": 0.52, "acc_eot_pgd_eot": 0.31, "eval_images": 1000},
         run_name="r", run_id="abc", checkpoint="/x/checkpoint.pt", num_paths=2**20,
     )
     for text in ("RNA", "`bn,gns:1`", "1,048,576 paths", "PGD-10", "eps 8/255", "SGD lr 0.1, momentum 0.9, weight decay 0.0005",
-                 "Epochs 200", "| PGD-20 | transfer", "0.5200", "| EOT-PGD | eot", "0.3100", "1000 test images", "`abc`"):
+                 "Epochs 200", "| PGD-20 | transfer", "0.5200", "| EOT-PGD-20 | eot", "0.3100", "1000 test images", "`abc`",
+                 "`acc_pgd20_transfer`"):
         assert text in card, text
 
 
 def test_selection_measures_are_the_official_ones_per_method():
-    """RNA's train.py selects on PGD-20 with random norms for attack and inference (transfer);
-    Double-Win Quant's on PGD-20 at its lowest precision, attacked and scored at that precision."""
-    from pipelines.train_loop import selection_scores
-    from rna_core.data import make_synthetic
-    from rna_core.rpt import path_for_precision, precision_of
+    """RNA's train.py selects on PGD with random norms for attack and inference (transfer);
+    Double-Win Quant's on PGD at its lowest precision, attacked and scored at that precision. Both
+    are named by the PGD steps that ran and computed by the evaluation job's own protocol code."""
+    from pipelines.train_worker import HeldOut, selection_scores
+    from rna_core.attacks import get_attack
+    from rna_core.data import BatchIterator, make_synthetic
+    from rna_core.evaluation import evaluate_attack
+    from rna_core.rpt import precision_of
     from rna_core.selection import BestEpoch, selection_criterion
-    from rna_core.training import evaluate_pgd
 
     rna_cfg = load_config(None, ["model.name=small_cnn", "data.dataset=synthetic"])
     rna = selection_criterion(rna_cfg, build_model(rna_cfg))
     assert (rna.metric, rna.protocol, rna.strategy) == ("pgd20_acc", "transfer", None)  # the per-epoch pgd20_acc itself
+    short = load_config(None, ["model.name=small_cnn", "data.dataset=synthetic", "train.eval_pgd_steps=3"])
+    assert selection_criterion(short, build_model(short)).metric == "pgd3_acc"  # named by the steps that ran
 
     cfg = load_config(None, ["model.name=small_cnn", "model.method=rpt", "model.norm=bn", "model.precisions=4-6",
                              "data.dataset=synthetic", "train.eval_pgd_steps=2", "data.eval_batch_size=16"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     crit = selection_criterion(cfg, model)
-    assert crit.metric == "pgd20_4bit_acc" and crit.protocol == "fixed-path"
+    assert crit.metric == "pgd2_4bit_acc" and crit.protocol == "fixed-path"
     assert precision_of(model, RnaPath.parse(crit.strategy.split(":", 1)[1])) == 4
     data = make_synthetic(32, seed=0, split="test")
     seen: list[int] = []
     hook = model.register_forward_pre_hook(lambda m, a: seen.append(precision_of(m)))
-    scores = selection_scores(model, crit, {"test": BestEpoch("test", crit.metric)}, data, None, cfg, 0, 1, torch.device("cpu"), 7)
+    held = HeldOut(cfg, 0, 1, torch.device("cpu"), data, None)
+    scores = selection_scores(model, crit, {"test": BestEpoch("test", crit.metric)}, held, 7)
     hook.remove()
     assert set(seen) == {4}  # every attack forward and the scoring forward at 4 bits
-    from rna_core.data import BatchIterator
-
-    sampler = PathSampler(f"fixed:{path_for_precision(model, 4)}", seed=mix_seed(mix_seed(7, 1), 0, 0xE7A1, 0))
-    correct, n = evaluate_pgd(model, BatchIterator(data, 16, shuffle=False, seed=0), sampler, "fixed-path", steps=2)
-    assert scores == {"pgd20_4bit_acc": correct / n}
+    attack = get_attack("pgd20", steps=2)  # the training threat model: eps 8/255, step 2/255
+    correct, n = evaluate_attack(model, BatchIterator(data, 16, shuffle=False, seed=0), attack, "fixed-path",
+                                 seed=mix_seed(7, 1), strategy=crit.strategy)
+    assert n == 32 and scores == {"pgd2_4bit_acc": correct / n}
 
 
 def test_model_card_says_which_checkpoint_each_number_comes_from():
     cfg = load_config(str(REPO / "configs" / "paper_resnet18_cifar10.yaml"), ["data.val_size=5000", "train.select_on_test=true"])
-    results = {"final_clean_acc": 0.81, "final_pgd20_transfer_acc": 0.42, "final_eot_pgd_acc": 0.31,
-               "val_selected_final_clean_acc": 0.79, "val_selected_final_pgd20_transfer_acc": 0.47, "val_selected_final_eot_pgd_acc": 0.33,
-               "test_selected_final_clean_acc": 0.78, "test_selected_final_pgd20_transfer_acc": 0.49, "test_selected_final_eot_pgd_acc": 0.34}
+    results = {"acc_natural_transfer": 0.81, "acc_pgd20_transfer": 0.42, "acc_eot_pgd_eot": 0.31,
+               "val_selected_acc_natural_transfer": 0.79, "val_selected_acc_pgd20_transfer": 0.47, "val_selected_acc_eot_pgd_eot": 0.33,
+               "test_selected_acc_natural_transfer": 0.78, "test_selected_acc_pgd20_transfer": 0.49, "test_selected_acc_eot_pgd_eot": 0.34}
     selected = {"val": {"epoch": 101, "metric": "val_pgd20_acc", "score": 0.5, "checkpoint": "/r/selected_val/checkpoint.pt"},
                 "test": {"epoch": 103, "metric": "pgd20_acc", "score": 0.51, "checkpoint": "/r/selected_test/checkpoint.pt"}}
     card = render_model_card(cfg, results, run_name="r", checkpoint="/r/epoch_0200/checkpoint.pt", epochs_done=200, selected=selected)
@@ -227,7 +225,8 @@ def test_presets_load(preset):
 
 
 def test_resume_plan_reads_the_run_folder_and_refuses_another_model(tmp_path, monkeypatch):
-    from pipelines.trainer import load_resume_config, plan_run, resolve_paths, write_job_file
+    from pipelines.run_folder import resolve_paths, write_job_file
+    from pipelines.train import load_resume_config, plan_run
     from rna_core.config import flatten
     from rna_core.errors import ConfigError
 
@@ -255,7 +254,8 @@ def test_resume_plan_reads_the_run_folder_and_refuses_another_model(tmp_path, mo
 
 def test_a_sweep_trial_stopped_before_its_job_file_reuses_its_child_run(tmp_path, monkeypatch):
     """The trial's child run is adopted by the same parent's next attempt, never by another sweep's."""
-    from pipelines.trainer import JOB_FILE_TAG, _open_mlflow_run, plan_run
+    from pipelines.train import JOB_FILE_TAG, plan_run
+    from pipelines.train import open_training_run as _open_mlflow_run
 
     monkeypatch.setenv("RNA_BASE_DIR", str(tmp_path))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -347,6 +347,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # trains (2 gloo processes)
 def test_ddp_gradient_is_all_rank_average_with_random_paths(tmp_path):
     world = 2
     mp.start_processes(_ddp_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, start_method="spawn")
@@ -366,7 +367,8 @@ def _record_steps(rank: int, world: int, rank_paths: str, ddp: bool, *extra: str
     from rna_core.optim import build_optimizer
     from rna_core.paths import get_path
     from rna_core.training import train_epoch
-    from pipelines.train_loop import effective_train_config, step_streams
+    from rna_core.builders import effective_train_config
+    from rna_core.distributed import step_streams
 
     cfg = load_config(None, ["model.name=small_cnn", "model.norm=bn,gns:1", "data.dataset=synthetic",
                              "train.attack.steps=2", f"train.rank_paths={rank_paths}", "train.seed=5", *extra])
@@ -466,6 +468,9 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
     [
         (["--set", "train.nope=1"], "train.nope"),
         (["--set", "model.norm=bn,zz"], "zz"),
+        (["--set", "model.norm=bn,,in"], "norm space 'bn,,in' has an empty spec between commas"),
+        ("not a config file", "config file '/etc/passwd' does not hold a config"),
+        (["--set", "train.compile=true"], "unknown config key 'train.compile'"),
         (["--set", "model.norm=gn:3"], "3 groups do not divide"),  # small_cnn has 16 channels
         (["--set", "model.norm=bn,ln,gn:1"], "'ln' and 'gn:1' are both GroupNorm with 1 group"),
         (["--set", "data.dataset=synthetic", "--set", "data.batch_size=1"], "batch_size"),
@@ -484,7 +489,7 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
         (["--set", "train.select_on_test=perhaps"], "train.select_on_test' expects true or false"),
         ("val_size above the training rows", "data.val_size (8) leaves 0 of the 8 training images"),
     ],
-    ids=["bad key", "unknown norm", "groups do not divide", "identical candidates", "batch below workers", "bad mode", "unreadable fixed path",
+    ids=["bad key", "unknown norm", "empty spec", "not a mapping", "no compile flag", "groups do not divide", "identical candidates", "batch below workers", "bad mode", "unreadable fixed path",
          "fixed path of the wrong length", "no config", "not a run", "corrupt parquet", "storage under a file",
          "mlflow store under a file", "mlflow server down", "inactive candidates", "rank paths", "negative val_size",
          "select_on_test not a bool", "val_size above the training rows"],
@@ -496,7 +501,9 @@ def test_bad_inputs_fail_before_anything_starts(args, needle, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RNA_BASE_DIR", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    if args == "resume":
+    if args == "not a config file":
+        argv = ["--config", "/etc/passwd"]  # YAML reads it as one string, not a mapping of sections
+    elif args == "resume":
         (tmp_path / "not_a_run").mkdir()
         argv = ["--resume", str(tmp_path / "not_a_run")]
     elif args == "mlflow server down":
@@ -543,7 +550,7 @@ def test_a_user_error_raised_inside_ray_still_gives_one_line_and_exit_2(capsys):
     from ray.train import WorkerGroupError
 
     sys.path.insert(0, str(REPO))
-    from jobs._cli import find_user_error, run_main
+    from jobs.cli import find_user_error, run_main
     from rna_core.errors import ConfigError
 
     original = ConfigError("train.sampling 'fixed:01' does not fit")
@@ -579,7 +586,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def ray_env(tmp_path_factory):
     """One local Ray and one SQLite MLflow store for all runs of this module."""
-    from pipelines.trainer import ensure_ray
+    from pipelines.cluster import ensure_ray
 
     root = tmp_path_factory.mktemp("pipeline")
     mp_ = pytest.MonkeyPatch()
@@ -616,9 +623,11 @@ def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
     return out
 
 
+@pytest.mark.slow  # starts Ray Train and trains
 def test_train_then_resume_into_same_run(ray_env, monkeypatch):
-    import pipelines.trainer as trainer
-    from pipelines.trainer import JOB_FILE_TAG, read_job_file, run_training
+    import pipelines.train as trainer
+    from pipelines.run_folder import read_job_file
+    from pipelines.train import JOB_FILE_TAG, run_training
 
     root = ray_env
     lines: list[str] = []
@@ -652,17 +661,32 @@ def test_train_then_resume_into_same_run(ray_env, monkeypatch):
     params = runs[0].data.params
     assert params["train.lr"] == "0.05" and params["model.norm"] == "bn,gns:1" and params["ray.num_workers"] == "2"
     assert len(params["git_commit"]) in (7, 40) or params["git_commit"] == "unknown"
-    for metric in ("train_loss", "train_acc", "clean_acc", "pgd20_acc", "lr", "epoch_seconds", "images_per_second"):
+    # per epoch: the PGD accuracy is named by the steps it ran (train.eval_pgd_steps=2)
+    for metric in ("train_loss", "train_acc", "clean_acc", "pgd2_acc", "lr", "epoch_seconds", "images_per_second"):
         assert _steps(client, out.mlflow.run_id, metric) == [1, 2], metric
     m = runs[0].data.metrics
-    for metric in ("final_clean_acc", "final_pgd20_transfer_acc", "final_eot_pgd_acc", "acc_natural_transfer",
-                   "acc_pgd20_transfer", "acc_eot_pgd_eot"):
+    assert not any(k.startswith(("pgd20", "final_")) for k in m), sorted(m)  # no name says what did not run
+    finals = ("acc_natural_transfer", "acc_pgd20_steps2_transfer", "acc_eot_pgd_steps2_eot")  # the evaluation job's names
+    for metric in finals:
         assert 0.0 <= m[metric] <= 1.0, metric
-    assert m["final_eval_images"] == 48 and m["replicas_in_sync"] == 1.0
-    assert m["final_clean_acc"] == m["acc_natural_transfer"] and m["images_per_second"] > 0
+    assert m["eval_images"] == 48 and m["replicas_in_sync"] == 1.0 and m["images_per_second"] > 0
     assert {"config.yaml", "model_card.md", "checkpoint/checkpoint.pt", "checkpoint/meta.json"} <= _artifacts(client, out.mlflow.run_id)
     card = Path(client.download_artifacts(out.mlflow.run_id, "model_card.md")).read_text()
-    assert "small_cnn" in card and "16 paths" in card and f"{m['final_eot_pgd_acc']:.4f}" in card
+    assert "small_cnn" in card and "16 paths" in card and f"{m['acc_eot_pgd_steps2_eot']:.4f}" in card
+
+    # One evaluator: the final metrics are what rna_core.evaluation (the evaluation job's code)
+    # computes for the saved weights, on the same 48 held-out rows with the same seed and batches.
+    from rna_core.attacks import get_attack
+    from rna_core.data import load_split
+    from rna_core.evaluation import evaluate_model
+
+    scored = build_model(cfg)
+    scored.load_state_dict(read_checkpoint(out.checkpoint)["model"])
+    held_out = load_split(cfg, "test")
+    common = dict(trials=1, seed=0, batch_size=64, strategy="uniform", include_natural=False, progress=False)
+    rows = evaluate_model(scored, held_out, attacks=["natural", get_attack("pgd20", steps=2)], protocols=["transfer"], **common)
+    rows += evaluate_model(scored, held_out, attacks=[get_attack("eot_pgd", steps=2)], protocols=["eot"], **common)
+    assert [r.accuracy for r in rows] == [m[name] for name in finals] and {r.n for r in rows} == {48}
 
     # the final checkpoint is the trained model (same digest as the replicas) and names the MLflow run
     payload = read_checkpoint(out.checkpoint)
@@ -691,19 +715,20 @@ def test_train_then_resume_into_same_run(ray_env, monkeypatch):
     # the same command once more: the run is done, so nothing starts and MLflow is untouched
     lines.clear()
     before = client.get_run(out.mlflow.run_id)
-    history = len(client.get_metric_history(out.mlflow.run_id, "final_clean_acc"))
+    history = len(client.get_metric_history(out.mlflow.run_id, "acc_natural_transfer"))
     out3 = run_training(replace(cfg, train=replace(cfg.train, epochs=3)), echo=lines.append)
     assert (out3.epochs_done, out3.checkpoint, out3.mlflow.run_id) == (3, out2.checkpoint, out.mlflow.run_id)
     assert out3.final_metrics == out2.final_metrics and out3.resumed is None
     assert len(lines) == 1 and "already trained 3" in lines[0]
     after = client.get_run(out.mlflow.run_id)
     assert (after.info.status, after.info.end_time) == ("FINISHED", before.info.end_time)
-    assert len(client.get_metric_history(out.mlflow.run_id, "final_clean_acc")) == history  # not logged again
+    assert len(client.get_metric_history(out.mlflow.run_id, "acc_natural_transfer")) == history  # not logged again
 
 
+@pytest.mark.slow  # starts Ray Train and trains
 def test_worker_failure_is_retried_from_checkpoint(ray_env):
     """3 epochs with a worker crash after epoch 2 (max_failures=1) end bit-identical to 2 + resumed 1."""
-    from pipelines.trainer import run_training
+    from pipelines.train import run_training
 
     expected = getattr(test_train_then_resume_into_same_run, "final_digest", None)
     cfg = _cfg(ray_env, "mlflow.experiment=exp-b", "mlflow.run_name=b", "train.epochs=3", "ray.max_failures=1")
@@ -718,10 +743,11 @@ def test_worker_failure_is_retried_from_checkpoint(ray_env):
         assert out.state_digests[0] == expected
 
 
+@pytest.mark.slow  # starts Ray Train and trains
 def test_failed_run_is_marked_failed(ray_env, tmp_path):
     """A failure inside the workers (no retries left) ends the MLflow run as FAILED. (A corrupt
     dataset file no longer gets that far: the driver reads its schema before Ray starts.)"""
-    from pipelines.trainer import run_training
+    from pipelines.train import run_training
 
     cfg = _cfg(ray_env, "mlflow.experiment=exp-c", "ray.max_failures=0")
     with pytest.raises(Exception) as info:
@@ -737,8 +763,10 @@ def test_model_selection_on_a_validation_split_and_on_request_on_the_test_set(ra
     """The result stays the last epoch; the epochs with the best val / test robust accuracy are kept
     too (strictly better, as the official loops), also across a worker failure and resume, logged and
     labelled, and the evaluation job can take the selected checkpoint with its rows labelled."""
-    from pipelines.evaluate import load_source, plan_evaluation, EvalOptions
-    from pipelines.trainer import run_training
+    from pipelines.evaluation.plan import plan_evaluation
+    from pipelines.evaluation.source import load_source
+    from pipelines.train import run_training
+    from rna_core.config import EvalConfig as EvalOptions
     from rna_core.errors import ConfigError
 
     cfg = _cfg(ray_env, "mlflow.experiment=exp-sel", "mlflow.run_name=sel", "train.epochs=3", "ray.max_failures=1",
@@ -748,7 +776,7 @@ def test_model_selection_on_a_validation_split_and_on_request_on_the_test_set(ra
     client = tracking.client_for(out.mlflow.tracking_uri)
     run = client.get_run(out.mlflow.run_id)
     m = run.data.metrics
-    for which, metric in (("val", "val_pgd20_acc"), ("test", "pgd20_acc")):
+    for which, metric in (("val", "val_pgd2_acc"), ("test", "pgd2_acc")):
         history = sorted(client.get_metric_history(out.mlflow.run_id, metric), key=lambda h: h.step)
         assert [h.step for h in history] == [1, 2, 3], metric
         best = max(range(3), key=lambda i: (history[i].value, -i))  # the first epoch with the highest score
@@ -757,7 +785,7 @@ def test_model_selection_on_a_validation_split_and_on_request_on_the_test_set(ra
         payload = read_checkpoint(Path(out.selected[which]["checkpoint"]))
         assert payload["epoch"] == best + 1 and payload["extra"]["selected_on"] == which and payload["optimizer"] is None
         assert {f"selected_{which}/checkpoint.pt", f"selected_{which}/meta.json"} <= _artifacts(client, out.mlflow.run_id)
-        for key in ("final_clean_acc", "final_pgd20_transfer_acc", "final_eot_pgd_acc"):
+        for key in ("acc_natural_transfer", "acc_pgd20_steps2_transfer", "acc_eot_pgd_steps2_eot"):
             assert 0.0 <= m[f"{which}_selected_{key}"] <= 1.0
             if best + 1 == 3:  # the last epoch's weights, evaluated with the same seeds: the same numbers
                 assert m[f"{which}_selected_{key}"] == m[key]
@@ -770,7 +798,7 @@ def test_model_selection_on_a_validation_split_and_on_request_on_the_test_set(ra
     opts = EvalOptions(attacks=("fgsm",), protocols=("transfer",), path_analysis=0, out_dir=str(ray_env / "eval-sel"))
     plan = plan_evaluation(load_source(run_id=out.mlflow.run_id, selected="val"), opts)
     assert plan.row_meta["method"] == f"rna(bn,gns:1) [selected on val, epoch {out.selected['val']['epoch']}]"
-    from pipelines.evaluate import run_evaluation
+    from pipelines.evaluation.job import run_evaluation
     from rna_core.evaluation import read_rows_parquet
 
     done = run_evaluation(plan, echo=lambda s: None)

@@ -4,7 +4,7 @@ Why Parquet: one file per split travels through object stores and Ray's working 
 reads it from ``s3://``/``gs://``/local paths alike, and the class names ride along in the
 schema metadata, so a file is self-describing.
 
-Format (DESIGN.md section 4): columns ``image`` (binary, encoded image file), ``label``
+Format: columns ``image`` (binary, encoded image file), ``label``
 (int16), optional ``index_in_class`` (int32); schema metadata key ``dataset`` holds JSON with
 at least ``classes``.
 """

@@ -1,4 +1,4 @@
-"""Evaluation protocols for randomized models (DESIGN.md section 2): who draws which path, when.
+"""Evaluation protocols for randomized models: who draws which path, when.
 
 The protocol, not the attack, decides the paths:
 - ``transfer`` (the paper's setting): one attack path per batch, held for the whole attack (every

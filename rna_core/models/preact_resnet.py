@@ -56,7 +56,8 @@ class PreActResNet(nn.Module):
         self.bn = f.final_norm(512, "bn")
         self.linear = f.linear(512, num_classes)
         init_resnet_style(self)
-        # Checkpoint identity: the shortcut wiring (and the plain final norm) changed in issue 13.
+        # Checkpoint identity: the shortcut wiring and the plain final norm, so a checkpoint of a model
+        # wired otherwise is refused by name.
         self.identity_extra = {"shortcut": "block_input", **final_norm_identity(self.bn)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

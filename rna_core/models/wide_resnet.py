@@ -38,7 +38,8 @@ class WideResNet(nn.Module):
         self.bn = f.final_norm(in_ch, "bn")
         self.linear = f.linear(in_ch, num_classes)
         init_wide_resnet_style(self)
-        # Checkpoint identity: the final norm was random before issue 13 (RNA method only).
+        # Checkpoint identity: the plain final norm (RNA method), so a checkpoint whose final norm
+        # was random is refused by name.
         self.identity_extra = final_norm_identity(self.bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """Shared command-line plumbing for every job (train, sweep, evaluate, ...).
 
-Why one module: every job must treat user mistakes the same way (DESIGN.md 4): one line on
+Why one module: every job must treat user mistakes the same way: one line on
 stderr naming what is wrong and what to do, exit code 2, no traceback, and nothing started
 (no Ray cluster, no MLflow run) before the configuration has been validated.
 
-    from jobs._cli import OneLineParser, add_config_arguments, config_from_args, run_main
+    from jobs.cli import OneLineParser, add_config_arguments, config_from_args, run_main
 
 Jobs run as `python jobs/<job>.py` from the repository root without installing the project,
 so each job puts the repository root on `sys.path` before importing this module.
