@@ -19,7 +19,16 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `rna_core` im
 
 import torch
 
-from bench.common import add_common_args, apply_threads, measure_interleaved, paired_ratio, paired_ratios, random_batch, report, synchronizer
+from bench.common import (
+    add_common_args,
+    apply_threads,
+    measure_interleaved,
+    paired_ratio,
+    paired_ratios,
+    random_batch,
+    report,
+    synchronizer,
+)
 from rna_core import create_model
 from rna_core.config import AttackConfig, TrainConfig
 from rna_core.optim import build_optimizer
@@ -81,7 +90,15 @@ def main(argv: list[str] | None = None) -> dict:
         if name not in (rna.name, base.name):
             extra[f"{name} / {base.name}"] = f"{paired_ratio(t, base):.3f}"
     return report(
-        "at_step", argv, timings, f"time({rna.name}) / time({base.name})", value, f"<= {TARGET}", value <= TARGET, extra, args.json,
+        "at_step",
+        argv,
+        timings,
+        f"time({rna.name}) / time({base.name})",
+        value,
+        f"<= {TARGET}",
+        value <= TARGET,
+        extra,
+        args.json,
         rounds=paired_ratios(rna, base),
     )
 

@@ -28,7 +28,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.common import add_common_args, apply_threads, measure_interleaved, paired_ratio, paired_ratios, random_batch, report, synchronizer
+from bench.common import (
+    add_common_args,
+    apply_threads,
+    measure_interleaved,
+    paired_ratio,
+    paired_ratios,
+    random_batch,
+    report,
+    synchronizer,
+)
 from rna_core import create_model, get_path
 from rna_core.config import AttackConfig, TrainConfig
 from rna_core.optim import build_optimizer
@@ -39,7 +48,12 @@ TARGET = 1.3
 
 
 def reference_step(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, cfg: TrainConfig, sampler: PathSampler
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    sampler: PathSampler,
 ) -> torch.Tensor:
     """One blackbox PGD-k step, written as the paper's public code writes it (whole-model backward)."""
     eps, alpha = cfg.attack.eps / 255, cfg.attack.step_size / 255
@@ -143,7 +157,15 @@ def main(argv: list[str] | None = None) -> dict:
         "equality check": "passed (" + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()) + f", atol={args.atol})",
     }
     return report(
-        "vs_reference_loop", argv, timings, "time(reference) / time(ours)", value, f">= {TARGET}", value >= TARGET, extra, args.json,
+        "vs_reference_loop",
+        argv,
+        timings,
+        "time(reference) / time(ours)",
+        value,
+        f">= {TARGET}",
+        value >= TARGET,
+        extra,
+        args.json,
         rounds=paired_ratios(timings["reference"], timings["ours"]),
     )
 

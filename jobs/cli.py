@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -97,7 +97,12 @@ def find_user_error(exc: BaseException, depth: int = 6) -> RnaError | None:
         cause = getattr(current, "cause", None)
         if isinstance(current, RnaError) and not isinstance(cause, BaseException):
             return current
-        nested: list[object] = [cause, getattr(current, "controller_failure", None), current.__cause__, current.__context__]
+        nested: list[object] = [
+            cause,
+            getattr(current, "controller_failure", None),
+            current.__cause__,
+            current.__context__,
+        ]
         failures = getattr(current, "worker_failures", None)
         if isinstance(failures, dict):
             nested.extend(failures.values())

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from typing import Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
 from jobs.cli import OneLineParser, run_main  # noqa: E402
 from rna_core.config import EvalConfig  # noqa: E402
@@ -69,7 +69,7 @@ def attack_set_override(text: str) -> str:
 def eval_overrides(args) -> list[str]:
     """The `--set` overrides, then every option flag given, as `eval.<key>=VALUE` overrides."""
     out = list(args.overrides)
-    for flag, key, _ in FLAGS:
+    for _flag, key, _ in FLAGS:
         value = getattr(args, key)
         if value is not None:
             out.append(f"eval.{key}={value}")
@@ -82,22 +82,39 @@ def parse_args(argv: Sequence[str] | None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-id", help="MLflow run of a training job (its checkpoint artifact is evaluated)")
     src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint.pt written by jobs/train.py")
-    p.add_argument("--selected", choices=("val", "test"), default=None,
-                   help="with --run-id: the run's checkpoint selected on the validation split (val) or on the test set "
-                        "(test, the papers' way, labelled so) instead of its last epoch")
+    p.add_argument(
+        "--selected",
+        choices=("val", "test"),
+        default=None,
+        help="with --run-id: the run's checkpoint selected on the validation split (val) or on the test set "
+        "(test, the papers' way, labelled so) instead of its last epoch",
+    )
     for flag, key, text in FLAGS:
         p.add_argument(flag, dest=key, default=None, help=f"{text} (eval.{key}; default: {_default_text(key)})")
-    p.add_argument("--attack-set", action="append", default=[], metavar="ATTACK.KEY=VALUE",
-                   help="change an attack's setting, e.g. pgd20.steps=10 or fgsm.eps=4 (eps, step_size in pixels/255; "
-                        "eval.attack_settings); repeatable")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the checkpoint's config, e.g. --set data.data_dir=DIR or --set ray.address=local; repeatable")
+    p.add_argument(
+        "--attack-set",
+        action="append",
+        default=[],
+        metavar="ATTACK.KEY=VALUE",
+        help="change an attack's setting, e.g. pgd20.steps=10 or fgsm.eps=4 (eps, step_size in pixels/255; "
+        "eval.attack_settings); repeatable",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the checkpoint's config, e.g. --set data.data_dir=DIR or --set ray.address=local; repeatable",
+    )
     return p.parse_args(argv)
 
 
 def job(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the checkpoint download's bar: noise in job logs
+    os.environ.setdefault(
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
+    )  # the checkpoint download's bar: noise in job logs
     from pipelines.evaluation.job import FAIL_ONCE_ENV, run_evaluation
     from pipelines.evaluation.plan import plan_evaluation
     from pipelines.evaluation.source import load_source
@@ -125,7 +142,10 @@ def job(argv: Sequence[str] | None) -> int:
     print(f"  results     {out.results_path}")
     print(f"  tables      {Path(out.out_dir) / TABLES_FILE}")
     nested = f", nested under training run {out.parent_run_id}" if out.parent_run_id else ""
-    print(f"  mlflow run  {out.mlflow.run_id} (experiment id {out.mlflow.experiment_id}{nested}), store {out.mlflow.tracking_uri}")
+    print(
+        f"  mlflow run  {out.mlflow.run_id} (experiment id {out.mlflow.experiment_id}{nested}), store "
+        f"{out.mlflow.tracking_uri}"
+    )
     print(f"  mlflow ui   {ui_command(out.mlflow.tracking_uri)}")
     return 0
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from typing import Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
 from jobs.cli import EXIT_INTERRUPTED, OneLineParser, add_config_arguments, run_main  # noqa: E402
 
@@ -54,16 +54,24 @@ def job(argv: Sequence[str] | None) -> int:
 
     print("", flush=True)
     if out.interrupted:
-        print(f"interrupted: {out.name}; {sum(r['status'] != 'incomplete' for r in out.rows)} of {len(out.rows)} trials done")
+        print(
+            f"interrupted: {out.name}; {sum(r['status'] != 'incomplete' for r in out.rows)} of "
+            f"{len(out.rows)} trials done"
+        )
         print(f"  resume      python jobs/sweep.py --config {args.config} --resume")
         print(f"  folder      {out.sweep_dir}")
         return EXIT_INTERRUPTED
     print(out.leaderboard.rstrip())
     print("")
-    print(f"done: sweep {out.name}, {len(out.rows)} trials" + (" (resumed)" if out.resumed else "")
-          + (f", {out.num_errors} failed" if out.num_errors else ""))
-    print(f"  mlflow run  {out.parent.run_id} (parent) in experiment '{out.experiment}' "
-          f"(id {out.parent.experiment_id}), store {out.parent.tracking_uri}")
+    print(
+        f"done: sweep {out.name}, {len(out.rows)} trials"
+        + (" (resumed)" if out.resumed else "")
+        + (f", {out.num_errors} failed" if out.num_errors else "")
+    )
+    print(
+        f"  mlflow run  {out.parent.run_id} (parent) in experiment '{out.experiment}' "
+        f"(id {out.parent.experiment_id}), store {out.parent.tracking_uri}"
+    )
     print(f"  summary     {out.summary_dir}")
     print(f"  folder      {out.sweep_dir}")
     print(f"  mlflow ui   {ui_command(out.parent.tracking_uri)}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from typing import Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
 from jobs.cli import OneLineParser, add_config_arguments, config_from_args, run_main  # noqa: E402
 
@@ -30,7 +30,8 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue a run from its last checkpoint into the same MLflow run (the folder printed at the end of a run)",
+        help="continue a run from its last checkpoint into the same MLflow run (the folder printed at the end "
+        "of a run)",
     )
     args = p.parse_args(argv)
     if not args.config and not args.resume:
@@ -69,10 +70,16 @@ def job(argv: Sequence[str] | None) -> int:
             scores = "  ".join(f"{n} {f.get(f'{which}_selected_{n}', float('nan')):.4f}" for n in names)
             biased = "  (selected on the test set: biased upward)" if which == "test" else ""
             print(f"  selected    on {which}, epoch {info['epoch']}: {scores}{biased}")
-    print(f"  mlflow run  {out.mlflow.run_id} in experiment '{out.experiment}' (id {out.mlflow.experiment_id}), store {out.mlflow.tracking_uri}")
+    print(
+        f"  mlflow run  {out.mlflow.run_id} in experiment '{out.experiment}' (id {out.mlflow.experiment_id}), "
+        f"store {out.mlflow.tracking_uri}"
+    )
     print(f"  checkpoint  {out.checkpoint}")
     for which, info in out.selected.items():
-        print(f"  selected    {info['checkpoint']}  (python jobs/evaluate.py --run-id {out.mlflow.run_id} --selected {which})")
+        print(
+            f"  selected    {info['checkpoint']}  (python jobs/evaluate.py --run-id {out.mlflow.run_id} "
+            f"--selected {which})"
+        )
     print(f"  run folder  {out.run_dir}")
     print(f"  mlflow ui   {ui_command(out.mlflow.tracking_uri)}")
     print(f"  evaluate    python jobs/evaluate.py --run-id {out.mlflow.run_id}")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow.fs as pafs
 import torch
@@ -46,7 +47,11 @@ def write_checkpoint_dir(
     """`checkpoint.pt` (rna_core format) plus `meta.json` into a local folder."""
     d = Path(directory)
     save_checkpoint(d / CHECKPOINT_FILE, model, optimizer, scheduler, epoch=epoch, config=cfg, extra=dict(extra))
-    meta = {"epoch": epoch, **{k: v for k, v in extra.items() if k != "metrics"}, "metrics": dict(extra.get("metrics", {}))}
+    meta = {
+        "epoch": epoch,
+        **{k: v for k, v in extra.items() if k != "metrics"},
+        "metrics": dict(extra.get("metrics", {})),
+    }
     (d / META_FILE).write_text(json.dumps(meta, indent=1))
     return d / CHECKPOINT_FILE
 

@@ -7,7 +7,8 @@ it came out, with the protocol of every number, so a result is never quoted with
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from rna_core.config import Config
 from rna_core.evaluation import final_metric_names
@@ -65,8 +66,13 @@ def render_model_card(
         f"- SGD lr {t.lr:g}, momentum {t.momentum:g}, weight decay {t.weight_decay:g}"
         + (", Nesterov" if t.nesterov else ""),
         f"- Schedule `{t.schedule}`"
-        + (f" (x{t.gamma:g} at {', '.join(f'{x:g}' for x in t.milestones)} of the run)" if t.schedule == "multistep" else ""),
-        f"- Epochs {t.epochs}" + (f" ({epochs_done} completed)" if epochs_done is not None else "")
+        + (
+            f" (x{t.gamma:g} at {', '.join(f'{x:g}' for x in t.milestones)} of the run)"
+            if t.schedule == "multistep"
+            else ""
+        ),
+        f"- Epochs {t.epochs}"
+        + (f" ({epochs_done} completed)" if epochs_done is not None else "")
         + f", global batch {d.batch_size}, augmentation {'on' if d.augment else 'off'}"
         + (f", a fixed subset of {d.train_limit} training images" if d.train_limit else "")
         + (f", {d.val_size} training images held out for model selection" if d.val_size else ""),
@@ -74,7 +80,8 @@ def render_model_card(
         "",
         "## Results",
         "",
-        f"Held-out slice: {int(n_eval) if n_eval is not None else d.eval_limit} test images (a fixed subset, the same for every run); "
+        f"Held-out slice: {int(n_eval) if n_eval is not None else d.eval_limit} test images (a fixed subset, "
+        "the same for every run); "
         f"attacks L-inf eps {a.eps:g}/255, step {a.step_size:g}/255, {t.eval_pgd_steps} steps.",
         "",
     ]
@@ -93,12 +100,19 @@ def render_model_card(
             cells = [_fmt(results.get(prefix + key, "-")) for _, prefix in columns]
             lines.append(f"| {name.format(steps=t.eval_pgd_steps)} | {protocol} | " + " | ".join(cells) + " |")
     metric_list = ", ".join(f"`{n}`" for n in names.values())
-    lines += ["", f"- **Last epoch (the result)**: the weights after epoch {epochs_done if epochs_done is not None else t.epochs}"
-              + (f", `{checkpoint}`" if checkpoint else "") + f"; metrics {metric_list}, as `jobs/evaluate.py` names them."]
+    lines += [
+        "",
+        f"- **Last epoch (the result)**: the weights after epoch {epochs_done if epochs_done is not None else t.epochs}"
+        + (f", `{checkpoint}`" if checkpoint else "")
+        + f"; metrics {metric_list}, as `jobs/evaluate.py` names them.",
+    ]
     for w, info in selected.items():
-        where = (f"{d.val_size} training images held out (`data.val_size`), never trained on" if w == "val"
-                 else f"the held-out test slice that the table reports on (`train.select_on_test`, the papers' way): "
-                      "**biased upward**, not comparable with the last epoch")
+        where = (
+            f"{d.val_size} training images held out (`data.val_size`), never trained on"
+            if w == "val"
+            else "the held-out test slice that the table reports on (`train.select_on_test`, the papers' way): "
+            "**biased upward**, not comparable with the last epoch"
+        )
         lines.append(
             f"- **Selected on {w}**: epoch {info['epoch']}, the best {info['metric']} ({_fmt(float(info['score']))}) "
             f"on {where}; measure: {info.get('criterion', info['metric'])}; `{info['checkpoint']}` "

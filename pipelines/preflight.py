@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rna_core.builders import effective_train_config, model_structure
 from rna_core.config import Config, flatten
@@ -84,7 +85,8 @@ def check_val_size(cfg: Config, train_rows: int) -> None:
     d = cfg.data
     if d.val_size and train_rows - d.val_size < cfg.ray.num_workers:
         raise ConfigError(
-            f"data.val_size ({d.val_size}) leaves {max(train_rows - d.val_size, 0)} of the {train_rows} training images "
+            f"data.val_size ({d.val_size}) leaves {max(train_rows - d.val_size, 0)} of the {train_rows} "
+            "training images "
             f"for {cfg.ray.num_workers} worker(s); lower data.val_size"
         )
 

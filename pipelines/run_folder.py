@@ -100,7 +100,9 @@ def read_job_file(folder: str, name: str = JOB_FILE) -> dict[str, Any] | None:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{join(folder, name)} is not valid JSON ({e.msg}); restore it or choose another run folder") from None
+        raise ConfigError(
+            f"{join(folder, name)} is not valid JSON ({e.msg}); restore it or choose another run folder"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{join(folder, name)} does not hold a job record; restore it or choose another run folder")
     return data

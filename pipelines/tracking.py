@@ -15,9 +15,10 @@ import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_DB_NAME = "mlflow.db"
@@ -38,7 +39,7 @@ class RunRef:
         return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "run_id": self.run_id}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "RunRef":
+    def from_dict(cls, data: Mapping[str, Any]) -> RunRef:
         return cls(str(data["tracking_uri"]), str(data["experiment_id"]), str(data["run_id"]))
 
 
@@ -118,7 +119,10 @@ def git_dirty(repo: str | os.PathLike | None = None) -> bool | None:
     try:
         out = subprocess.run(
             ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -130,7 +134,9 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= PARAM_MAX_CHARS else text[: PARAM_MAX_CHARS - 3] + "..."
 
 
-def start_run(client: Any, experiment_id: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+def start_run(
+    client: Any, experiment_id: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]
+) -> str:
     """Create a RUNNING run with `params` and `tags`; returns its id."""
     from mlflow.entities import Param, RunTag
 
@@ -195,12 +201,19 @@ def find_run(client: Any, experiment_id: str, tags: Mapping[str, str]) -> str | 
     if any("'" in str(v) for v in tags.values()):
         return None  # a value MLflow's filter syntax cannot quote: never adopt by guess
     where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([experiment_id], filter_string=where, max_results=1, order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [experiment_id], filter_string=where, max_results=1, order_by=["attributes.start_time DESC"]
+    )
     return runs[0].info.run_id if runs else None
 
 
 def start_or_adopt_run(
-    client: Any, experiment_id: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str], owner: Mapping[str, str]
+    client: Any,
+    experiment_id: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    owner: Mapping[str, str],
 ) -> tuple[str, bool]:
     """Reopen the newest run carrying all `owner` tags, else create one with `tags` and `owner`.
 
@@ -278,7 +291,8 @@ def ui_command(tracking_uri: str) -> str:
     """The command that opens the MLflow UI on this store."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
-    return f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1 --host 127.0.0.1 --backend-store-uri {tracking_uri}"
+    server = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1 --host 127.0.0.1"
+    return f"{server} --backend-store-uri {tracking_uri}"
 
 
 __all__ = [

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -88,7 +89,9 @@ def load_resume_config(run_dir: str, overrides: list[str] | None = None) -> Conf
     """The config stored with a run (for `--resume` without `--config`), with overrides applied."""
     job = read_job_file(run_dir)
     if job is None:
-        raise ConfigError(f"'{run_dir}' is not a training run folder (no {JOB_FILE}); pass the run folder printed by jobs/train.py")
+        raise ConfigError(
+            f"'{run_dir}' is not a training run folder (no {JOB_FILE}); pass the run folder printed by jobs/train.py"
+        )
     stored = unflatten(job["config"])
     return config_from_dict(apply_overrides(to_dict(stored), overrides or []))
 
@@ -100,7 +103,9 @@ def plan_run(cfg: Config, config_path: str | None = None, resume: str | None = N
         run_dir = resolve_run_dir(resume)
         job = read_job_file(run_dir)
         if job is None:
-            raise ConfigError(f"'{resume}' is not a training run folder (no {JOB_FILE}); pass the run folder printed by jobs/train.py")
+            raise ConfigError(
+                f"'{resume}' is not a training run folder (no {JOB_FILE}); pass the run folder printed by jobs/train.py"
+            )
         storage, name = run_dir.rsplit("/", 1)
         cfg = resolve_paths(replace(cfg, ray=replace(cfg.ray, storage_path=storage)), base)
         check_compatible(job["config"], cfg, run_dir)
@@ -131,11 +136,17 @@ def already_finished(plan: RunPlan) -> TrainingOutcome | None:
         return None
     epochs = int(record["epochs"])
     return TrainingOutcome(
-        run_name=plan.run_name, run_dir=plan.run_dir, checkpoint=record.get("checkpoint"),
+        run_name=plan.run_name,
+        run_dir=plan.run_dir,
+        checkpoint=record.get("checkpoint"),
         mlflow=tracking.RunRef.from_dict(plan.job["mlflow"]),
         experiment=str(plan.job.get("experiment", plan.cfg.mlflow.experiment)),
-        final_metrics=dict(record.get("final_metrics") or {}), epochs_done=epochs, start_epoch=epochs, resumed=None,
-        state_digests=[], selected=dict(record.get("selected") or {}),
+        final_metrics=dict(record.get("final_metrics") or {}),
+        epochs_done=epochs,
+        start_epoch=epochs,
+        resumed=None,
+        state_digests=[],
+        selected=dict(record.get("selected") or {}),
     )
 
 
@@ -158,17 +169,23 @@ def open_training_run(
         owner["mlflow.parentRunId"] = parent.run_id
     else:
         uri, exp_id = (reopen.tracking_uri if reopen else tracking.resolve_tracking_uri(base_dir())), None
-    opened = tracking.open_run(uri, cfg.mlflow.experiment, plan.run_name, params, tags, reopen=reopen, owner=owner,
-                               experiment_id=exp_id)
+    opened = tracking.open_run(
+        uri, cfg.mlflow.experiment, plan.run_name, params, tags, reopen=reopen, owner=owner, experiment_id=exp_id
+    )
     if opened.how == "reopened":
         changed = opened.changed
-        echo(f"resuming MLflow run {opened.ref.run_id}" + (f" (changed: {', '.join(sorted(changed))})" if changed else ""))
+        echo(
+            f"resuming MLflow run {opened.ref.run_id}"
+            + (f" (changed: {', '.join(sorted(changed))})" if changed else "")
+        )
     elif opened.how == "adopted":
         echo(f"reusing MLflow run {opened.ref.run_id} of an earlier attempt stopped before {JOB_FILE} was written")
     return opened.client, opened.ref
 
 
-def build_trainer(cfg: Config, run_name: str, loop_config: dict[str, Any], use_gpu: bool, callbacks: list | None = None):
+def build_trainer(
+    cfg: Config, run_name: str, loop_config: dict[str, Any], use_gpu: bool, callbacks: list | None = None
+):
     """The TorchTrainer for `cfg`: DDP over gloo on CPU, NCCL on GPU; checkpoints in storage_path.
 
     `callbacks` go to the Train RunConfig (a sweep trial passes Tune's report callback).
@@ -198,7 +215,8 @@ def selection_tags(cfg: Config, selected: dict[str, dict[str, Any]]) -> dict[str
     for which, info in selected.items():
         note = " (selected on the test set, the papers' way: biased upward)" if which == "test" else ""
         tags[f"rna.selected_on_{which}"] = (
-            f"epoch {info['epoch']} by {info['metric']} {info['score']:.4f}; selected_{which}/, {which}_selected_acc_* metrics{note}"
+            f"epoch {info['epoch']} by {info['metric']} {info['score']:.4f}; selected_{which}/, "
+            f"{which}_selected_acc_* metrics{note}"
         )
     if cfg.train.select_on_test:
         tags["rna.selection_on_test_set"] = "true"
@@ -242,8 +260,10 @@ def run_training(
     check_training_config(cfg)
     finished = already_finished(plan)
     if finished is not None:
-        echo(f"run {plan.run_name} already trained {finished.epochs_done} of train.epochs={cfg.train.epochs} epochs; "
-             f"nothing to do (to train on, resume with a larger train.epochs)")
+        echo(
+            f"run {plan.run_name} already trained {finished.epochs_done} of train.epochs={cfg.train.epochs} epochs; "
+            f"nothing to do (to train on, resume with a larger train.epochs)"
+        )
         return finished
     check_data(cfg, echo)
     if parent_run is None and not plan.job:  # a new run goes to the local store: it must be creatable
@@ -265,8 +285,10 @@ def run_training(
         tracking.set_tags(client, ref.run_id, {JOB_FILE_TAG: "written"})
         tracking.log_text(client, ref.run_id, "config.yaml", dump_yaml(cfg))
         verb = "resuming" if plan.job else "starting"
-        echo(f"{verb} run {plan.run_name}: {cfg.model.name} {cfg.model.method} '{cfg.model.norm}', "
-             f"{cfg.train.epochs} epochs, {cfg.ray.num_workers} worker(s); folder {plan.run_dir}")
+        echo(
+            f"{verb} run {plan.run_name}: {cfg.model.name} {cfg.model.method} '{cfg.model.norm}', "
+            f"{cfg.train.epochs} epochs, {cfg.ray.num_workers} worker(s); folder {plan.run_dir}"
+        )
 
         ensure_ray(cfg, echo)
         use_gpu = resolve_use_gpu(cfg)
@@ -287,15 +309,25 @@ def run_training(
             log_folder(client, ref.run_id, info["checkpoint"].rsplit("/", 1)[0], f"selected_{which}")
         tracking.set_tags(client, ref.run_id, selection_tags(cfg, selected))
         card = render_model_card(
-            cfg, final, run_name=plan.run_name, run_id=ref.run_id, checkpoint=checkpoint_file,
-            num_paths=count_paths(model_structure(cfg)), epochs_done=out.get("epochs_done"),
-            git_commit=tracking.git_commit(), selected=selected,
+            cfg,
+            final,
+            run_name=plan.run_name,
+            run_id=ref.run_id,
+            checkpoint=checkpoint_file,
+            num_paths=count_paths(model_structure(cfg)),
+            epochs_done=out.get("epochs_done"),
+            git_commit=tracking.git_commit(),
+            selected=selected,
         )
         tracking.log_text(client, ref.run_id, "model_card.md", card)
         epochs_done = int(out.get("epochs_done", 0))
         if epochs_done >= cfg.train.epochs:  # a rerun of the same command then starts nothing
-            job_record["finished"] = {"epochs": epochs_done, "checkpoint": checkpoint_file, "final_metrics": final,
-                                      "selected": selected}
+            job_record["finished"] = {
+                "epochs": epochs_done,
+                "checkpoint": checkpoint_file,
+                "final_metrics": final,
+                "selected": selected,
+            }
             write_job_file(plan.run_dir, job_record)
         status = "FINISHED"
     except KeyboardInterrupt:

@@ -19,8 +19,9 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import ray.train
 import ray.train.torch
@@ -53,6 +54,7 @@ from rna_core.training import train_epoch
 
 from . import tracking
 from .checkpoints import CHECKPOINT_FILE, read_selected, selected_dir, write_checkpoint_dir, write_selected
+
 
 def say(line: str) -> None:
     """Print one line from a worker exactly once.
@@ -94,16 +96,30 @@ def _quiet_report_logging() -> None:
 class HeldOut:
     """The evaluations of one worker: held-out slice, validation split, ranks, device."""
 
-    def __init__(self, cfg: Config, rank: int, world: int, device: torch.device, held_out: ImageTensorDataset,
-                 val_split: ImageTensorDataset | None):
+    def __init__(
+        self,
+        cfg: Config,
+        rank: int,
+        world: int,
+        device: torch.device,
+        held_out: ImageTensorDataset,
+        val_split: ImageTensorDataset | None,
+    ):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.held_out, self.val_split = held_out, val_split
 
     def measure(self, model: nn.Module, measures: list[Measure], seed: int, split: str = "test") -> dict[str, float]:
         data = self.val_split if split == "val" else self.held_out
         return evaluate_measures(
-            model, data, measures, batch_size=self.cfg.data.eval_batch_size, seed=seed, strategy=self.cfg.train.sampling,
-            device=self.device, rank=self.rank, world=self.world,
+            model,
+            data,
+            measures,
+            batch_size=self.cfg.data.eval_batch_size,
+            seed=seed,
+            strategy=self.cfg.train.sampling,
+            device=self.device,
+            rank=self.rank,
+            world=self.world,
         )
 
 
@@ -192,12 +208,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     for epoch in range(start_epoch, epochs):
         shard = train_full.subset(epoch_shard_indices(len(train_full), rank, world, seed, epoch))
         batches = BatchIterator(
-            shard, batch, shuffle=False, seed=mix_seed(seed, rank, 0xA06) % (1 << 31), epoch=epoch,
-            augment=cfg.data.augment, device=device,
+            shard,
+            batch,
+            shuffle=False,
+            seed=mix_seed(seed, rank, 0xA06) % (1 << 31),
+            epoch=epoch,
+            augment=cfg.data.augment,
+            device=device,
         )
         lr = float(optimizer.param_groups[0]["lr"])
         steps = seeded_steps(batches, sampler.generator, seed, rank, epoch * steps_per_epoch, noise_generator)
-        stats = train_epoch(ddp_model, steps, optimizer, train_cfg, sampler, attack_model=model, noise_generator=noise_generator)
+        stats = train_epoch(
+            ddp_model, steps, optimizer, train_cfg, sampler, attack_model=model, noise_generator=noise_generator
+        )
         scheduler.step()
         average_buffers(model)
         loss_sum, correct_sum, images = all_reduce_sum(
@@ -225,10 +248,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             for w, record in best.items():
                 if record.offer(done, metrics[record.metric]) and rank == 0:
                     write_selected(
-                        selected_dir(cfg.ray.storage_path, run_name, w), model, done, cfg,
-                        {"selected_on": w, "selection_metric": record.metric, "selection_score": record.score,
-                         "selection_criterion": criterion.description, "mlflow_run_id": run_ref.run_id if run_ref else None,
-                         "run_name": run_name, "metrics": metrics},
+                        selected_dir(cfg.ray.storage_path, run_name, w),
+                        model,
+                        done,
+                        cfg,
+                        {
+                            "selected_on": w,
+                            "selection_metric": record.metric,
+                            "selection_score": record.score,
+                            "selection_criterion": criterion.description,
+                            "mlflow_run_id": run_ref.run_id if run_ref else None,
+                            "run_name": run_name,
+                            "metrics": metrics,
+                        },
                     )
         last_metrics = metrics
 
@@ -236,9 +268,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             ckpt = None
             if rank == 0:
                 write_checkpoint_dir(
-                    tmp, model, optimizer, scheduler, done, cfg,
-                    {"mlflow_run_id": run_ref.run_id if run_ref else None, "run_name": run_name,
-                     "world_size": world, "metrics": metrics, "selection": {w: b.to_dict() for w, b in best.items()}},
+                    tmp,
+                    model,
+                    optimizer,
+                    scheduler,
+                    done,
+                    cfg,
+                    {
+                        "mlflow_run_id": run_ref.run_id if run_ref else None,
+                        "run_name": run_name,
+                        "world_size": world,
+                        "metrics": metrics,
+                        "selection": {w: b.to_dict() for w, b in best.items()},
+                    },
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
                 if client is not None:
@@ -252,7 +294,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     final, selected = final_evaluation(model, cfg, best, criterion, held, run_name)
     digests = all_gather_text(state_digest(model))
     if rank == 0 and client is not None:
-        tracking.log_metrics(client, run_ref.run_id, {**final, "replicas_in_sync": float(len(set(digests)) == 1)}, step=epochs)
+        tracking.log_metrics(
+            client, run_ref.run_id, {**final, "replicas_in_sync": float(len(set(digests)) == 1)}, step=epochs
+        )
     return {
         "final": final,
         "selected": selected,
@@ -284,15 +328,22 @@ def final_evaluation(
         sacc = held.measure(chosen, measures, FINAL_SEED)
         final.update({f"{w}_selected_epoch": float(record.epoch), f"{w}_selected_score": record.score})
         final.update({f"{w}_selected_{m.name}": sacc[m.name] for m in measures})
-        selected[w] = {"epoch": record.epoch, "metric": record.metric, "score": record.score,
-                       "checkpoint": f"{where}/{CHECKPOINT_FILE}", "criterion": criterion.description}
+        selected[w] = {
+            "epoch": record.epoch,
+            "metric": record.metric,
+            "score": record.score,
+            "checkpoint": f"{where}/{CHECKPOINT_FILE}",
+            "criterion": criterion.description,
+        }
     if held.rank == 0:
         names = [m.name for m in measures]
         say(f"[{run_name}] final ({int(acc['n'])} held-out images): " + "  ".join(f"{n} {final[n]:.3f}" for n in names))
         for w, info in selected.items():
-            say(f"[{run_name}] selected on {w} (epoch {info['epoch']}, {info['metric']} {info['score']:.3f}): "
+            say(
+                f"[{run_name}] selected on {w} (epoch {info['epoch']}, {info['metric']} {info['score']:.3f}): "
                 + "  ".join(f"{n} {final[f'{w}_selected_{n}']:.3f}" for n in names)
-                + ("  [selected on the test set: biased upward]" if w == "test" else ""))
+                + ("  [selected on the test set: biased upward]" if w == "test" else "")
+            )
     return final, selected
 
 

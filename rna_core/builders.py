@@ -9,7 +9,8 @@ method's training choices from `effective_train_config`.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -28,10 +28,14 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     return dict(spec) if spec else {"model": type(model).__name__}
 
 
-PREDATES_HINT = "it was written before this code changed the model, so its weights do not fit today's layers; retrain it"
+PREDATES_HINT = (
+    "it was written before this code changed the model, so its weights do not fit today's layers; retrain it"
+)
 
 
-def identity_mismatch(found: dict[str, Any], expected: dict[str, Any], model_word: str = "model") -> tuple[str, bool] | None:
+def identity_mismatch(
+    found: dict[str, Any], expected: dict[str, Any], model_word: str = "model"
+) -> tuple[str, bool] | None:
     """How a checkpoint's identity (`found`) differs from the model's: (the differences, predates).
 
     None when they match. `predates` is true when every difference is a key the checkpoint lacks
@@ -89,7 +93,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors have many types
-        raise ConfigError(f"checkpoint '{path}' cannot be read ({type(exc).__name__}); it is not a checkpoint of this project") from None
+        raise ConfigError(
+            f"checkpoint '{path}' cannot be read ({type(exc).__name__}); it is not a checkpoint of this project"
+        ) from None
     if not isinstance(payload, dict) or "model" not in payload or "identity" not in payload:
         raise ConfigError(f"checkpoint '{path}' is not a checkpoint of this project (no model/identity entries)")
     return payload

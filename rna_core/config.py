@@ -150,13 +150,15 @@ class TrainConfig:
             raise ConfigError(f"train.gamma (the lr factor at each milestone) must be in (0, 1], got {self.gamma}")
         if self.inactive_candidates not in INACTIVE_CANDIDATES:
             raise ConfigError(
-                f"train.inactive_candidates '{self.inactive_candidates}' is unknown; valid: {', '.join(INACTIVE_CANDIDATES)}"
+                f"train.inactive_candidates '{self.inactive_candidates}' is unknown; valid: "
+                f"{', '.join(INACTIVE_CANDIDATES)}"
             )
         if self.rank_paths not in RANK_PATHS:
             raise ConfigError(f"train.rank_paths '{self.rank_paths}' is unknown; valid: {', '.join(RANK_PATHS)}")
         if self.eval_pgd_steps < 1 or self.eval_every < 1:
             raise ConfigError(
-                f"train.eval_pgd_steps and train.eval_every must be >= 1, got {self.eval_pgd_steps} and {self.eval_every}"
+                f"train.eval_pgd_steps and train.eval_every must be >= 1, got {self.eval_pgd_steps} and "
+                f"{self.eval_every}"
             )
         self.attack.validate()
 
@@ -224,7 +226,7 @@ class Config:
         if self.sweep is not None and self.sweep.metric is None:  # rank trials by the per-epoch PGD accuracy
             object.__setattr__(self, "sweep", replace(self.sweep, metric=pgd_metric(self.train.eval_pgd_steps)))
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         for f in fields(self):
             section = getattr(self, f.name)
             if section is not None:
@@ -307,7 +309,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     unknown = sorted(set(data) - set(by_name))
     if unknown:
         where = prefix.rstrip(".") or "the top level"
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys in {where}: {', '.join(sorted(by_name))}")
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys in {where}: {', '.join(sorted(by_name))}"
+        )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         typ, parse = hints[name], by_name[name].metadata.get("parse")

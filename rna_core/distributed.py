@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist

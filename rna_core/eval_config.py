@@ -9,8 +9,9 @@ sizes in pixels/255 (`eval.attack_settings.fgsm.eps=4`); :meth:`EvalConfig.attac
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .attacks.registry import Attack, attack_spec, get_attack
 from .errors import ConfigError
@@ -28,7 +29,9 @@ def parse_attack_settings(value: Any, key: str = "eval.attack_settings") -> dict
         try:
             value = json.loads(value) if value.strip() else {}
         except json.JSONDecodeError:
-            raise ConfigError(f"{key} must map attacks to settings, e.g. {{pgd20: {{steps: 10}}}}; got {value!r}") from None
+            raise ConfigError(
+                f"{key} must map attacks to settings, e.g. {{pgd20: {{steps: 10}}}}; got {value!r}"
+            ) from None
     if value is None:
         return {}
     if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
@@ -85,9 +88,14 @@ class EvalConfig:
         return [self.attack(n) for n in names]
 
     def validate(self) -> None:
-        checks = (("eval.trials", self.trials, 1), ("eval.shard_size", self.shard_size, 1), ("eval.eot_iter", self.eot_iter, 1),
-                  ("eval.limit", self.limit, 0), ("eval.path_analysis", self.path_analysis, 0),
-                  ("eval.max_retries", self.max_retries, 0))
+        checks = (
+            ("eval.trials", self.trials, 1),
+            ("eval.shard_size", self.shard_size, 1),
+            ("eval.eot_iter", self.eot_iter, 1),
+            ("eval.limit", self.limit, 0),
+            ("eval.path_analysis", self.path_analysis, 0),
+            ("eval.max_retries", self.max_retries, 0),
+        )
         for key, value, low in checks:
             if value < low:
                 raise ConfigError(f"{key} must be an integer >= {low}, got {value}")
@@ -105,7 +113,9 @@ class EvalConfig:
             attack_spec(n)  # unknown names: one line listing the valid ones
         unused = sorted(set(self.attack_settings) - set(self.attacks) - {"natural"})
         if unused:
-            raise ConfigError(f"settings given for attack(s) {', '.join(unused)} that are not evaluated; add them to --attacks")
+            raise ConfigError(
+                f"settings given for attack(s) {', '.join(unused)} that are not evaluated; add them to --attacks"
+            )
         if len(set(self.attacks)) != len(self.attacks):
             raise ConfigError(f"attack names must be unique, got {', '.join(self.attacks)}")
         self.attack_objects()  # unknown or bad settings: one line naming the setting

@@ -13,8 +13,8 @@ checkpoint of the earlier layer is refused rather than loaded into the new one (
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -88,9 +88,7 @@ def parse_norm_spec(text: str) -> NormSpec:
         try:
             arg = int(arg_text)
         except ValueError:
-            raise ConfigError(
-                f"norm spec '{raw}' needs a positive integer argument, e.g. '{kind}:8'"
-            ) from None
+            raise ConfigError(f"norm spec '{raw}' needs a positive integer argument, e.g. '{kind}:8'") from None
         if arg <= 0:
             raise ConfigError(f"norm spec '{raw}' needs a positive integer argument, e.g. '{kind}:8'")
         return NormSpec(kind, arg)
@@ -239,7 +237,9 @@ class BatchGroupNorm(nn.Module):
             mean, var = self.running_mean.float(), self.running_var.float()
             centred = grouped - mean.view(1, groups, 1)
         # centred / sqrt(var + eps) * weight + bias in one pass, with a per-channel scale.
-        scale = (self.weight.float().view(groups, -1) / torch.sqrt(var + self.eps).view(groups, 1)).reshape(1, channels, 1)
+        scale = (self.weight.float().view(groups, -1) / torch.sqrt(var + self.eps).view(groups, 1)).reshape(
+            1, channels, 1
+        )
         out = torch.addcmul(self.bias.float().view(1, channels, 1), centred.view(n, channels, -1), scale)
         return out.reshape(x.shape).to(x.dtype)
 
@@ -265,12 +265,16 @@ def _bn(channels: int, arg: int | None, where: str) -> nn.Module:
 
 
 # Version 2: nn.InstanceNorm2d as in the RNA code (version 1 was an affine GroupNorm(C, C), i.e. `gns:1`).
-@register_norm("in", False, "InstanceNorm2d (no affine, no running statistics)", describe=lambda c, a: "InstanceNorm2d", version=2)
+@register_norm(
+    "in", False, "InstanceNorm2d (no affine, no running statistics)", describe=lambda c, a: "InstanceNorm2d", version=2
+)
 def _in(channels: int, arg: int | None, where: str) -> nn.Module:
     return nn.InstanceNorm2d(channels)
 
 
-@register_norm("ln", False, "layer norm over C,H,W (GroupNorm with one group)", describe=_grouped("GroupNorm", lambda c, a: 1))
+@register_norm(
+    "ln", False, "layer norm over C,H,W (GroupNorm with one group)", describe=_grouped("GroupNorm", lambda c, a: 1)
+)
 def _ln(channels: int, arg: int | None, where: str) -> nn.Module:
     return nn.GroupNorm(1, channels)
 
@@ -280,13 +284,21 @@ def _gn(channels: int, arg: int | None, where: str) -> nn.Module:
     return nn.GroupNorm(_groups_from_count("gn", channels, int(arg), where), channels)
 
 
-@register_norm("gns", True, "GroupNorm with groups of N channels", describe=_grouped("GroupNorm", lambda c, a: c // int(a)))
+@register_norm(
+    "gns", True, "GroupNorm with groups of N channels", describe=_grouped("GroupNorm", lambda c, a: c // int(a))
+)
 def _gns(channels: int, arg: int | None, where: str) -> nn.Module:
     return nn.GroupNorm(_groups_from_size("gns", channels, int(arg), where), channels)
 
 
 # Version 2 of bgn/bgns: the RNA code's numerics (see BatchGroupNorm); version 1 used F.batch_norm's.
-@register_norm("bgn", True, "batch-group norm (GBN) with N groups", describe=_grouped("BatchGroupNorm", lambda c, a: int(a)), version=2)
+@register_norm(
+    "bgn",
+    True,
+    "batch-group norm (GBN) with N groups",
+    describe=_grouped("BatchGroupNorm", lambda c, a: int(a)),
+    version=2,
+)
 def _bgn(channels: int, arg: int | None, where: str) -> nn.Module:
     return BatchGroupNorm(channels, _groups_from_count("bgn", channels, int(arg), where))
 

@@ -21,7 +21,8 @@ refused with a CheckpointMismatchError naming that key instead of failing on mis
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch.nn as nn
 
@@ -188,7 +189,9 @@ def path_for_precision(model: nn.Module, bits: int) -> Path:
     for layer in layers:
         precisions = getattr(layer, "precisions", None)
         if precisions is None:
-            raise ConfigError("the model has random layers that are not precisions; path_for_precision needs an rpt model")
+            raise ConfigError(
+                "the model has random layers that are not precisions; path_for_precision needs an rpt model"
+            )
         if bits not in precisions:
             raise ConfigError(f"{bits} bits is not in the model's precisions {format_precisions(precisions)}")
         choices.append(precisions.index(bits))

@@ -19,8 +19,9 @@ strictly higher (the official `pgd_acc > best_pgd_acc`), so ties keep the earlie
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch.nn as nn
 
@@ -67,7 +68,7 @@ class BestEpoch:
         return {"which": self.which, "metric": self.metric, "epoch": self.epoch, "score": self.score}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "BestEpoch":
+    def from_dict(cls, data: Mapping[str, Any]) -> BestEpoch:
         epoch = data.get("epoch")
         return cls(str(data["which"]), str(data["metric"]), None if epoch is None else int(epoch), float(data["score"]))
 
@@ -77,4 +78,12 @@ def selections_of(cfg: Config) -> tuple[str, ...]:
     return tuple(w for w, on in (("val", cfg.data.val_size > 0), ("test", cfg.train.select_on_test)) if on)
 
 
-__all__ = ["SELECTIONS", "SELECTION_LABELS", "BestEpoch", "Criterion", "selection_criterion", "selections_of", "split_metric"]
+__all__ = [
+    "SELECTIONS",
+    "SELECTION_LABELS",
+    "BestEpoch",
+    "Criterion",
+    "selection_criterion",
+    "selections_of",
+    "split_metric",
+]

@@ -14,7 +14,7 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -89,7 +90,9 @@ def _space_items(node: Any, prefix: str) -> list[Dimension]:
         key = f"{prefix}{raw_key}"
         if isinstance(value, Mapping) and set(value) & set(DOMAIN_KINDS):
             if len(value) != 1:
-                raise ConfigError(f"sweep.space.{key} must have exactly one of {', '.join(DOMAIN_KINDS)}, got {sorted(value)}")
+                raise ConfigError(
+                    f"sweep.space.{key} must have exactly one of {', '.join(DOMAIN_KINDS)}, got {sorted(value)}"
+                )
             ((kind, values),) = value.items()
             dims.append(_dimension(key, kind, values))
         elif isinstance(value, Mapping):
@@ -160,7 +163,9 @@ class SweepConfig:
 
     def validate(self) -> None:
         if not self.space:
-            raise ConfigError("the sweep: section needs a space, e.g. space: {model.norm: {grid: ['bn,gns:1', 'bn,in']}}")
+            raise ConfigError(
+                "the sweep: section needs a space, e.g. space: {model.norm: {grid: ['bn,gns:1', 'bn,in']}}"
+            )
         if self.search not in SEARCHES:
             raise ConfigError(f"sweep.search '{self.search}' is unknown; valid: {', '.join(SEARCHES)}")
         if self.scheduler not in SCHEDULERS:
@@ -187,4 +192,13 @@ class SweepConfig:
                 )
 
 
-__all__ = ["AshaConfig", "CATEGORICAL", "DOMAIN_KINDS", "Dimension", "NUMERIC", "SweepConfig", "parse_space", "space_text"]
+__all__ = [
+    "AshaConfig",
+    "CATEGORICAL",
+    "DOMAIN_KINDS",
+    "Dimension",
+    "NUMERIC",
+    "SweepConfig",
+    "parse_space",
+    "space_text",
+]

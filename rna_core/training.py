@@ -13,8 +13,8 @@ the official loops (see :func:`give_unused_parameters_zero_grad`); `skip` leaves
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.nn as nn

@@ -8,7 +8,8 @@ written in [0, 1] units everywhere.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 PIXEL_SETTINGS = ("eps", "step_size")  # attack settings written in pixels/255
 

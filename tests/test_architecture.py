@@ -99,7 +99,7 @@ def test_no_import_cycle_among_rna_core_and_pipelines():
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt]
+                cycle = stack[stack.index(nxt) :] + [nxt]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt)
@@ -157,8 +157,10 @@ def test_every_pipelines_module_is_one_stage_of_one_job():
     assert not too_long, too_long
     for package in ("pipelines.sweep", "pipelines.evaluation"):
         assert package in MODULES  # the sweep and evaluation jobs are packages of stages
-    stages = {"pipelines.sweep": {"spec", "trial", "summary", "driver"},
-              "pipelines.evaluation": {"source", "plan", "store", "tasks", "job"}}
+    stages = {
+        "pipelines.sweep": {"spec", "trial", "summary", "driver"},
+        "pipelines.evaluation": {"source", "plan", "store", "tasks", "job"},
+    }
     for package, names in stages.items():
         assert {m.rsplit(".", 1)[1] for m in MODULES if m.startswith(package + ".")} == names
 

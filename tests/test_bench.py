@@ -7,8 +7,8 @@ the full-size figures live in docs/benchmarks.md.
 from __future__ import annotations
 
 import json
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 from bench import at_step, common, gpu, vs_reference_loop, vs_torchattacks  # noqa: E402
 from rna_core import create_model  # noqa: E402
 from rna_core.config import AttackConfig, TrainConfig  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _restore_threads():
@@ -72,9 +73,14 @@ def test_median_interval_uses_order_statistics_with_the_stated_coverage():
 
 
 def test_report_prints_the_headline_interval(capsys):
-    slow, fast = common.Timing("slow", 4, [2.0, 4.0, 3.0, 2.2, 2.4]), common.Timing("fast", 4, [1.0, 1.0, 2.0, 1.1, 1.0])
+    slow, fast = (
+        common.Timing("slow", 4, [2.0, 4.0, 3.0, 2.2, 2.4]),
+        common.Timing("fast", 4, [1.0, 1.0, 2.0, 1.1, 1.0]),
+    )
     rounds = common.paired_ratios(slow, fast)
-    result = common.report("x", [], {"slow": slow, "fast": fast}, "slow/fast", common.paired_ratio(slow, fast), ">= 1", True, rounds=rounds)
+    result = common.report(
+        "x", [], {"slow": slow, "fast": fast}, "slow/fast", common.paired_ratio(slow, fast), ">= 1", True, rounds=rounds
+    )
     assert result["ratio_interval"] == {"low": 1.5, "high": 4.0, "coverage": pytest.approx(1 - 2 / 32)}
     assert "[1.500, 4.000], coverage 93.8%" in capsys.readouterr().out
 
@@ -139,9 +145,26 @@ def test_gpu_sh_runs_on_cpu_tiny_without_ray_mlflow_or_attack_libraries(tmp_path
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(blocked), OMP_NUM_THREADS="1")
     out_json = tmp_path / "gpu.json"
     proc = subprocess.run(
-        ["bash", str(REPO / "bench" / "gpu.sh"), "--device", "cpu", "--tiny", "--variants", "fp32,bf16_cl",
-         "--peak-tflops", "1", "--threads", "1", "--json", str(out_json)],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+        [
+            "bash",
+            str(REPO / "bench" / "gpu.sh"),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--variants",
+            "fp32,bf16_cl",
+            "--peak-tflops",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out_json),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "command: PYTHONPATH=. python bench/gpu.py --device cpu --tiny" in proc.stdout

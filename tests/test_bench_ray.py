@@ -52,8 +52,11 @@ def test_eval_fanout_tiny(capsys):
         assert int(n) == 32 and 0 <= int(correct) <= 32
     assert not ray.is_initialized()
     assert result["ratio_name"] == "seq_1thread/fanout_2x1cpu (speedup)"
-    for key in ("speedup seq_2threads/fanout", "bound on seq_2threads/fanout with 2 cores",
-                "fan-out parallel efficiency (seq_1thread / cores / fanout)"):
+    for key in (
+        "speedup seq_2threads/fanout",
+        "bound on seq_2threads/fanout with 2 cores",
+        "fan-out parallel efficiency (seq_1thread / cores / fanout)",
+    ):
         assert float(extra[key]) > 0
 
 

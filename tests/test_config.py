@@ -1,5 +1,3 @@
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +20,14 @@ def test_defaults_are_the_paper_recipe():
 
 def test_flatten_round_trip_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump({"model": {"name": "small_cnn", "norm": "bn,in"}, "train": {"epochs": 3, "attack": {"steps": 2}}}))
-    cfg = load_config(str(p), ["train.lr=0.05", "train.milestones=[0.3,0.6]", "data.data_dir=null", "train.sampling=far:0.5"])
+    p.write_text(
+        yaml.safe_dump(
+            {"model": {"name": "small_cnn", "norm": "bn,in"}, "train": {"epochs": 3, "attack": {"steps": 2}}}
+        )
+    )
+    cfg = load_config(
+        str(p), ["train.lr=0.05", "train.milestones=[0.3,0.6]", "data.data_dir=null", "train.sampling=far:0.5"]
+    )
     assert cfg.model.name == "small_cnn" and cfg.train.epochs == 3 and cfg.train.attack.steps == 2
     assert cfg.train.lr == 0.05 and cfg.train.milestones == (0.3, 0.6) and cfg.train.sampling == "far:0.5"
     flat = flatten(cfg)

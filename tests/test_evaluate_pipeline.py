@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import low_contrast
 
 import rna_core
 from pipelines import tracking
@@ -32,13 +33,12 @@ from rna_core.attacks import get_attack
 from rna_core.builders import model_from_config as build_model
 from rna_core.checkpoint import read_checkpoint, save_checkpoint
 from rna_core.config import EvalConfig, TrainConfig, load_config
-from rna_core.eval_config import DEFAULT_ATTACKS
 from rna_core.data import BatchIterator, make_synthetic, write_parquet_dataset
 from rna_core.errors import CheckpointMismatchError, ConfigError
+from rna_core.eval_config import DEFAULT_ATTACKS
 from rna_core.evaluation import evaluate_model, read_rows_parquet
 from rna_core.optim import build_optimizer
 from rna_core.training import train_epoch
-from helpers import low_contrast
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -46,10 +46,17 @@ FIXED_PATH = "0110"
 
 # Small and fast: 64 test images in 2 shards of 2 batches; PGD with 3 steps; EOT over 2 draws.
 SMALL = dict(
-    attacks=("fgsm", "pgd20"), attack_settings={"pgd20": {"steps": 3}}, protocols=("transfer", "eot"),
-    trials=2, batch_size=16, shard_size=32, eot_iter=2, seed=3, path_analysis=0, progress_every=2.0,
+    attacks=("fgsm", "pgd20"),
+    attack_settings={"pgd20": {"steps": 3}},
+    protocols=("transfer", "eot"),
+    trials=2,
+    batch_size=16,
+    shard_size=32,
+    eot_iter=2,
+    seed=3,
+    path_analysis=0,
+    progress_every=2.0,
 )
-
 
 
 def _log_training_run(client, exp_id: str, ckpt_dir: Path, name: str) -> str:
@@ -74,8 +81,16 @@ def store(tmp_path_factory):
     data_dir = root / "data"
     test = low_contrast(make_synthetic(64, seed=0, split="test"))
     write_parquet_dataset(data_dir / "test.parquet", test.images, test.labels, test.classes, "cifar10")
-    cfg = load_config(None, ["model.name=small_cnn", "model.norm=bn,gns:1", "data.dataset=cifar10",
-                             f"data.data_dir={data_dir}", "mlflow.experiment=eval-tests"])
+    cfg = load_config(
+        None,
+        [
+            "model.name=small_cnn",
+            "model.norm=bn,gns:1",
+            "data.dataset=cifar10",
+            f"data.data_dir={data_dir}",
+            "mlflow.experiment=eval-tests",
+        ],
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     ckpt_dir = root / "init_run" / "checkpoint_000000"
@@ -83,8 +98,16 @@ def store(tmp_path_factory):
     client = tracking.client_for(uri)
     exp_id = tracking.get_or_create_experiment(client, "train-exp", tracking.artifact_root_for(uri))
     run_id = _log_training_run(client, exp_id, ckpt_dir, "init")
-    yield {"root": root, "uri": uri, "ckpt": str(ckpt), "run_id": run_id, "exp_id": exp_id, "client": client, "cfg": cfg,
-           "model": model}
+    yield {
+        "root": root,
+        "uri": uri,
+        "ckpt": str(ckpt),
+        "run_id": run_id,
+        "exp_id": exp_id,
+        "client": client,
+        "cfg": cfg,
+        "model": model,
+    }
     mp.undo()
 
 
@@ -130,13 +153,25 @@ def _sequential(env, plan) -> dict:
     model.load_state_dict(payload["model"])
     o = plan.options
     attacks = [get_attack(a, **o.attack_settings.get(a, {})) for a in o.attacks]
-    rows = evaluate_model(model.eval(), plan.dataset, attacks=attacks, protocols=o.protocols, trials=o.trials, seed=o.seed,
-                          batch_size=o.batch_size, eot_iter=o.eot_iter, strategy=o.strategy, progress=False)
+    rows = evaluate_model(
+        model.eval(),
+        plan.dataset,
+        attacks=attacks,
+        protocols=o.protocols,
+        trials=o.trials,
+        seed=o.seed,
+        batch_size=o.batch_size,
+        eot_iter=o.eot_iter,
+        strategy=o.strategy,
+        progress=False,
+    )
     return _by_key(rows)
 
 
 def _by_key(rows) -> dict:
-    return {(r.attack, r.protocol, r.trial): (r.n, r.correct, r.seed, r.eps, r.model, r.method, r.dataset) for r in rows}
+    return {
+        (r.attack, r.protocol, r.trial): (r.n, r.correct, r.seed, r.eps, r.model, r.method, r.dataset) for r in rows
+    }
 
 
 # ----------------------------------------------------------------------------- no Ray, no training
@@ -154,7 +189,17 @@ def test_units_align_with_batches_and_name_their_attack_settings(store):
     assert _plan(store, "plan-only", seed=4).fingerprint != plan.fingerprint
     assert len(plan.dataset) == 64 and plan.options.strategy == "uniform"
     assert not (store["root"] / "plan-only").exists()  # planning writes nothing
-    assert DEFAULT_ATTACKS == ("natural", "fgsm", "pgd20", "cw_l2", "mifgsm", "deepfool", "autoattack", "eot_pgd", "autoattack_rand")
+    assert DEFAULT_ATTACKS == (
+        "natural",
+        "fgsm",
+        "pgd20",
+        "cw_l2",
+        "mifgsm",
+        "deepfool",
+        "autoattack",
+        "eot_pgd",
+        "autoattack_rand",
+    )
 
 
 def test_a_fixed_path_of_the_wrong_length_is_refused_before_any_data_or_cluster(store):
@@ -199,13 +244,20 @@ def test_a_selected_checkpoint_is_labelled_in_its_rows(store, tmp_path):
     payload = read_checkpoint(store["ckpt"])
     model = build_model(load_source(checkpoint=store["ckpt"]).cfg)
     model.load_state_dict(payload["model"])
-    path = save_checkpoint(tmp_path / "selected_val" / "checkpoint.pt", model, epoch=1, config=load_source(checkpoint=store["ckpt"]).cfg,
-                           extra={"selected_on": "val", "selection_metric": "val_pgd20_acc", "selection_score": 0.5})
+    path = save_checkpoint(
+        tmp_path / "selected_val" / "checkpoint.pt",
+        model,
+        epoch=1,
+        config=load_source(checkpoint=store["ckpt"]).cfg,
+        extra={"selected_on": "val", "selection_metric": "val_pgd20_acc", "selection_score": 0.5},
+    )
     source = load_source(checkpoint=str(path))
     assert (source.selection, source.selected_epoch, source.checkpoint_label) == ("val", 1, "selected on val")
     plan = plan_evaluation(source, EvalConfig(**{**SMALL, "out_dir": str(tmp_path / "out")}))
     assert plan.row_meta["method"] == "rna(bn,gns:1) [selected on val, epoch 1]"
-    last = plan_evaluation(load_source(checkpoint=store["ckpt"]), EvalConfig(**{**SMALL, "out_dir": str(tmp_path / "out2")}))
+    last = plan_evaluation(
+        load_source(checkpoint=store["ckpt"]), EvalConfig(**{**SMALL, "out_dir": str(tmp_path / "out2")})
+    )
     assert last.row_meta["method"] == "rna(bn,gns:1)"
 
 
@@ -215,8 +267,24 @@ def test_cli_flags_are_keys_of_the_eval_section_and_attack_settings_are_in_pixel
     sys.path.insert(0, str(REPO))
     from jobs.evaluate import FLAGS, attack_set_override, eval_overrides, parse_args
 
-    args = parse_args(["--checkpoint", "x.pt", "--attacks", "fgsm,pgd20", "--trials", "3", "--out", "/tmp/o",
-                       "--attack-set", "pgd20.steps=5", "--attack-set", "fgsm.eps=4", "--attack-set", "pgd20.step_size=1"])
+    args = parse_args(
+        [
+            "--checkpoint",
+            "x.pt",
+            "--attacks",
+            "fgsm,pgd20",
+            "--trials",
+            "3",
+            "--out",
+            "/tmp/o",
+            "--attack-set",
+            "pgd20.steps=5",
+            "--attack-set",
+            "fgsm.eps=4",
+            "--attack-set",
+            "pgd20.step_size=1",
+        ]
+    )
     section = load_config(None, eval_overrides(args)).eval
     assert (section.attacks, section.trials, section.out_dir) == (("fgsm", "pgd20"), 3, "/tmp/o")
     assert section.attack_settings == {"pgd20": {"steps": 5, "step_size": 1}, "fgsm": {"eps": 4}}  # as written
@@ -224,7 +292,9 @@ def test_cli_flags_are_keys_of_the_eval_section_and_attack_settings_are_in_pixel
     assert (pgd.settings["steps"], pgd.settings["step_size"], fgsm.eps) == (5, 1 / 255, 4 / 255)
     assert {key for _, key, _ in FLAGS} <= {f.name for f in dataclasses.fields(EvalConfig)}
     untouched = parse_args(["--checkpoint", "x.pt"])
-    assert eval_overrides(untouched) == [] and load_config(None, eval_overrides(untouched)).eval is None  # defaults: the section's
+    assert (
+        eval_overrides(untouched) == [] and load_config(None, eval_overrides(untouched)).eval is None
+    )  # defaults: the section's
     with pytest.raises(ConfigError, match="expects an integer"):
         load_config(None, eval_overrides(parse_args(["--checkpoint", "x.pt", "--trials", "two"])))
     with pytest.raises(ConfigError, match="ATTACK.SETTING=VALUE"):
@@ -273,7 +343,9 @@ def test_without_retries_the_failure_stops_the_run_and_a_rerun_resumes(env):
     stored = done_units(plan.out_dir)
     assert marker.read_text() not in stored and len(stored) < len(plan.units)
     client = env["client"]
-    runs = client.search_runs([client.get_experiment_by_name("eval-tests").experiment_id], "tags.`rna.eval_dir` = '%s'" % plan.out_dir)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("eval-tests").experiment_id], f"tags.`rna.eval_dir` = '{plan.out_dir}'"
+    )
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
 
     out = _run(plan)  # the marker exists now: nothing fails
@@ -306,12 +378,37 @@ def test_cli_run_id_logs_a_nested_run_with_metrics_and_artifacts(env, capsys):
     sys.path.insert(0, str(REPO))
     from jobs.evaluate import main
 
-    code = main(["--run-id", env["run_id"], "--attacks", "fgsm,pgd20", "--attack-set", "pgd20.steps=3",
-                 "--protocols", "transfer,eot", "--trials", "2", "--batch-size", "16", "--shard-size", "32",
-                 "--eot-iter", "2", "--path-analysis", "16", "--path-attack", "fgsm"])
+    code = main(
+        [
+            "--run-id",
+            env["run_id"],
+            "--attacks",
+            "fgsm,pgd20",
+            "--attack-set",
+            "pgd20.steps=3",
+            "--protocols",
+            "transfer,eot",
+            "--trials",
+            "2",
+            "--batch-size",
+            "16",
+            "--shard-size",
+            "32",
+            "--eot-iter",
+            "2",
+            "--path-analysis",
+            "16",
+            "--path-attack",
+            "fgsm",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
-    assert "| small_cnn | rna(bn,gns:1) |" in printed and "Protocol `eot`" in printed and "Stability over trials" in printed
+    assert (
+        "| small_cnn | rna(bn,gns:1) |" in printed
+        and "Protocol `eot`" in printed
+        and "Stability over trials" in printed
+    )
     assert "25/25 units" in printed and "eta" in printed  # 24 units + the path analysis
 
     client = env["client"]
@@ -326,9 +423,14 @@ def test_cli_run_id_logs_a_nested_run_with_metrics_and_artifacts(env, capsys):
     m = child.data.metrics
     # Names say what ran: a 3-step PGD is not pgd20, and EOT over 2 draws is not the default 10
     # (natural perturbs nothing, so no draws to name).
-    names = {("natural", "transfer"): "acc_natural_transfer", ("natural", "eot"): "acc_natural_eot",
-             ("fgsm", "transfer"): "acc_fgsm_transfer", ("fgsm", "eot"): "acc_fgsm_eot_iter2_eot",
-             ("pgd20", "transfer"): "acc_pgd20_steps3_transfer", ("pgd20", "eot"): "acc_pgd20_steps3_eot_iter2_eot"}
+    names = {
+        ("natural", "transfer"): "acc_natural_transfer",
+        ("natural", "eot"): "acc_natural_eot",
+        ("fgsm", "transfer"): "acc_fgsm_transfer",
+        ("fgsm", "eot"): "acc_fgsm_eot_iter2_eot",
+        ("pgd20", "transfer"): "acc_pgd20_steps3_transfer",
+        ("pgd20", "eot"): "acc_pgd20_steps3_eot_iter2_eot",
+    }
     for (attack, protocol), name in names.items():
         accs = [r.accuracy for r in rows if r.attack == attack and r.protocol == protocol]
         mean = sum(accs) / 2
@@ -344,11 +446,19 @@ def test_cli_run_id_logs_a_nested_run_with_metrics_and_artifacts(env, capsys):
         return out
 
     arts = listing()
-    assert {"results.parquet", "results.md", "stability.md", "path_analysis/accuracy_vs_distance.png",
-            "path_analysis/transfer_matrix.png"} <= arts
+    assert {
+        "results.parquet",
+        "results.md",
+        "stability.md",
+        "path_analysis/accuracy_vs_distance.png",
+        "path_analysis/transfer_matrix.png",
+    } <= arts
     logged = read_rows_parquet(client.download_artifacts(child.info.run_id, "results.parquet", str(env["root"] / "dl")))
     assert _by_key(logged) == _by_key(rows)
-    assert "Natural" in Path(client.download_artifacts(child.info.run_id, "results.md", str(env["root"] / "dl"))).read_text()
+    assert (
+        "Natural"
+        in Path(client.download_artifacts(child.info.run_id, "results.md", str(env["root"] / "dl"))).read_text()
+    )
     parent = client.get_run(env["run_id"])
     assert not any(k.startswith("acc_") for k in parent.data.metrics)  # the evaluation went into the child
 
@@ -372,7 +482,11 @@ def test_bad_inputs_exit_2_with_one_line_before_ray_starts(store, tmp_path):
     assert "norm_versions" not in old["identity"]
     torch.save(old, tmp_path / "old_in.pt")
     cases = [
-        (["--checkpoint", str(tmp_path / "old_in.pt")], "norm_versions: checkpoint None vs config 'in=2'); it was written before", None),
+        (
+            ["--checkpoint", str(tmp_path / "old_in.pt")],
+            "norm_versions: checkpoint None vs config 'in=2'); it was written before",
+            None,
+        ),
         (["--checkpoint", store["ckpt"], "--attacks", "fgsm,nope"], "unknown attack 'nope'", None),
         (["--checkpoint", store["ckpt"], "--protocols", "transfer,whitebox"], "unknown protocol 'whitebox'", None),
         (["--checkpoint", str(tmp_path / "missing.pt")], "missing.pt' does not exist", None),
@@ -380,16 +494,30 @@ def test_bad_inputs_exit_2_with_one_line_before_ray_starts(store, tmp_path):
         (["--run-id", "0123456789abcdef"], "no MLflow store", f"sqlite:///{tmp_path}/absent.db"),
         (["--run-id", "0123456789abcdef"], "is not reachable", "http://127.0.0.1:9/"),  # used to hang in retries
         (["--checkpoint", store["ckpt"], "--selected", "val"], "--selected picks a checkpoint of a training run", None),
-        (["--run-id", store["run_id"], "--selected", "val"], "made no selection on val (train with data.val_size > 0)", store["uri"]),
+        (
+            ["--run-id", store["run_id"], "--selected", "val"],
+            "made no selection on val (train with data.val_size > 0)",
+            store["uri"],
+        ),
     ]
     procs = []
     for i, (args, needle, store_uri) in enumerate(cases):
         cwd = tmp_path / f"cwd{i}"
         cwd.mkdir()
-        run_env = {**os.environ, "RNA_BASE_DIR": str(cwd), "MLFLOW_TRACKING_URI": store_uri or f"sqlite:///{cwd}/mlflow.db"}
+        run_env = {
+            **os.environ,
+            "RNA_BASE_DIR": str(cwd),
+            "MLFLOW_TRACKING_URI": store_uri or f"sqlite:///{cwd}/mlflow.db",
+        }
         run_env.pop("RAY_ADDRESS", None)
-        proc = subprocess.Popen([PY, str(REPO / "jobs" / "evaluate.py"), *args], cwd=cwd, env=run_env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [PY, str(REPO / "jobs" / "evaluate.py"), *args],
+            cwd=cwd,
+            env=run_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         procs.append((proc, needle, cwd))
     for proc, needle, cwd in procs:
         out, err = proc.communicate(timeout=180)

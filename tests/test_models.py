@@ -133,15 +133,26 @@ def _conv_law_ok(weight):
     out, _, kh, kw = weight.shape
     std, kurt = _std_and_kurtosis(weight)
     want = math.sqrt(2.0 / (kh * kw * out))
-    return abs(std / want - 1) < 0.06 and abs(kurt - 3.0) < 0.6 and abs(weight.mean().item()) < 4 * want / math.sqrt(weight.numel())
+    return (
+        abs(std / want - 1) < 0.06
+        and abs(kurt - 3.0) < 0.6
+        and abs(weight.mean().item()) < 4 * want / math.sqrt(weight.numel())
+    )
 
 
 def _convs(model):
     return [m for m in model.modules() if isinstance(m, (nn.Conv2d, QuantConv2d))]
 
 
-INIT_CASES = [("resnet18", "rna"), ("resnet18", "rpt"), ("preact_resnet18", "rna"), ("preact_resnet18", "rpt"),
-              ("wrn16_2", "rna"), ("wrn16_2", "rpt"), ("wrn34_10", "rna")]
+INIT_CASES = [
+    ("resnet18", "rna"),
+    ("resnet18", "rpt"),
+    ("preact_resnet18", "rna"),
+    ("preact_resnet18", "rpt"),
+    ("wrn16_2", "rna"),
+    ("wrn16_2", "rpt"),
+    ("wrn34_10", "rna"),
+]
 
 
 @pytest.mark.parametrize("name, method", INIT_CASES)

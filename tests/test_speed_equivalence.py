@@ -92,9 +92,22 @@ def test_pgd_with_mask_and_eot_is_bit_identical_to_the_plain_formula():
         sampler = PathSampler("uniform", seed=4)
         with fresh_path_every_forward(m, sampler):
             if fn is pgd_linf:
-                out = pgd_linf(m, x, y, EPS, STEP, 2, True, torch.Generator().manual_seed(2), grad_repeats=2, active_mask_fn=mask_fn)
+                out = pgd_linf(
+                    m,
+                    x,
+                    y,
+                    EPS,
+                    STEP,
+                    2,
+                    True,
+                    torch.Generator().manual_seed(2),
+                    grad_repeats=2,
+                    active_mask_fn=mask_fn,
+                )
             else:
-                out = plain_pgd(m, x, y, EPS, STEP, 2, torch.Generator().manual_seed(2), grad_repeats=2, active_mask_fn=mask_fn)
+                out = plain_pgd(
+                    m, x, y, EPS, STEP, 2, torch.Generator().manual_seed(2), grad_repeats=2, active_mask_fn=mask_fn
+                )
         results.append((out, m.state_dict(), sampler.draws))
     (a, sa, da), (b, sb, db) = results
     assert torch.equal(a, b) and da == db == 4
@@ -124,7 +137,9 @@ def test_channels_last_gives_the_same_step_within_rounding():
     cfg = TrainConfig(attack=AttackConfig(steps=3))
     out_a, adv_a, state_a, _ = _one_step(copy.deepcopy(base), cfg, x, y)
     model_cl = copy.deepcopy(base)
-    out_b, adv_b, state_b, opt_b = _one_step(model_cl, TrainConfig(attack=AttackConfig(steps=3), channels_last=True), x, y)
+    out_b, adv_b, state_b, opt_b = _one_step(
+        model_cl, TrainConfig(attack=AttackConfig(steps=3), channels_last=True), x, y
+    )
     conv = next(m for m in model_cl.modules() if isinstance(m, nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert any(p is conv.weight for g in opt_b.param_groups for p in g["params"])  # optimizer still holds it
@@ -138,7 +153,7 @@ def test_channels_last_gives_the_same_step_within_rounding():
 def test_use_channels_last_is_idempotent():
     model = _model()
     assert use_channels_last(model) is model and use_channels_last(model) is model
-    assert getattr(model, "_rna_channels_last")
+    assert model._rna_channels_last
 
 
 def test_bf16_autocast_runs_convs_in_bf16_in_attack_and_update():

@@ -46,7 +46,12 @@ def test_smoke_preset_parses_and_validates():
     assert s.space[0].values == ("bn,gns:1", "bn,in,bgn:8")
     assert to_tune(s.space[0]) == {"grid_search": ["bn,gns:1", "bn,in,bgn:8"]}
     b = base_config(sc)
-    assert (b.model.name, b.data.dataset, b.ray.num_workers, b.ray.cpus_per_worker) == ("small_cnn", "synthetic", 1, 0.5)
+    assert (b.model.name, b.data.dataset, b.ray.num_workers, b.ray.cpus_per_worker) == (
+        "small_cnn",
+        "synthetic",
+        1,
+        0.5,
+    )
     assert 2 * (b.ray.num_workers * b.ray.cpus_per_worker + s.trial_cpus) <= 2  # both trials fit 2 CPUs at once
 
 
@@ -59,14 +64,22 @@ def test_ablation_preset_is_the_papers_random_space_study():
     assert dims["train.sampling"].values == ("uniform", "shared")
     assert sc.sweep.num_trials() == 2 * len(norms)
     b = base_config(sc)
-    assert (b.model.name, b.data.dataset, b.train.epochs, b.train.attack.steps, b.train.lr) == ("resnet18", "cifar10", 200, 10, 0.1)
+    assert (b.model.name, b.data.dataset, b.train.epochs, b.train.attack.steps, b.train.lr) == (
+        "resnet18",
+        "cifar10",
+        200,
+        10,
+        0.1,
+    )
     assert 1 <= b.ray.num_workers <= 2 and b.ray.use_gpu == "true" and b.train.eval_every == 1
 
 
 def test_space_forms_domains_and_overrides():
     data = _smoke_dict()
     data["sweep"] = {
-        "search": "random", "num_samples": 3, "seed": 7,
+        "search": "random",
+        "num_samples": 3,
+        "seed": 7,
         "space": {
             "model": {"norm": ["bn,gns:1", "bn,gn:8,gn:16"]},  # nested section + list shorthand (choice under random)
             "train.sampling": {"choice": ["uniform", "shared", "far:0.5"]},
@@ -118,10 +131,27 @@ def test_space_forms_domains_and_overrides():
         ({"model.norm": {"grid": ["bn"]}}, {"searcher": "grid"}, "unknown config key 'sweep.searcher'"),
         ({"train.eval_every": {"grid": [1, 2]}}, {"metric": "pgd2_acc"}, "needs train.eval_every: 1"),
     ],
-    ids=["unknown key", "unknown norm", "groups do not divide", "identical candidates", "bad strategy", "bad lr", "unsweepable",
-         "duplicate", "scalar", "two domains", "log low", "float range on int", "unknown domain",
-         "final metric", "steps the trials do not run", "metric named by a swept key", "bad scheduler", "bad sweep key",
-         "metric needs eval every epoch"],
+    ids=[
+        "unknown key",
+        "unknown norm",
+        "groups do not divide",
+        "identical candidates",
+        "bad strategy",
+        "bad lr",
+        "unsweepable",
+        "duplicate",
+        "scalar",
+        "two domains",
+        "log low",
+        "float range on int",
+        "unknown domain",
+        "final metric",
+        "steps the trials do not run",
+        "metric named by a swept key",
+        "bad scheduler",
+        "bad sweep key",
+        "metric needs eval every epoch",
+    ],
 )
 def test_bad_sweeps_are_one_line_config_errors(space, extra, needle):
     data = _smoke_dict()
@@ -224,7 +254,9 @@ def test_a_sweep_stopped_before_its_file_is_written_leaves_no_orphan_parent_run(
     _, ref = sweep.open_parent(plan, "sweep: {}", lines.append)
     assert ref.run_id == orphan.info.run_id and len(client.search_runs([exp.experiment_id])) == 1
     assert client.get_run(ref.run_id).info.status == "RUNNING"
-    assert lines == [f"reusing MLflow parent run {ref.run_id} of an earlier attempt stopped before {SWEEP_FILE} was written"]
+    assert lines == [
+        f"reusing MLflow parent run {ref.run_id} of an earlier attempt stopped before {SWEEP_FILE} was written"
+    ]
     tracking.end_run(client, ref.run_id, "KILLED")
 
 
@@ -232,15 +264,40 @@ def test_a_sweep_stopped_before_its_file_is_written_leaves_no_orphan_parent_run(
 
 
 def _rows():
-    base = {"status": "completed", "train_mode": "blackbox", "seed": 0, "epochs_done": 2, "best_pgd2_acc": None,
-            "acc_natural_transfer": 0.5, "acc_pgd20_steps2_transfer": 0.3, "acc_eot_pgd_steps2_eot": 0.1, "seconds": 12.5}
-    specs = [("t0", "bn,gns:1", 2, "uniform", 0.31), ("t1", "bn,in,ln", 3, "uniform", 0.42),
-             ("t2", "bn,gns:1", 2, "shared", 0.12), ("t3", "bn,in,ln", 3, "shared", None)]
+    base = {
+        "status": "completed",
+        "train_mode": "blackbox",
+        "seed": 0,
+        "epochs_done": 2,
+        "best_pgd2_acc": None,
+        "acc_natural_transfer": 0.5,
+        "acc_pgd20_steps2_transfer": 0.3,
+        "acc_eot_pgd_steps2_eot": 0.1,
+        "seconds": 12.5,
+    }
+    specs = [
+        ("t0", "bn,gns:1", 2, "uniform", 0.31),
+        ("t1", "bn,in,ln", 3, "uniform", 0.42),
+        ("t2", "bn,gns:1", 2, "shared", 0.12),
+        ("t3", "bn,in,ln", 3, "shared", None),
+    ]
     rows = []
     for tid, norm, k, s, acc in specs:
-        rows.append({**base, "trial_id": tid, "mlflow_run_id": f"run-{tid}", "model.norm": norm, "train.sampling": s,
-                     "norm": norm, "space_size": k, "num_paths": float(k ** 4), "sampling": s, "pgd2_acc": acc,
-                     "status": "completed" if acc is not None else "error"})
+        rows.append(
+            {
+                **base,
+                "trial_id": tid,
+                "mlflow_run_id": f"run-{tid}",
+                "model.norm": norm,
+                "train.sampling": s,
+                "norm": norm,
+                "space_size": k,
+                "num_paths": float(k**4),
+                "sampling": s,
+                "pgd2_acc": acc,
+                "status": "completed" if acc is not None else "error",
+            }
+        )
     rows.sort(key=lambda r: (r["pgd2_acc"] is None, -(r["pgd2_acc"] or 0)))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
@@ -250,13 +307,18 @@ def _rows():
 def test_summary_table_leaderboard_and_plots(tmp_path):
     sc = load_sweep_config(str(SMOKE))
     data = _smoke_dict()
-    data["sweep"]["space"] = {"model.norm": {"grid": ["bn,gns:1", "bn,in,ln"]}, "train.sampling": {"grid": ["uniform", "shared"]}}
+    data["sweep"]["space"] = {
+        "model.norm": {"grid": ["bn,gns:1", "bn,in,ln"]},
+        "train.sampling": {"grid": ["uniform", "shared"]},
+    }
     spec = sweep_config_from_dict(data).sweep
     rows = _rows()
     write_trials_table(rows, str(tmp_path / "trials.parquet"))
     table = pq.read_table(tmp_path / "trials.parquet")
     assert table.column("trial_id").to_pylist() == ["t1", "t0", "t2", "t3"]
-    assert str(table.schema.field("space_size").type) == "int64" and str(table.schema.field("pgd2_acc").type) == "double"
+    assert (
+        str(table.schema.field("space_size").type) == "int64" and str(table.schema.field("pgd2_acc").type) == "double"
+    )
     assert table.column("pgd2_acc").to_pylist()[-1] is None and table.column("status").to_pylist()[-1] == "error"
 
     board = render_leaderboard(rows, spec, "demo", "parent123", base_config(sc))
@@ -264,8 +326,14 @@ def test_summary_table_leaderboard_and_plots(tmp_path):
     assert lines[0].split(" | ")[:4] == ["| rank", "trial_id", "model.norm", "train.sampling"]
     assert [ln.split(" | ")[1] for ln in lines[1:]] == ["t1", "t0", "t2", "t3"]  # ranked by pgd2_acc, failures last
     assert "| 1 | t1 | bn,in,ln | uniform |" in board and "0.4200" in board
-    assert "3 completed" in board and "1 failed" in board and "`parent123`" in board and "on the held-out slice" in board
-    assert lines[0].split(" | ")[8:11] == ["acc_natural_transfer", "acc_pgd20_steps2_transfer", "acc_eot_pgd_steps2_eot"]
+    assert (
+        "3 completed" in board and "1 failed" in board and "`parent123`" in board and "on the held-out slice" in board
+    )
+    assert lines[0].split(" | ")[8:11] == [
+        "acc_natural_transfer",
+        "acc_pgd20_steps2_transfer",
+        "acc_eot_pgd_steps2_eot",
+    ]
 
     files = plot_summary(rows, "pgd2_acc", str(tmp_path))
     assert [Path(f).name for f in files] == ["robust_acc_vs_space_size.png", "robust_acc_by_strategy.png"]
@@ -283,8 +351,19 @@ def test_cli_bad_input_exits_2_with_one_line_and_nothing_started(tmp_path):
     env = {**os.environ, "RNA_BASE_DIR": str(tmp_path), "MLFLOW_TRACKING_URI": ""}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
-        [PY, str(REPO / "jobs" / "sweep.py"), "--config", str(SMOKE), "--set", "sweep.space.train.lr={grid: [0.1, -1]}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        [
+            PY,
+            str(REPO / "jobs" / "sweep.py"),
+            "--config",
+            str(SMOKE),
+            "--set",
+            "sweep.space.train.lr={grid: [0.1, -1]}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr
@@ -301,7 +380,10 @@ def test_cli_bad_input_exits_2_with_one_line_and_nothing_started(tmp_path):
         (["--config", str(REPO / "configs" / "smoke.yaml")], "no sweep: section"),
         (["--config", str(SMOKE), "--set", "sweep.space.model.norm={grid: [bn, 'bn,gn:3']}"], "3 groups do not divide"),
         (["--config", str(SMOKE), "--resume"], "nothing to resume"),
-        (["--config", str(SMOKE), "--set", "data.dataset=cifar10", "--set", "data.data_dir=nodata"], "cifar10 data not found"),
+        (
+            ["--config", str(SMOKE), "--set", "data.dataset=cifar10", "--set", "data.data_dir=nodata"],
+            "cifar10 data not found",
+        ),
     ],
     ids=["no config", "missing file", "not a sweep", "bad value", "nothing to resume", "no data"],
 )
@@ -332,8 +414,12 @@ def _children(client, parent_run_id: str, experiment_id: str) -> dict[str, dict]
         tid = r.data.tags["rna.trial_id"]
         assert tid not in out, f"two child runs for trial {tid}"
         out[tid] = {
-            "run_id": r.info.run_id, "status": r.info.status, "start": r.info.start_time, "end": r.info.end_time,
-            "params": r.data.params, "tags": r.data.tags,
+            "run_id": r.info.run_id,
+            "status": r.info.status,
+            "start": r.info.start_time,
+            "end": r.info.end_time,
+            "params": r.data.params,
+            "tags": r.data.tags,
             "loss_steps": sorted(m.step for m in client.get_metric_history(r.info.run_id, "train_loss")),
         }
     return out
@@ -416,12 +502,17 @@ def test_smoke_sweep_runs_trials_side_by_side_and_resumes_without_rerunning(swee
     assert run.info.status == "FINISHED" and run.data.params["model.norm"] == "<swept>"
     assert run.data.metrics["num_trials"] == 2 and 0 <= run.data.metrics["best_pgd2_acc"] <= 1
     names = {a.path for a in client.list_artifacts(parent.run_id, "summary")}
-    assert names == {f"summary/{n}" for n in ("trials.parquet", "leaderboard.md", "robust_acc_vs_space_size.png",
-                                               "robust_acc_by_strategy.png")}
+    assert names == {
+        f"summary/{n}"
+        for n in ("trials.parquet", "leaderboard.md", "robust_acc_vs_space_size.png", "robust_acc_by_strategy.png")
+    }
     table = pq.read_table(client.download_artifacts(parent.run_id, "summary/trials.parquet")).to_pylist()
     assert {r["trial_id"] for r in table} == set(after)
     assert {r["mlflow_run_id"] for r in table} == {c["run_id"] for c in after.values()}
-    assert sorted((r["model.norm"], r["space_size"], r["num_paths"]) for r in table) == [("bn,gns:1", 2, 16.0), ("bn,in,bgn:8", 3, 81.0)]
+    assert sorted((r["model.norm"], r["space_size"], r["num_paths"]) for r in table) == [
+        ("bn,gns:1", 2, 16.0),
+        ("bn,in,bgn:8", 3, 81.0),
+    ]
     assert [r["rank"] for r in table] == [1, 2] and table[0]["pgd2_acc"] >= table[1]["pgd2_acc"]
     board = Path(client.download_artifacts(parent.run_id, "summary/leaderboard.md")).read_text()
     assert all(t in board for t in after) and "2 trials" in board

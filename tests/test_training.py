@@ -112,7 +112,9 @@ def test_other_modes_take_a_step(mode, gen):
     opt = build_optimizer(model, cfg)
     before = [p.detach().clone() for p in model.parameters()]
     sampler = PathSampler("uniform", seed=0)
-    out = train_step(model, torch.rand(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen), opt, cfg, sampler)
+    out = train_step(
+        model, torch.rand(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen), opt, cfg, sampler
+    )
     assert out.n == 8 and torch.isfinite(out.loss_sum)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     expected_draws = {"whitebox": 1, "natural": 1, "eot": 2 * 2 + 1}[mode]
@@ -178,7 +180,9 @@ def _inactive_candidate_run(policy: str):
     sampler = ScriptedSampler(["1111", "0000", "1111", "0000"])
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):
-        train_step(model, torch.rand(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen), opt, cfg, sampler)
+        train_step(
+            model, torch.rand(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen), opt, cfg, sampler
+        )
     return model, opt, cfg, gns, bn, start
 
 

@@ -5,8 +5,8 @@
 - `plan`: the options (`eval:` section) resolved against the model, the test rows, the units.
 - `store`: the resumable result folder (one file per finished unit, the job file, the rows).
 - `tasks`: the Ray tasks (a unit's counts; the path analysis), each fetching weights and data once
-  per worker process.
-- `job`: the fan-out on Ray, progress, the MLflow evaluation run, the tables (`run_evaluation`).
+  per worker process, and their fan-out with progress.
+- `job`: the missing units, the MLflow evaluation run, the tables (`run_evaluation`).
 
 Why units. An evaluation is attacks x protocols x trials over the test set; a *unit* is one
 (attack, protocol, trial, shard), a shard being a run of consecutive batches. A unit calls

@@ -3,10 +3,6 @@
     from pipelines.evaluation.job import evaluate
     out = evaluate(checkpoint="ray_results/<run>/.../checkpoint.pt", overrides=["eval.attacks=fgsm"])
 
-Ray. Each task asks for `eval.cpus_per_task` CPUs and, when the cluster has GPUs,
-`eval.gpus_per_task` of a GPU; the driver keeps at most `eval.max_in_flight` tasks in flight
-(`ray.wait`), and Ray retries a failed task (`eval.max_retries`, `retry_exceptions=True`).
-
 MLflow. `--run-id` logs a nested run under the training run (same experiment, tag
 `mlflow.parentRunId`); a bare checkpoint gets a run of its own. Metrics `acc_<attack>_<protocol>`
 (mean over trials; `rna_core.evaluation.naming`) and `acc_<attack>_<protocol>_std`; artifacts:
@@ -18,14 +14,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
-
-import ray
+from typing import Any
 
 from rna_core.attacks.registry import attack_spec, get_attack
 from rna_core.builders import model_structure
-from rna_core.config import EvalConfig, flatten
+from rna_core.config import flatten
 from rna_core.evaluation import (
     ResultRow,
     read_rows_parquet,
@@ -36,10 +31,10 @@ from rna_core.evaluation import (
     write_rows_parquet,
 )
 from rna_core.paths import count_paths
-from rna_core.units import settings_to_unit, to_unit
+from rna_core.units import to_unit
 
 from .. import tracking
-from ..cluster import cluster_resources, ensure_ray, resolve_use_gpu
+from ..cluster import ensure_ray
 from .plan import EvalPlan, plan_evaluation
 from .source import load_source
 from .store import (
@@ -47,18 +42,14 @@ from .store import (
     RESULTS_FILE,
     STABILITY_FILE,
     TABLES_FILE,
-    Unit,
     clean_temporaries,
     done_units,
     gather_rows,
     paths_done,
-    paths_settings,
     read_state,
-    save_paths,
     write_state,
-    write_unit,
 )
-from .tasks import analyze_paths, evaluate_unit
+from .tasks import fan_out
 
 FAIL_ONCE_ENV = "RNA_EVAL_FAIL_ONCE_MARKER"  # test hook read by jobs/evaluate.py
 
@@ -84,112 +75,6 @@ class EvalOutcome:
     path_analysis: dict[str, str] = field(default_factory=dict)
 
 
-def _clock(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-class Progress:
-    """Units done / total, elapsed and ETA, as a line at most every `every` seconds (and at the end)."""
-
-    def __init__(self, total: int, already: int, echo: Echo, every: float):
-        self.total, self.done, self.already = total, already, already
-        self.echo, self.every = echo, every
-        self.start = time.monotonic()
-        self.last = -float("inf")
-
-    def line(self) -> str:
-        elapsed = time.monotonic() - self.start
-        ran = self.done - self.already
-        left = self.total - self.done
-        eta = _clock(elapsed / ran * left) if ran else "?"
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        return f"[evaluate] {self.done}/{self.total} units ({pct:.0f}%)  elapsed {_clock(elapsed)}  eta {eta}"
-
-    def advance(self, k: int = 1) -> None:
-        self.done += k
-        self.maybe_print(force=self.done == self.total)
-
-    def maybe_print(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self.last >= self.every:
-            self.last = now
-            self.echo(self.line())
-
-
-def _task_resources(options: EvalConfig, use_gpu: bool) -> dict[str, Any]:
-    res: dict[str, Any] = {"num_cpus": options.cpus_per_task, "max_retries": options.max_retries, "retry_exceptions": True}
-    if use_gpu and options.gpus_per_task > 0:
-        res["num_gpus"] = options.gpus_per_task
-    return res
-
-
-def _max_in_flight(options: EvalConfig, use_gpu: bool) -> int:
-    """Twice what the cluster runs at once: enough queued to keep it busy, bounded memory."""
-    if options.max_in_flight:
-        return options.max_in_flight
-    res = cluster_resources()
-    slots = res.get("CPU", 1.0) / options.cpus_per_task
-    if use_gpu and options.gpus_per_task > 0:
-        slots = min(slots, res.get("GPU", 0.0) / options.gpus_per_task)
-    return max(1, int(slots)) * 2
-
-
-def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail_once_marker: str | None = None) -> int:
-    """Run `todo` (and the path analysis) as Ray tasks; each finished unit is stored at once.
-
-    Returns the number of units run. On a task that fails after its retries the tasks in flight
-    are cancelled and the error propagates; the units stored so far stay (a re-run resumes).
-    """
-    o = plan.options
-    use_gpu = resolve_use_gpu(plan.source.cfg)
-    resources = _task_resources(o, use_gpu)
-    limit = _max_in_flight(o, use_gpu)
-    model_box = [ray.put({"config": flatten(plan.source.cfg), "state": plan.source.state})]
-    ds = plan.dataset
-    data_box = [ray.put({"images": ds.images, "labels": ds.labels, "classes": list(ds.classes), "name": ds.name})]
-    common = {"weights": plan.source.weights_digest, "data": plan.data_digest, "threads": max(1, int(o.cpus_per_task)),
-              "batch_size": o.batch_size, "seed": o.seed, "eot_iter": o.eot_iter, "strategy": o.strategy}
-    by_name = {a.name: a for a in plan.attacks}
-    unit_task = ray.remote(evaluate_unit).options(**resources)
-    gpu_note = f" + {o.gpus_per_task:g} GPU" if "num_gpus" in resources else ""
-    echo(f"[evaluate] {len(todo)} unit(s) to run as Ray tasks ({o.cpus_per_task:g} CPU{gpu_note} each, "
-         f"at most {limit} in flight, {o.max_retries} retries)")
-
-    progress = Progress(len(plan.units) + int(with_paths), len(plan.units) - len(todo), echo, o.progress_every)
-    in_flight: dict[Any, Unit | None] = {}
-    if with_paths:
-        paths_task = ray.remote(analyze_paths).options(**resources)
-        in_flight[paths_task.remote(model_box, data_box, {**common, **paths_settings(plan)})] = None
-    queue = list(reversed(todo))
-    ran = 0
-    try:
-        while queue or in_flight:
-            while queue and len(in_flight) < limit:
-                u = queue.pop()
-                task = {**common, "unit_id": u.unit_id, "attack": u.attack, "settings": settings_to_unit(o.attack_settings.get(u.attack, {})),
-                        "settings_hash": u.settings_hash, "protocol": u.protocol,
-                        "trial": u.trial, "first": u.first, "stop": u.stop, "fail_once_marker": fail_once_marker}
-                in_flight[unit_task.remote(model_box, data_box, task)] = u
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=o.progress_every)
-            for ref in ready:
-                u = in_flight.pop(ref)
-                result = ray.get(ref)  # a task that failed after its retries raises here
-                if u is None:
-                    save_paths(plan, result)
-                else:
-                    write_unit(plan.out_dir, u, by_name[u.attack], result, o.seed)
-                    ran += 1
-                progress.advance()
-            if not ready:
-                progress.maybe_print()
-    except BaseException:
-        for ref in in_flight:
-            ray.cancel(ref, force=False)
-        raise
-    return ran
-
-
 def summary_metrics(rows: Sequence[ResultRow], plan: EvalPlan) -> dict[str, float]:
     """`acc_<attack>_<protocol>` (mean over trials) and `..._std` (sample std over trials)."""
     by_name = {a.name: a for a in plan.attacks}
@@ -211,14 +96,25 @@ def eval_params(plan: EvalPlan) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if plan.source.kind == "checkpoint":  # no training run holds the config: log it here
         params.update({k: v for k, v in flatten(plan.source.cfg).items() if not k.startswith("eval.")})
-    params.update({
-        "eval.source": plan.source.description, "eval.attacks": ",".join(a.name for a in plan.attacks),
-        "eval.protocols": ",".join(o.protocols), "eval.trials": o.trials, "eval.limit": o.limit,
-        "eval.images": len(plan.dataset), "eval.batch_size": o.batch_size, "eval.seed": o.seed,
-        "eval.eot_iter": o.eot_iter, "eval.strategy": o.strategy, "eval.shard_size": o.shard_size,
-        "eval.weights_digest": plan.source.weights_digest, "eval.data_digest": plan.data_digest,
-        "eval.fingerprint": plan.fingerprint, "eval.checkpoint": plan.source.checkpoint_label,
-    })
+    params.update(
+        {
+            "eval.source": plan.source.description,
+            "eval.attacks": ",".join(a.name for a in plan.attacks),
+            "eval.protocols": ",".join(o.protocols),
+            "eval.trials": o.trials,
+            "eval.limit": o.limit,
+            "eval.images": len(plan.dataset),
+            "eval.batch_size": o.batch_size,
+            "eval.seed": o.seed,
+            "eval.eot_iter": o.eot_iter,
+            "eval.strategy": o.strategy,
+            "eval.shard_size": o.shard_size,
+            "eval.weights_digest": plan.source.weights_digest,
+            "eval.data_digest": plan.data_digest,
+            "eval.fingerprint": plan.fingerprint,
+            "eval.checkpoint": plan.source.checkpoint_label,
+        }
+    )
     for a in plan.attacks:
         if a.settings:
             params[f"eval.attack.{a.name}"] = json.dumps(a.settings, sort_keys=True)
@@ -230,8 +126,13 @@ def open_eval_run(plan: EvalPlan, echo: Echo) -> tuple[Any, tracking.RunRef]:
     src = plan.source
     old = (read_state(plan.out_dir) or {}).get("mlflow")
     reopen = tracking.RunRef.from_dict(old) if old and old.get("tracking_uri") == src.tracking_uri else None
-    tags = {"rna.entry_point": "jobs/evaluate.py", "rna.eval_dir": str(plan.out_dir), "rna.source": src.description,
-            "rna.git_dirty": str(tracking.git_dirty()), "git_commit": tracking.git_commit()}
+    tags = {
+        "rna.entry_point": "jobs/evaluate.py",
+        "rna.eval_dir": str(plan.out_dir),
+        "rna.source": src.description,
+        "rna.git_dirty": str(tracking.git_dirty()),
+        "git_commit": tracking.git_commit(),
+    }
     if src.parent_run_id:
         tags["mlflow.parentRunId"] = src.parent_run_id
     if src.training_run_id:
@@ -239,9 +140,18 @@ def open_eval_run(plan: EvalPlan, echo: Echo) -> tuple[Any, tracking.RunRef]:
     tags["rna.checkpoint"] = src.checkpoint_label + (f" (epoch {src.selected_epoch})" if src.selection else "")
     if src.selection == "test":
         tags["rna.selection_on_test_set"] = "true (the papers' way: biased upward)"
-    name = f"eval-{plan.row_meta['model']}-{plan.fingerprint[:6]}" + (f"-selected-on-{src.selection}" if src.selection else "")
-    opened = tracking.open_run(src.tracking_uri, src.cfg.mlflow.experiment, name, eval_params(plan), tags, reopen=reopen,
-                               experiment_id=src.parent_experiment_id if src.parent_run_id else None)
+    name = f"eval-{plan.row_meta['model']}-{plan.fingerprint[:6]}" + (
+        f"-selected-on-{src.selection}" if src.selection else ""
+    )
+    opened = tracking.open_run(
+        src.tracking_uri,
+        src.cfg.mlflow.experiment,
+        name,
+        eval_params(plan),
+        tags,
+        reopen=reopen,
+        experiment_id=src.parent_experiment_id if src.parent_run_id else None,
+    )
     if opened.how == "reopened":
         echo(f"[evaluate] resuming MLflow run {opened.ref.run_id}")
     return opened.client, opened.ref
@@ -269,18 +179,29 @@ def run_evaluation(plan: EvalPlan, echo: Echo = print, fail_once_marker: str | N
     todo = [u for u in plan.units if u.unit_id not in done]
     with_paths = bool(o.path_analysis) and count_paths(model_structure(plan.source.cfg)) > 1 and not paths_done(plan)
     shards = len({(u.first, u.stop) for u in plan.units})
-    echo(f"[evaluate] {plan.row_meta['model']} {plan.row_meta['method']} on {len(plan.dataset)} {plan.row_meta['dataset']} images: "
-         f"{len(plan.attacks)} attack(s) x {len(o.protocols)} protocol(s) x {o.trials} trial(s) x {shards} shard(s) = "
-         f"{len(plan.units)} units; {len(plan.units) - len(todo)} done earlier; folder {plan.out_dir}")
+    echo(
+        f"[evaluate] {plan.row_meta['model']} {plan.row_meta['method']} on {len(plan.dataset)} "
+        f"{plan.row_meta['dataset']} images: "
+        f"{len(plan.attacks)} attack(s) x {len(o.protocols)} protocol(s) x {o.trials} trial(s) x {shards} shard(s) = "
+        f"{len(plan.units)} units; {len(plan.units) - len(todo)} done earlier; folder {plan.out_dir}"
+    )
 
     client, ref = open_eval_run(plan, echo)
     status = "FAILED"
     try:
-        write_state(plan.out_dir, {
-            "format": 1, "source": plan.source.description, "fingerprint": plan.fingerprint,
-            "weights_digest": plan.source.weights_digest, "data_digest": plan.data_digest,
-            "mlflow": ref.to_dict(), "parent_run_id": plan.source.parent_run_id, "options": asdict(plan.options),
-        })
+        write_state(
+            plan.out_dir,
+            {
+                "format": 1,
+                "source": plan.source.description,
+                "fingerprint": plan.fingerprint,
+                "weights_digest": plan.source.weights_digest,
+                "data_digest": plan.data_digest,
+                "mlflow": ref.to_dict(),
+                "parent_run_id": plan.source.parent_run_id,
+                "options": asdict(plan.options),
+            },
+        )
         ran = 0
         if todo or with_paths:
             ensure_ray(plan.source.cfg, echo)
@@ -296,11 +217,18 @@ def run_evaluation(plan: EvalPlan, echo: Echo = print, fail_once_marker: str | N
         (plan.out_dir / TABLES_FILE).write_text(render_markdown(all_rows, title=title))
         (plan.out_dir / STABILITY_FILE).write_text(
             f"# Stability over trials: {title}\n\nAccuracy (%) over trials; std is the sample standard deviation.\n\n"
-            + stability_table(all_rows) + "\n"
+            + stability_table(all_rows)
+            + "\n"
         )
         metrics = summary_metrics(all_rows, plan)
-        metrics.update({"eval_images": float(len(plan.dataset)), "eval_units": float(len(plan.units)),
-                        "eval_units_run": float(ran), "eval_seconds": time.monotonic() - start})
+        metrics.update(
+            {
+                "eval_images": float(len(plan.dataset)),
+                "eval_units": float(len(plan.units)),
+                "eval_units_run": float(ran),
+                "eval_seconds": time.monotonic() - start,
+            }
+        )
         log_results(client, ref, plan, metrics)
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -312,11 +240,19 @@ def run_evaluation(plan: EvalPlan, echo: Echo = print, fail_once_marker: str | N
     paths_dir = plan.out_dir / PATHS_DIR
     paths = {p.name: str(p) for p in sorted(paths_dir.glob("*"))} if paths_dir.is_dir() else {}
     return EvalOutcome(
-        out_dir=str(plan.out_dir), results_path=str(results), rows=rows,
-        tables=render_markdown(rows), stability=stability_table(rows), mlflow=ref,
-        parent_run_id=plan.source.parent_run_id, units_total=len(plan.units),
-        units_skipped=len(plan.units) - len(todo), units_run=ran, seconds=time.monotonic() - start,
-        metrics=metrics, path_analysis=paths,
+        out_dir=str(plan.out_dir),
+        results_path=str(results),
+        rows=rows,
+        tables=render_markdown(rows),
+        stability=stability_table(rows),
+        mlflow=ref,
+        parent_run_id=plan.source.parent_run_id,
+        units_total=len(plan.units),
+        units_skipped=len(plan.units) - len(todo),
+        units_run=ran,
+        seconds=time.monotonic() - start,
+        metrics=metrics,
+        path_analysis=paths,
     )
 
 
@@ -335,5 +271,12 @@ def evaluate(
     return run_evaluation(plan_evaluation(source), echo)
 
 
-__all__ = ["EvalOutcome", "FAIL_ONCE_ENV", "Progress", "evaluate", "fan_out", "log_results", "open_eval_run",
-           "run_evaluation", "summary_metrics"]
+__all__ = [
+    "EvalOutcome",
+    "FAIL_ONCE_ENV",
+    "evaluate",
+    "log_results",
+    "open_eval_run",
+    "run_evaluation",
+    "summary_metrics",
+]

@@ -13,8 +13,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-
-
 from rna_core.attacks.registry import Attack
 from rna_core.builders import model_structure
 from rna_core.config import Config, EvalConfig
@@ -52,7 +50,9 @@ class EvalPlan:
 
     @property
     def groups(self) -> list[tuple[str, str, int]]:
-        return [(a.name, p, t) for t in range(self.options.trials) for a in self.attacks for p in self.options.protocols]
+        return [
+            (a.name, p, t) for t in range(self.options.trials) for a in self.attacks for p in self.options.protocols
+        ]
 
 
 def short_hash(obj: Any, n: int = 12) -> str:
@@ -98,25 +98,50 @@ def plan_evaluation(source: ModelSource, options: EvalConfig | None = None) -> E
     if len(dataset) == 0:
         raise ConfigError(f"the {cfg.data.dataset} test set is empty; check data.data_dir")
     digest = data_digest(dataset)
-    fingerprint = short_hash({
-        "weights": source.weights_digest, "data": digest, "n": len(dataset), "batch_size": o.batch_size,
-        "seed": o.seed, "eot_iter": o.eot_iter, "strategy": o.strategy,
-    }, 10)
-    out_dir = Path(o.out_dir).expanduser().resolve() if o.out_dir else base_dir() / RESULTS_DIR / f"{source.label}-{fingerprint}"
+    fingerprint = short_hash(
+        {
+            "weights": source.weights_digest,
+            "data": digest,
+            "n": len(dataset),
+            "batch_size": o.batch_size,
+            "seed": o.seed,
+            "eot_iter": o.eot_iter,
+            "strategy": o.strategy,
+        },
+        10,
+    )
+    out_dir = (
+        Path(o.out_dir).expanduser().resolve()
+        if o.out_dir
+        else base_dir() / RESULTS_DIR / f"{source.label}-{fingerprint}"
+    )
     check_output_folder(out_dir, fingerprint)
 
     per_shard = -(-o.shard_size // o.batch_size) * o.batch_size
     bounds = [(s, min(s + per_shard, len(dataset))) for s in range(0, len(dataset), per_shard)]
     units = [
         Unit(a.name, settings_hash(a), p, t, first, stop)
-        for t in range(o.trials) for a in attacks for p in o.protocols for first, stop in bounds
+        for t in range(o.trials)
+        for a in attacks
+        for p in o.protocols
+        for first, stop in bounds
     ]
     spec = getattr(structure, "rna_spec", {}) or {}
     method = method_label(spec or {"method": cfg.model.method})
-    if source.selection is not None:  # a selected epoch's weights: its own table row, never blended with the last epoch's
+    if (
+        source.selection is not None
+    ):  # a selected epoch's weights: its own table row, never blended with the last epoch's
         method += f" [{source.checkpoint_label}, epoch {source.selected_epoch}]"
     meta = {"model": str(spec.get("model", cfg.model.name)), "method": method, "dataset": dataset.name}
     return EvalPlan(source, o, attacks, dataset, digest, fingerprint, out_dir, units, meta)
 
 
-__all__ = ["EvalPlan", "SCORING_RULES", "data_digest", "plan_evaluation", "resolve_options", "settings_hash", "short_hash"]
+__all__ = [
+    "EvalPlan",
+    "SCORING_RULES",
+    "data_digest",
+    "plan_evaluation",
+    "resolve_options",
+    "settings_hash",
+    "short_hash",
+]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from mlflow.exceptions import MlflowException
@@ -81,13 +82,15 @@ def checked_weights(payload: dict[str, Any], where: str, overrides: Sequence[str
     missing = sorted(set(model.state_dict()) - set(state))
     if missing:
         raise CheckpointMismatchError(
-            f"checkpoint {where} lacks weights for {missing[0]} (and {len(missing) - 1} more); it does not fit the model"
+            f"checkpoint {where} lacks weights for {missing[0]} (and {len(missing) - 1} more); it does not "
+            "fit the model"
         )
     for key, tensor in model.state_dict().items():  # shapes too: a mismatch would only fail inside a Ray task
         got = tuple(getattr(state[key], "shape", ()))
         if got != tuple(tensor.shape):
             raise CheckpointMismatchError(
-                f"checkpoint {where}: {key} has shape {list(got)}, the model needs {list(tensor.shape)}; it does not fit the model"
+                f"checkpoint {where}: {key} has shape {list(got)}, the model needs {list(tensor.shape)}; it "
+                "does not fit the model"
             )
     return cfg, state, state_digest(state)
 
@@ -106,7 +109,9 @@ def _selection_of(payload: Mapping[str, Any], where: str) -> tuple[str | None, i
     if which is None:
         return None, None
     if which not in SELECTIONS:
-        raise ConfigError(f"checkpoint {where} says it was selected on '{which}', which this code does not know; update the code")
+        raise ConfigError(
+            f"checkpoint {where} says it was selected on '{which}', which this code does not know; update the code"
+        )
     return str(which), int(payload.get("epoch", 0))
 
 
@@ -125,8 +130,11 @@ def load_source(
     if selected is not None and selected not in SELECTIONS:
         raise ConfigError(f"--selected '{selected}' is unknown; valid: {', '.join(SELECTIONS)}")
     if selected is not None and checkpoint is not None:
-        raise ConfigError("--selected picks a checkpoint of a training run (--run-id); with --checkpoint, pass the selected file itself "
-                          "(<run folder>/selected_<val|test>/checkpoint.pt)")
+        raise ConfigError(
+            "--selected picks a checkpoint of a training run (--run-id); with --checkpoint, pass the selected "
+            "file itself "
+            "(<run folder>/selected_<val|test>/checkpoint.pt)"
+        )
     uri = tracking.resolve_tracking_uri(base_dir())
     check_tracking_store(uri)  # an unreachable server: one line, not minutes of MLflow retries
     if checkpoint is not None:
@@ -136,39 +144,68 @@ def load_source(
         trained_in = (payload.get("extra") or {}).get("mlflow_run_id")
         which, epoch = _selection_of(payload, f"'{checkpoint}'")
         return ModelSource(
-            "checkpoint", f"ckpt-{safe_name(path.parent.name)}-{digest[:8]}", str(path), cfg, state, digest, uri,
-            training_run_id=str(trained_in) if trained_in else None, selection=which, selected_epoch=epoch,
+            "checkpoint",
+            f"ckpt-{safe_name(path.parent.name)}-{digest[:8]}",
+            str(path),
+            cfg,
+            state,
+            digest,
+            uri,
+            training_run_id=str(trained_in) if trained_in else None,
+            selection=which,
+            selected_epoch=epoch,
         )
     run_id = run_id.strip()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
-        raise ConfigError(f"MLflow run '{run_id}' not found: there is no MLflow store at {uri}; "
-                          "set MLFLOW_TRACKING_URI to the store jobs/train.py used")
+        raise ConfigError(
+            f"MLflow run '{run_id}' not found: there is no MLflow store at {uri}; "
+            "set MLFLOW_TRACKING_URI to the store jobs/train.py used"
+        )
     client = tracking.client_for(uri)
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise ConfigError(f"MLflow run '{run_id}' not found in {uri}; pass the run id printed by jobs/train.py "
-                          "(or set MLFLOW_TRACKING_URI)") from None
+        raise ConfigError(
+            f"MLflow run '{run_id}' not found in {uri}; pass the run id printed by jobs/train.py "
+            "(or set MLFLOW_TRACKING_URI)"
+        ) from None
     artifact = CHECKPOINT_ARTIFACT if selected is None else selected_artifact(selected)
     names = {a.path for a in client.list_artifacts(run_id, artifact.rsplit("/", 1)[0])}
     if artifact not in names:
         if selected is not None:
             how = "data.val_size > 0" if selected == "val" else "train.select_on_test=true"
-            raise ConfigError(f"MLflow run '{run_id}' has no {artifact} artifact: it made no selection on {selected} "
-                              f"(train with {how}); evaluate its last epoch without --selected")
-        raise ConfigError(f"MLflow run '{run_id}' has no {artifact} artifact (did its training finish?); evaluate a --checkpoint instead")
+            raise ConfigError(
+                f"MLflow run '{run_id}' has no {artifact} artifact: it made no selection on {selected} "
+                f"(train with {how}); evaluate its last epoch without --selected"
+            )
+        raise ConfigError(
+            f"MLflow run '{run_id}' has no {artifact} artifact (did its training finish?); evaluate a "
+            "--checkpoint instead"
+        )
     with tempfile.TemporaryDirectory(prefix="rna-eval-ckpt-") as tmp:
         local = client.download_artifacts(run_id, artifact, tmp)
         payload = read_checkpoint(local)
     cfg, state, digest = checked_weights(payload, f"of run '{run_id}'", overrides)
     which, epoch = _selection_of(payload, f"{artifact} of run '{run_id}'")
     if which != selected:
-        raise ConfigError(f"{artifact} of run '{run_id}' holds a checkpoint {SELECTION_LABELS[which]}, not {SELECTION_LABELS[selected]}")
+        raise ConfigError(
+            f"{artifact} of run '{run_id}' holds a checkpoint {SELECTION_LABELS[which]}, not "
+            f"{SELECTION_LABELS[selected]}"
+        )
     label = f"run-{safe_name(run_id)}" + (f"-selected-{selected}" if selected else "")
     return ModelSource(
-        "run", label, f"runs:/{run_id}/{artifact}", cfg, state, digest, uri,
-        parent_run_id=run_id, parent_experiment_id=run.info.experiment_id, training_run_id=run_id,
-        selection=which, selected_epoch=epoch,
+        "run",
+        label,
+        f"runs:/{run_id}/{artifact}",
+        cfg,
+        state,
+        digest,
+        uri,
+        parent_run_id=run_id,
+        parent_experiment_id=run.info.experiment_id,
+        training_run_id=run_id,
+        selection=which,
+        selected_epoch=epoch,
     )
 
 

@@ -16,9 +16,10 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -93,12 +94,15 @@ def check_output_folder(out_dir: Path, fingerprint: str) -> None:
     try:
         state = read_state(out_dir)
     except (OSError, ValueError, ConfigError):
-        raise ConfigError(f"{out_dir / STATE_FILE} is unreadable; delete the folder {out_dir} or choose another --out") from None
+        raise ConfigError(
+            f"{out_dir / STATE_FILE} is unreadable; delete the folder {out_dir} or choose another --out"
+        ) from None
     if state is None:
         raise ConfigError(f"{out_dir} exists but was not written by jobs/evaluate.py; choose another --out")
     if state.get("fingerprint") != fingerprint:
         raise ConfigError(
-            f"{out_dir} holds the evaluation of {state.get('source', 'another model')} (fingerprint {state.get('fingerprint')}), "
+            f"{out_dir} holds the evaluation of {state.get('source', 'another model')} (fingerprint "
+            f"{state.get('fingerprint')}), "
             f"not of this model, data and seed (fingerprint {fingerprint}); choose another --out or delete that folder"
         )
 
@@ -120,9 +124,17 @@ def write_unit(out_dir: Path, unit: Unit, attack: Attack, result: Mapping[str, A
     target = unit_path(out_dir, unit)
     target.parent.mkdir(parents=True, exist_ok=True)
     row = {
-        "unit_id": unit.unit_id, "attack": unit.attack, "settings": json.dumps(attack.settings, sort_keys=True),
-        "protocol": unit.protocol, "trial": unit.trial, "seed": trial_seed(seed, unit.trial), "first": unit.first,
-        "stop": unit.stop, "n": int(result["n"]), "correct": int(result["correct"]), "seconds": float(result["seconds"]),
+        "unit_id": unit.unit_id,
+        "attack": unit.attack,
+        "settings": json.dumps(attack.settings, sort_keys=True),
+        "protocol": unit.protocol,
+        "trial": unit.trial,
+        "seed": trial_seed(seed, unit.trial),
+        "first": unit.first,
+        "stop": unit.stop,
+        "n": int(result["n"]),
+        "correct": int(result["correct"]),
+        "seconds": float(result["seconds"]),
     }
     table = pa.Table.from_pylist([row], schema=UNIT_SCHEMA)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -139,7 +151,9 @@ def write_unit(out_dir: Path, unit: Unit, attack: Attack, result: Mapping[str, A
 def read_unit(out_dir: Path, unit: Unit) -> dict[str, Any]:
     rows = pq.read_table(unit_path(out_dir, unit)).to_pylist()
     if len(rows) != 1 or rows[0]["unit_id"] != unit.unit_id:
-        raise ConfigError(f"{unit_path(out_dir, unit)} is not the result of unit {unit.unit_id}; delete it and run again")
+        raise ConfigError(
+            f"{unit_path(out_dir, unit)} is not the result of unit {unit.unit_id}; delete it and run again"
+        )
     return rows[0]
 
 
@@ -163,19 +177,34 @@ def gather_rows(plan: Any, run_id: str) -> list[ResultRow]:
     rows = []
     for attack_name, protocol, t in plan.groups:
         correct, n, seconds = totals[(attack_name, protocol, t)]
-        rows.append(ResultRow.make(
-            run_id=run_id, **plan.row_meta, attack=attack_name, protocol=protocol,
-            eps=to_pixels(by_name[attack_name].eps), trial=t, seed=trial_seed(plan.options.seed, t),
-            n=int(n), correct=int(correct), seconds=float(seconds),
-        ))
+        rows.append(
+            ResultRow.make(
+                run_id=run_id,
+                **plan.row_meta,
+                attack=attack_name,
+                protocol=protocol,
+                eps=to_pixels(by_name[attack_name].eps),
+                trial=t,
+                seed=trial_seed(plan.options.seed, t),
+                n=int(n),
+                correct=int(correct),
+                seconds=float(seconds),
+            )
+        )
     return rows
 
 
 def paths_settings(plan: Any) -> dict[str, Any]:
     """What the path analysis of a plan depends on (stored beside its files)."""
     o = plan.options
-    return {"attack": o.path_attack, "limit": min(o.path_analysis, len(plan.dataset)), "seed": o.seed,
-            "batch_size": o.batch_size, "weights": plan.source.weights_digest, "data": plan.data_digest}
+    return {
+        "attack": o.path_attack,
+        "limit": min(o.path_analysis, len(plan.dataset)),
+        "seed": o.seed,
+        "batch_size": o.batch_size,
+        "weights": plan.source.weights_digest,
+        "data": plan.data_digest,
+    }
 
 
 def paths_done(plan: Any) -> bool:

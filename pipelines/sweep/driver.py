@@ -15,11 +15,11 @@ epoch checkpoint into their own MLflow run.
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 from ray import tune
@@ -109,7 +109,9 @@ def plan_sweep(cfg: Config, config_path: str | None = None, resume: bool = False
     sweep_dir = join(cfg.ray.storage_path, name)
     stored = read_job_file(sweep_dir, SWEEP_FILE)
     if stored is None and resume:
-        raise ConfigError(f"nothing to resume: {sweep_dir} holds no sweep ({SWEEP_FILE} missing); run without --resume to start it")
+        raise ConfigError(
+            f"nothing to resume: {sweep_dir} holds no sweep ({SWEEP_FILE} missing); run without --resume to start it"
+        )
     if stored is None and exists(sweep_dir):
         raise ConfigError(f"{sweep_dir} exists but was not written by jobs/sweep.py; choose another sweep.name")
     if stored is not None:
@@ -142,8 +144,11 @@ def build_scheduler(spec: SweepConfig, base: Config):
         return None
     epochs = max([base.train.epochs] + [int(v) for d in spec.space if d.key == "train.epochs" for v in d.values])
     return ASHAScheduler(
-        time_attr=ASHA_TIME_ATTR, max_t=spec.asha.max_t or epochs,
-        grace_period=spec.asha.grace_period, reduction_factor=spec.asha.reduction_factor, stop_last_trials=False,
+        time_attr=ASHA_TIME_ATTR,
+        max_t=spec.asha.max_t or epochs,
+        grace_period=spec.asha.grace_period,
+        reduction_factor=spec.asha.reduction_factor,
+        stop_last_trials=False,
     )
 
 
@@ -151,7 +156,12 @@ def _param_space(plan: SweepPlan, parent: tracking.RunRef) -> dict[str, Any]:
     return {
         "params": {d.key: to_tune(d) for d in plan.spec.space},
         "base": flatten(plan.base),
-        "sweep": {"name": plan.name, "sweep_dir": plan.sweep_dir, "trials_dir": plan.trials_dir, "parent": parent.to_dict()},
+        "sweep": {
+            "name": plan.name,
+            "sweep_dir": plan.sweep_dir,
+            "trials_dir": plan.trials_dir,
+            "parent": parent.to_dict(),
+        },
     }
 
 
@@ -160,7 +170,9 @@ def _build_tuner(plan: SweepPlan, parent: tracking.RunRef, use_gpu: bool, echo: 
     trainable = tune.with_resources(sweep_trial, {"cpu": spec.trial_cpus})
     if plan.stored is not None and tune.Tuner.can_restore(plan.sweep_dir):
         echo(f"resuming sweep {plan.name} from {plan.sweep_dir} (finished trials are kept, the rest continue)")
-        return tune.Tuner.restore(plan.sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True), True
+        return tune.Tuner.restore(
+            plan.sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True
+        ), True
     concurrent = spec.max_concurrent_trials or default_max_concurrent(plan.cfg, use_gpu)
     storage, name = plan.sweep_dir.rsplit("/", 1)
     tuner = tune.Tuner(
@@ -182,8 +194,10 @@ def _build_tuner(plan: SweepPlan, parent: tracking.RunRef, use_gpu: bool, echo: 
             verbose=1,
         ),
     )
-    echo(f"sweep {plan.name}: {spec.num_trials()} trial(s), "
-         f"{spec.search} search, scheduler {spec.scheduler}, up to {concurrent} at once; folder {plan.sweep_dir}")
+    echo(
+        f"sweep {plan.name}: {spec.num_trials()} trial(s), "
+        f"{spec.search} search, scheduler {spec.scheduler}, up to {concurrent} at once; folder {plan.sweep_dir}"
+    )
     return tuner, False
 
 
@@ -192,19 +206,30 @@ def open_parent(plan: SweepPlan, config_text: str, echo: Echo) -> tuple[Any, tra
     reopen = tracking.RunRef.from_dict(plan.stored["mlflow"]) if plan.stored is not None else None
     swept = {d.key for d in plan.spec.space}  # the base value of a swept key would mislead in the UI
     sweep_params = {k: v for k, v in flatten(replace(plan.base, sweep=plan.spec)).items() if k.startswith("sweep.")}
-    params = {**{k: ("<swept>" if k in swept else v) for k, v in flatten(plan.base).items()}, **sweep_params,
-              "git_commit": tracking.git_commit()}
-    tags = {"rna.entry_point": "jobs/sweep.py", "rna.sweep_dir": plan.sweep_dir, "rna.sweep": plan.name,
-            "rna.git_dirty": str(tracking.git_dirty())}
+    params = {
+        **{k: ("<swept>" if k in swept else v) for k, v in flatten(plan.base).items()},
+        **sweep_params,
+        "git_commit": tracking.git_commit(),
+    }
+    tags = {
+        "rna.entry_point": "jobs/sweep.py",
+        "rna.sweep_dir": plan.sweep_dir,
+        "rna.sweep": plan.name,
+        "rna.git_dirty": str(tracking.git_dirty()),
+    }
     owner = {"rna.sweep_dir": plan.sweep_dir, JOB_FILE_TAG: "pending"}  # "written" once SWEEP_FILE names it
     uri = reopen.tracking_uri if reopen else tracking.resolve_tracking_uri(base_dir())
-    opened = tracking.open_run(uri, plan.cfg.mlflow.experiment, plan.name, {} if reopen else params, tags,
-                               reopen=reopen, owner=owner)
+    opened = tracking.open_run(
+        uri, plan.cfg.mlflow.experiment, plan.name, {} if reopen else params, tags, reopen=reopen, owner=owner
+    )
     if opened.how == "reopened":
         echo(f"resuming MLflow parent run {opened.ref.run_id}")
         return opened.client, opened.ref
     if opened.how == "adopted":
-        echo(f"reusing MLflow parent run {opened.ref.run_id} of an earlier attempt stopped before {SWEEP_FILE} was written")
+        echo(
+            f"reusing MLflow parent run {opened.ref.run_id} of an earlier attempt stopped before {SWEEP_FILE} "
+            "was written"
+        )
     tracking.log_text(opened.client, opened.ref.run_id, "sweep.yaml", config_text)
     return opened.client, opened.ref
 
@@ -247,8 +272,11 @@ def reconcile_children(client: Any, parent: tracking.RunRef, statuses: Mapping[s
         trial_id = run.data.tags.get("rna.trial_id", "")
         runs[trial_id] = run.info.run_id
         status = statuses.get(trial_id, "incomplete")
-        tracking.set_tags(client, run.info.run_id,
-                          {"rna.trial_status": status, "rna.early_stopped": str(status == "early_stopped").lower()})
+        tracking.set_tags(
+            client,
+            run.info.run_id,
+            {"rna.trial_status": status, "rna.early_stopped": str(status == "early_stopped").lower()},
+        )
         if run.info.status == "RUNNING" or (end_as[status] == "FINISHED" and run.info.status != "FINISHED"):
             tracking.end_run(client, run.info.run_id, end_as[status])
     return runs
@@ -292,20 +320,32 @@ def run_sweep(
         tuner, restored = _build_tuner(plan, parent, resolve_use_gpu(plan.base), echo)
         grid = tuner.fit()
         last = {str((r.metrics or {}).get("trial_id")): (r.metrics or {}) for r in grid}
-        statuses = {tid: trial_status(st, last.get(tid, {})) for tid, st in saved_trial_statuses(plan.sweep_dir).items()}
+        statuses = {
+            tid: trial_status(st, last.get(tid, {})) for tid, st in saved_trial_statuses(plan.sweep_dir).items()
+        }
         run_ids = reconcile_children(client, parent, statuses)
         rows = trial_rows(grid, plan.spec, plan.base, statuses, run_ids)
         interrupted = any(s == "incomplete" for s in statuses.values())
-        outcome = SweepOutcome(plan.name, plan.sweep_dir, parent, plan.cfg.mlflow.experiment, rows,
-                               interrupted, restored or plan.stored is not None)
+        outcome = SweepOutcome(
+            plan.name,
+            plan.sweep_dir,
+            parent,
+            plan.cfg.mlflow.experiment,
+            rows,
+            interrupted,
+            restored or plan.stored is not None,
+        )
         if interrupted:
             status = "KILLED"
             done = sum(s != "incomplete" for s in statuses.values())
-            echo(f"sweep {plan.name} interrupted with {done} of {len(statuses)} trials done; Tune saved its state "
-                 f"in {plan.sweep_dir}: run the same sweep again (or with --resume) to continue")
+            echo(
+                f"sweep {plan.name} interrupted with {done} of {len(statuses)} trials done; Tune saved its state "
+                f"in {plan.sweep_dir}: run the same sweep again (or with --resume) to continue"
+            )
             return outcome
-        outcome.summary_dir, outcome.leaderboard = write_summary(client, plan.sweep_dir, plan.name, plan.spec, plan.base,
-                                                                 parent, rows)
+        outcome.summary_dir, outcome.leaderboard = write_summary(
+            client, plan.sweep_dir, plan.name, plan.spec, plan.base, parent, rows
+        )
         outcome.num_errors = sum(r["status"] == "error" for r in rows)
         status = "FAILED" if outcome.num_errors else "FINISHED"
         return outcome

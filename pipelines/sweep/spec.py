@@ -13,8 +13,9 @@ import difflib
 import itertools
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from rna_core.config import Config, apply_overrides, config_from_dict, flatten, read_yaml_file, unflatten
 from rna_core.errors import ConfigError, RnaError
@@ -36,7 +37,9 @@ def sweep_config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = (
     """
     merged = apply_overrides(dict(data), list(overrides))
     if "sweep" not in merged:
-        raise ConfigError("the config has no sweep: section; train a single run with jobs/train.py, or add sweep: {space: ...}")
+        raise ConfigError(
+            "the config has no sweep: section; train a single run with jobs/train.py, or add sweep: {space: ...}"
+        )
     if not isinstance(merged["sweep"], Mapping):
         raise ConfigError(f"the sweep: section must be a mapping, got {merged['sweep']!r}")
     return config_from_dict(merged)
@@ -92,7 +95,9 @@ def validate_sweep(cfg: Config) -> None:
                 "keys are flattened, e.g. train.lr, model.norm"
             )
         if d.key.startswith(UNSWEEPABLE) or d.key in UNSWEEPABLE:
-            raise ConfigError(f"sweep.space key '{d.key}' cannot be swept (it places or names the runs); set it in the base config")
+            raise ConfigError(
+                f"sweep.space key '{d.key}' cannot be swept (it places or names the runs); set it in the base config"
+            )
         if d.kind in NUMERIC and (isinstance(flat[d.key], bool) or not isinstance(flat[d.key], (int, float))):
             raise ConfigError(f"sweep.space.{d.key} is not numeric ({flat[d.key]!r}); use grid or choice")
         if d.kind in ("uniform", "loguniform") and isinstance(flat[d.key], int):
@@ -112,7 +117,9 @@ def validate_sweep(cfg: Config) -> None:
             _check_values(base, {d.key: v})
     _check_metric(spec, base)
     if spec.scheduler == "asha" and base.train.epochs < 2 and "train.epochs" not in {d.key for d in spec.space}:
-        raise ConfigError("sweep.scheduler asha needs train.epochs >= 2 (it stops trials between epochs); use scheduler: none")
+        raise ConfigError(
+            "sweep.scheduler asha needs train.epochs >= 2 (it stops trials between epochs); use scheduler: none"
+        )
 
 
 def _check_metric(spec: SweepConfig, base: Config) -> None:
@@ -120,22 +127,32 @@ def _check_metric(spec: SweepConfig, base: Config) -> None:
     reported = [m for m in epoch_metric_names(base.train) if m != "lr"]  # Tune wants it in every report
     if spec.metric not in reported:
         hint = " (pgd<k>_acc names the PGD steps: train.eval_pgd_steps)" if spec.metric.startswith("pgd") else ""
-        raise ConfigError(f"sweep.metric '{spec.metric}' is not reported every epoch{hint}; valid: {', '.join(reported)}")
+        raise ConfigError(
+            f"sweep.metric '{spec.metric}' is not reported every epoch{hint}; valid: {', '.join(reported)}"
+        )
     swept = {d.key for d in spec.space}
     held_out = {m.name for m in epoch_measures(base.train)}
     if spec.metric in held_out:
         if "train.eval_pgd_steps" in swept:
-            raise ConfigError(f"sweep.metric {spec.metric} is named by train.eval_pgd_steps, which cannot then be swept")
+            raise ConfigError(
+                f"sweep.metric {spec.metric} is named by train.eval_pgd_steps, which cannot then be swept"
+            )
         every = {base.train.eval_every} | {int(v) for d in spec.space if d.key == "train.eval_every" for v in d.values}
         if every != {1}:
-            raise ConfigError(f"sweep.metric {spec.metric} needs train.eval_every: 1 (it is evaluated only on evaluation epochs)")
+            raise ConfigError(
+                f"sweep.metric {spec.metric} needs train.eval_every: 1 (it is evaluated only on evaluation epochs)"
+            )
 
 
 def identity(cfg: Config) -> dict[str, Any]:
     """What must not change between a sweep and its resume."""
     flat = {k: v for k, v in flatten(base_config(cfg)).items() if k not in ("ray.address", "mlflow.run_name")}
     spec = {k: v for k, v in flatten(replace(cfg, sweep=sweep_section(cfg))).items() if k.startswith("sweep.")}
-    spec = {k[len("sweep."):]: v for k, v in spec.items() if k not in ("sweep.name", "sweep.max_concurrent_trials", "sweep.trial_cpus")}
+    spec = {
+        k[len("sweep.") :]: v
+        for k, v in spec.items()
+        if k not in ("sweep.name", "sweep.max_concurrent_trials", "sweep.trial_cpus")
+    }
     return json.loads(json.dumps({"base": flat, "sweep": spec}, sort_keys=True, default=str))
 
 

@@ -8,8 +8,9 @@ the random-space size (one series per sampling strategy), and per sampling strat
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import matplotlib
 
@@ -45,7 +46,9 @@ def final_columns(rows: list[dict[str, Any]]) -> list[str]:
     return seen
 
 
-def trial_rows(grid: Any, spec: SweepConfig, base: Config, statuses: Mapping[str, str], run_ids: Mapping[str, str]) -> list[dict[str, Any]]:
+def trial_rows(
+    grid: Any, spec: SweepConfig, base: Config, statuses: Mapping[str, str], run_ids: Mapping[str, str]
+) -> list[dict[str, Any]]:
     """One row per trial: its swept values, seed, random-space size, status and metrics, ranked."""
     rows = []
     for result in grid:
@@ -62,20 +65,22 @@ def trial_rows(grid: Any, spec: SweepConfig, base: Config, statuses: Mapping[str
             if len(series):
                 best = float(series.max() if spec.mode == "max" else series.min())
         finals = list(final_metric_names(cfg.train).values())
-        row.update({
-            "status": statuses.get(trial_id, "error" if result.error else "incomplete"),
-            "norm": cfg.model.norm,
-            "space_size": len(parse_space(cfg.model.norm)),
-            "num_paths": float(count_paths(model_structure(cfg))),
-            "sampling": cfg.train.sampling,
-            "train_mode": cfg.train.mode,
-            "seed": cfg.train.seed,
-            "epochs_done": int(m.get("epochs_done", m.get("epoch", 0)) or 0),
-            spec.metric: _num(m.get(spec.metric)),
-            f"best_{spec.metric}": best,
-            **{c: _num(m.get(c)) for c in finals},
-            "seconds": _num(m.get("time_total_s")),
-        })
+        row.update(
+            {
+                "status": statuses.get(trial_id, "error" if result.error else "incomplete"),
+                "norm": cfg.model.norm,
+                "space_size": len(parse_space(cfg.model.norm)),
+                "num_paths": float(count_paths(model_structure(cfg))),
+                "sampling": cfg.train.sampling,
+                "train_mode": cfg.train.mode,
+                "seed": cfg.train.seed,
+                "epochs_done": int(m.get("epochs_done", m.get("epoch", 0)) or 0),
+                spec.metric: _num(m.get(spec.metric)),
+                f"best_{spec.metric}": best,
+                **{c: _num(m.get(c)) for c in finals},
+                "seconds": _num(m.get("time_total_s")),
+            }
+        )
         rows.append(row)
     sign = -1.0 if spec.mode == "max" else 1.0
     rows.sort(key=lambda r: (r[spec.metric] is None, sign * (r[spec.metric] or 0.0), r["trial_id"]))
@@ -111,17 +116,31 @@ def _fmt(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def render_leaderboard(rows: list[dict[str, Any]], spec: SweepConfig, name: str, parent_run_id: str, base: Config | None = None) -> str:
+def render_leaderboard(
+    rows: list[dict[str, Any]], spec: SweepConfig, name: str, parent_run_id: str, base: Config | None = None
+) -> str:
     """The Markdown leaderboard logged on the parent run."""
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     finals = final_columns(rows)
-    cols = ["rank", "trial_id", *(d.key for d in spec.space), "seed", "space_size", spec.metric, f"best_{spec.metric}",
-            *finals, "epochs_done", "status", "mlflow_run_id"]
+    cols = [
+        "rank",
+        "trial_id",
+        *(d.key for d in spec.space),
+        "seed",
+        "space_size",
+        spec.metric,
+        f"best_{spec.metric}",
+        *finals,
+        "epochs_done",
+        "status",
+        "mlflow_run_id",
+    ]
     held_out = base is not None and spec.metric in {m.name for m in epoch_measures(base.train)}
     lines = [
         f"# Sweep `{name}`: leaderboard",
         "",
-        f"Ranked by `{spec.metric}` ({spec.mode}; its last reported epoch{', on the held-out slice' if held_out else ''}). "
+        f"Ranked by `{spec.metric}` ({spec.mode}; its last reported "
+        f"epoch{', on the held-out slice' if held_out else ''}). "
         f"{len(rows)} trials: {counts['completed']} completed, {counts['early_stopped']} stopped early by ASHA, "
         f"{counts['error']} failed, {counts['incomplete']} incomplete. Search: {spec.search}, "
         f"scheduler: {spec.scheduler}, MLflow parent run `{parent_run_id}`.",
@@ -130,8 +149,11 @@ def render_leaderboard(rows: list[dict[str, Any]], spec: SweepConfig, name: str,
         "|" + "|".join("---" for _ in cols) + "|",
     ]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    lines += ["", "`acc_*`: the held-out slice after the last epoch, named and computed as `jobs/evaluate.py` does "
-              "(natural and PGD under transfer; EOT-PGD under eot); `space_size`: candidate normalizations per layer."]
+    lines += [
+        "",
+        "`acc_*`: the held-out slice after the last epoch, named and computed as `jobs/evaluate.py` does "
+        "(natural and PGD under transfer; EOT-PGD under eot); `space_size`: candidate normalizations per layer.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -147,7 +169,9 @@ def plot_summary(rows: list[dict[str, Any]], metric: str, out_dir: str) -> list[
         xs = [r["space_size"] + (i - (len(strategies) - 1) / 2) * 0.06 for r in pts]
         dots = ax.scatter(xs, [r[metric] for r in pts], label=s, alpha=0.8)
         sizes = sorted({r["space_size"] for r in pts})
-        means = [sum(r[metric] for r in pts if r["space_size"] == k) / sum(r["space_size"] == k for r in pts) for k in sizes]
+        means = [
+            sum(r[metric] for r in pts if r["space_size"] == k) / sum(r["space_size"] == k for r in pts) for k in sizes
+        ]
         ax.plot(sizes, means, alpha=0.6, color=dots.get_facecolor()[0])  # the strategy's mean per size
     ax.set_xlabel("random-space size (candidate norms per layer)")
     ax.set_ylabel(metric)
@@ -180,7 +204,13 @@ def plot_summary(rows: list[dict[str, Any]], metric: str, out_dir: str) -> list[
 
 
 def write_summary(
-    client: Any, sweep_dir: str, name: str, spec: SweepConfig, base: Config, parent: tracking.RunRef, rows: list[dict[str, Any]]
+    client: Any,
+    sweep_dir: str,
+    name: str,
+    spec: SweepConfig,
+    base: Config,
+    parent: tracking.RunRef,
+    rows: list[dict[str, Any]],
 ) -> tuple[str, str]:
     """Write the summary into `<sweep dir>/summary` (local folders) and log it on the parent run."""
     board = render_leaderboard(rows, spec, name, parent.run_id, base)
@@ -204,9 +234,19 @@ def write_summary(
     if scored:
         metrics[f"best_{spec.metric}"] = scored[0][spec.metric]
         best = scored[0]
-        tracking.set_tags(client, parent.run_id, {"rna.best_trial": best["trial_id"], "rna.best_run_id": best["mlflow_run_id"]})
+        tracking.set_tags(
+            client, parent.run_id, {"rna.best_trial": best["trial_id"], "rna.best_run_id": best["mlflow_run_id"]}
+        )
     tracking.log_metrics(client, parent.run_id, metrics, step=0)
     return summary_dir, board
 
 
-__all__ = ["SUMMARY_DIR", "final_columns", "plot_summary", "render_leaderboard", "trial_rows", "write_summary", "write_trials_table"]
+__all__ = [
+    "SUMMARY_DIR",
+    "final_columns",
+    "plot_summary",
+    "render_leaderboard",
+    "trial_rows",
+    "write_summary",
+    "write_trials_table",
+]

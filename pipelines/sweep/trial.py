@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ray import tune
 from ray.tune import Callback
@@ -92,13 +93,15 @@ def sweep_trial(config: dict[str, Any]) -> None:
     if not last_epoch:  # resumed after its last epoch (interrupted during the final evaluation):
         logged = tracking.client_for(out.mlflow.tracking_uri).get_run(out.mlflow.run_id).data.metrics
         last_epoch = {k: logged[k] for k in (*epoch_metric_names(cfg.train), "epoch") if k in logged}
-    tune.report({
-        **last_epoch,
-        **out.final_metrics,
-        "epochs_done": float(out.epochs_done),
-        "trial_seed": float(cfg.train.seed),
-        "mlflow_run_id": out.mlflow.run_id,
-    })
+    tune.report(
+        {
+            **last_epoch,
+            **out.final_metrics,
+            "epochs_done": float(out.epochs_done),
+            "trial_seed": float(cfg.train.seed),
+            "mlflow_run_id": out.mlflow.run_id,
+        }
+    )
 
 
 def finished_run_metrics(run_dir: str, final_metric: str) -> dict[str, Any] | None:

@@ -73,7 +73,9 @@ class PGD(_Torchattacks):
 
     def build(self, model: nn.Module) -> torchattacks.Attack:
         s = self.settings
-        return torchattacks.PGD(model, eps=s["eps"], alpha=s["step_size"], steps=s["steps"], random_start=s["random_start"])
+        return torchattacks.PGD(
+            model, eps=s["eps"], alpha=s["step_size"], steps=s["steps"], random_start=s["random_start"]
+        )
 
 
 @register_attack("cw_l2", c=1e-4, kappa=0.0, steps=1000, lr=0.01, fill_eps=DEFAULT_L2_FILL_EPS)
@@ -135,7 +137,12 @@ class EOTPGD(_Torchattacks):
     def build(self, model: nn.Module) -> torchattacks.Attack:
         s = self.settings
         return torchattacks.EOTPGD(
-            model, eps=s["eps"], alpha=s["step_size"], steps=s["steps"], eot_iter=s["eot_iter"], random_start=s["random_start"]
+            model,
+            eps=s["eps"],
+            alpha=s["step_size"],
+            steps=s["steps"],
+            eot_iter=s["eot_iter"],
+            random_start=s["random_start"],
         )
 
 
@@ -160,7 +167,9 @@ class _AutoAttack(Attack):
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
-        aa = _pyautoattack.AutoAttack(model, device=x.device, eps=float(self.settings["eps"]), norm="Linf", seed=seed, version=self.version)
+        aa = _pyautoattack.AutoAttack(
+            model, device=x.device, eps=float(self.settings["eps"]), norm="Linf", seed=seed, version=self.version
+        )
         if "eot_iter" in self.settings:
             aa.apgd.eot_iter = int(self.settings["eot_iter"])
         tracer = sys.gettrace()  # its dynamic-defense check ends with sys.settrace(None)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn as nn
@@ -144,7 +145,9 @@ class Attack:
     def threat(self) -> ThreatModel:
         return ThreatModel(self.norm, self.eps)
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Adversarial examples for (x, y) on `model`'s current path; x in [0, 1].
 
         The model runs in eval mode during the attack (as torchattacks does) and gets its mode back.
@@ -168,7 +171,7 @@ class Attack:
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
-    def scored_on_another_path(self) -> "Attack":
+    def scored_on_another_path(self) -> Attack:
         """This attack as the ``transfer`` and ``eot`` protocols run it: under the unperturbed rule.
 
         An example handed back unperturbed would be scored clean on a path the attack never saw
@@ -193,7 +196,9 @@ class Attack:
             return "L2", float(eps if eps is not None else DEFAULT_L2_FILL_EPS)
         return "Linf", float(self.settings.get("eps") or 0.0)
 
-    def attack_the_unperturbed(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, seed: int) -> torch.Tensor:
+    def attack_the_unperturbed(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, seed: int
+    ) -> torch.Tensor:
         """APGD-CE's highest-loss point for every example `x_adv` leaves unperturbed. Runs: pyautoattack."""
         left = self.unperturbed(x_adv, x)
         norm, eps = self.fill_budget()
@@ -202,8 +207,18 @@ class Attack:
         from pyautoattack.autopgd_base import APGDAttack
 
         eot_iter = int(self.settings.get("eot_iter", 1)) if self.native_eot else 1
-        apgd = APGDAttack(model, n_iter=FILL_ITERATIONS, norm=norm, n_restarts=1, eps=eps, seed=seed, loss="ce",
-                          eot_iter=eot_iter, rho=0.75, device=x.device)
+        apgd = APGDAttack(
+            model,
+            n_iter=FILL_ITERATIONS,
+            norm=norm,
+            n_restarts=1,
+            eps=eps,
+            seed=seed,
+            loss="ce",
+            eot_iter=eot_iter,
+            rho=0.75,
+            device=x.device,
+        )
         x_adv = x_adv.clone()
         x_adv[left] = apgd.perturb(x[left], y[left], best_loss=True).to(x_adv.dtype)
         return x_adv

@@ -16,9 +16,10 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -252,9 +253,7 @@ def _to_nhwc(images: torch.Tensor | np.ndarray) -> np.ndarray:
     """uint8 NHWC numpy array; NCHW input (channels at dim 1) is transposed."""
     arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if arr.dtype != np.uint8 or arr.ndim != 4:
-        raise ConfigError(
-            f"images must be a uint8 array of shape (N,H,W,3) or (N,3,H,W), got {arr.dtype} {arr.shape}"
-        )
+        raise ConfigError(f"images must be a uint8 array of shape (N,H,W,3) or (N,3,H,W), got {arr.dtype} {arr.shape}")
     if arr.shape[1] == 3:  # NCHW wins ties (N,3,H,3): it is this project's layout
         arr = arr.transpose(0, 2, 3, 1)
     elif arr.shape[3] != 3:

@@ -47,7 +47,9 @@ def validation_rows(n: int, val_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _load(data_cfg: Any, split: str) -> ImageTensorDataset:
     d = data_cfg
-    return load_dataset(d.dataset, split, data_dir=d.data_dir, download=False, synthetic_size=d.synthetic_size, seed=DATA_SEED)
+    return load_dataset(
+        d.dataset, split, data_dir=d.data_dir, download=False, synthetic_size=d.synthetic_size, seed=DATA_SEED
+    )
 
 
 def training_splits(cfg: Any) -> tuple[ImageTensorDataset, ImageTensorDataset | None]:
@@ -76,4 +78,13 @@ def load_split(cfg: Any, split: str) -> ImageTensorDataset:
     return held_out_rows(cfg.data, cfg.data.eval_limit)
 
 
-__all__ = ["DATA_SEED", "SUBSET_SEED", "VAL_SEED", "fixed_subset", "load_split", "held_out_rows", "training_splits", "validation_rows"]
+__all__ = [
+    "DATA_SEED",
+    "SUBSET_SEED",
+    "VAL_SEED",
+    "fixed_subset",
+    "load_split",
+    "held_out_rows",
+    "training_splits",
+    "validation_rows",
+]

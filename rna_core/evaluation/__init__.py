@@ -28,12 +28,28 @@ from .protocols import (
     list_protocols,
     run_protocol,
 )
-from .results import ResultRow, merge_rows, method_label, read_rows_parquet, rows_to_table, table_to_rows, write_rows_parquet
+from .results import (
+    ResultRow,
+    merge_rows,
+    method_label,
+    read_rows_parquet,
+    rows_to_table,
+    table_to_rows,
+    write_rows_parquet,
+)
 from .runner import evaluate_model, make_batches
 from .seeds import batch_seed, trial_seed, unit_seed
 from .stability import StabilityStats, stability, stability_table
 from .tables import EXTRA_COLUMNS, PAPER_COLUMNS, paper_table, paper_tables, render_markdown
-from .training_metrics import FINAL_SEED, Measure, epoch_measures, epoch_metric_names, evaluate_measures, final_measures, final_metric_names
+from .training_metrics import (
+    FINAL_SEED,
+    Measure,
+    epoch_measures,
+    epoch_metric_names,
+    evaluate_measures,
+    final_measures,
+    final_metric_names,
+)
 
 __all__ = [
     "CLEAN_METRIC",

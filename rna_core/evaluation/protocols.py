@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -102,7 +102,7 @@ class FirstFooled:
         self.points = self.x.clone()
         self._handle: torch.utils.hooks.RemovableHandle | None = None
 
-    def __enter__(self) -> "FirstFooled":
+    def __enter__(self) -> FirstFooled:
         self._handle = self.model.register_forward_hook(self._hook)
         return self
 
@@ -117,7 +117,9 @@ class FirstFooled:
         if len(q) == n:
             idx = torch.arange(n, device=q.device)
         elif self.threat.norm == "none" or self.threat.eps is None:
-            return torch.zeros(len(q), dtype=torch.long, device=q.device), torch.zeros(len(q), dtype=torch.bool, device=q.device)
+            return torch.zeros(len(q), dtype=torch.long, device=q.device), torch.zeros(
+                len(q), dtype=torch.bool, device=q.device
+            )
         else:
             p = 2.0 if self.threat.norm == "l2" else float("inf")
             flat_x = self.x.flatten(1)
@@ -223,7 +225,9 @@ def run_protocol(
         with torch.no_grad():
             correct = int((model(x_adv).argmax(1) == y).sum().item())
     draws_total = attack_sampler.draws + score_sampler.draws + eot_sampler.draws
-    return ProtocolOutcome(x_adv, correct, int(y.shape[0]), attack_path, score_path, draws_total, time.perf_counter() - start)
+    return ProtocolOutcome(
+        x_adv, correct, int(y.shape[0]), attack_path, score_path, draws_total, time.perf_counter() - start
+    )
 
 
 def evaluate_batch(

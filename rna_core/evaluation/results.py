@@ -13,9 +13,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path as FsPath
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -74,7 +75,7 @@ class ResultRow:
     seconds: float
 
     @classmethod
-    def make(cls, *, n: int, correct: int, **rest: object) -> "ResultRow":
+    def make(cls, *, n: int, correct: int, **rest: object) -> ResultRow:
         """A row with accuracy = correct / n (NaN for an empty evaluation)."""
         return cls(n=int(n), correct=int(correct), accuracy=correct / n if n else math.nan, **rest)  # type: ignore[arg-type]
 

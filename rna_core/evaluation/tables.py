@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 from ..attacks.registry import attack_spec
 from ..errors import ConfigError
@@ -119,5 +119,12 @@ def render_markdown(rows: Iterable[ResultRow], title: str | None = None) -> str:
         subset = [r for r in rows if r.dataset == dataset]
         for protocol in paper_tables(subset):
             heading = f"## {dataset}: protocol `{protocol}`" if len(datasets) > 1 else f"## Protocol `{protocol}`"
-            parts += [heading, "", "Accuracy (%) under attack; rows model x method.", "", paper_table(subset, protocol), ""]
+            parts += [
+                heading,
+                "",
+                "Accuracy (%) under attack; rows model x method.",
+                "",
+                paper_table(subset, protocol),
+                "",
+            ]
     return "\n".join(parts).rstrip() + "\n"

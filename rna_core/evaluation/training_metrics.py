@@ -14,8 +14,9 @@ of workers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -65,7 +66,11 @@ def epoch_metric_names(train_cfg: Any) -> tuple[str, ...]:
 
 def final_measures(train_cfg: Any) -> list[Measure]:
     """Natural and PGD under `transfer` (the paper's setting), EOT-PGD under `eot` (the adaptive one)."""
-    pairs = [(get_attack("natural"), "transfer"), (pgd_attack(train_cfg), "transfer"), (pgd_attack(train_cfg, "eot_pgd"), "eot")]
+    pairs = [
+        (get_attack("natural"), "transfer"),
+        (pgd_attack(train_cfg), "transfer"),
+        (pgd_attack(train_cfg, "eot_pgd"), "eot"),
+    ]
     return [Measure(result_metric(attack, protocol), attack, protocol) for attack, protocol in pairs]
 
 

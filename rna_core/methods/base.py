@@ -12,8 +12,9 @@ This module imports no method and no config: `rna_core.config` validates `model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import torch.nn as nn
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
-from ..norms import parse_space
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import torch.nn as nn
 
+from ..norms import parse_space
 from .base import Criterion, Method, register_method
 
 

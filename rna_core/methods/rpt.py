@@ -8,8 +8,9 @@ precision, attacked and scored there).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch.nn as nn
 
@@ -78,6 +79,8 @@ class RPT(Method):
         steps = cfg.train.eval_pgd_steps
         bits = min(precisions_of(model))
         return Criterion(
-            f"pgd{steps}_{bits}bit_acc", "fixed-path", f"fixed:{path_for_precision(model, bits)}",
+            f"pgd{steps}_{bits}bit_acc",
+            "fixed-path",
+            f"fixed:{path_for_precision(model, bits)}",
             f"PGD-{steps} accuracy at {bits} bits, attacked and scored at that precision (Double-Win Quant's train.py)",
         )

@@ -21,7 +21,7 @@ exactly that (PyTorch's default), and its GroupNorm and GroupBatchNorm2d start t
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch.nn as nn
 

@@ -9,7 +9,7 @@ build only the classifier head with `linear`, so a factory can treat those layer
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -103,7 +103,12 @@ BlockBuilder = Callable[[LayerFactory, int, int, int, str], nn.Module]
 
 
 def build_stages(
-    f: LayerFactory, block: BlockBuilder, blocks_per_stage: Sequence[int], widths: Sequence[int], in_ch: int, prefix: str
+    f: LayerFactory,
+    block: BlockBuilder,
+    blocks_per_stage: Sequence[int],
+    widths: Sequence[int],
+    in_ch: int,
+    prefix: str,
 ) -> tuple[list[nn.Sequential], int]:
     """The residual stages of a CIFAR ResNet/WRN: each stage but the first halves the resolution.
 

@@ -6,7 +6,7 @@ layer factory (`rna_core.methods`), so every model works with every method.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn as nn
 

@@ -24,7 +24,9 @@ class BasicBlock(nn.Module):
         self.bn2 = f.norm(out_ch, f"{where}.bn2")
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(f.conv(in_ch, out_ch, 1, stride, 0, role="shortcut"), f.norm(out_ch, f"{where}.shortcut"))
+            self.shortcut = nn.Sequential(
+                f.conv(in_ch, out_ch, 1, stride, 0, role="shortcut"), f.norm(out_ch, f"{where}.shortcut")
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
