@@ -122,7 +122,7 @@ def test_the_scoring_path_never_depends_on_the_attack_path_even_under_far(random
         )
         overlaps.append(len(far.score_path) - far.attack_path.differences(far.score_path))
     assert max(overlaps) > 0  # some scoring path shares a layer with its attack path: no complement
-    # evaluate_pgd (the per-epoch metric) follows the same rule.
+    # rna_core.training.evaluate_pgd (the in-process PGD evaluation of the training module) follows the same rule.
     batches = [xy(test_data, 8)]
     assert rna_core.training.evaluate_pgd(
         random_model, batches, rna_core.PathSampler("far:1.0", seed=3), steps=2
