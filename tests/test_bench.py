@@ -136,6 +136,7 @@ def test_gpu_flop_count_matches_the_attack_and_update_passes():
     assert 0.55 < attack_pass / update < 0.8, (update, attack_pass)
 
 
+@pytest.mark.slow  # runs bench/gpu.sh as a process and trains a few steps
 def test_gpu_sh_runs_on_cpu_tiny_without_ray_mlflow_or_attack_libraries(tmp_path):
     """bench/gpu.sh as on the bare GPU machine: those packages are made unimportable."""
     blocked = tmp_path / "blocked"

@@ -257,6 +257,7 @@ def _prepare(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # runs the job as a process (twice)
 def test_prepare_data_bad_dataset(tmp_path: Path) -> None:
     res = _prepare("--dataset", "mnist", "--out", str(tmp_path / "out"))
     assert res.returncode == 2

@@ -346,6 +346,7 @@ def test_summary_table_leaderboard_and_plots(tmp_path):
 # ----------------------------------------------------------------------------- CLI errors
 
 
+@pytest.mark.slow  # runs the job as a process; the in-process checks below stay fast
 def test_cli_bad_input_exits_2_with_one_line_and_nothing_started(tmp_path):
     """The real process: exit 2, one stderr line, no traceback, no Ray, nothing written."""
     env = {**os.environ, "RNA_BASE_DIR": str(tmp_path), "MLFLOW_TRACKING_URI": ""}

@@ -578,6 +578,7 @@ def _run_cli(args: list[str], cwd: Path) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow  # runs the job as a process (twice); the in-process checks below stay fast
 def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
     """The real process: exit status, one stderr line, no traceback, nothing started or written."""
     smoke = str(REPO / "configs/smoke.yaml")
