@@ -165,6 +165,33 @@ def test_every_pipelines_module_is_one_stage_of_one_job():
         assert {m.rsplit(".", 1)[1] for m in MODULES if m.startswith(package + ".")} == names
 
 
+def _module_level_roots(start: str) -> set[str]:
+    """Top-level packages imported, at module level, by `start` and everything it imports of ours."""
+    roots: set[str] = set()
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in MODULES]  # parent packages
+        for _, found, top in IMPORTS[name]:
+            for module, _ in found if top else ():
+                if module in MODULES:
+                    todo.append(module)
+                elif not _ours(module):
+                    roots.add(module.split(".")[0])
+    return roots
+
+
+def test_parsing_a_sweep_and_the_rna_core_package_import_no_ray():
+    """The sweep job checks a config before Ray starts, and rna_core runs without Ray installed."""
+    for start in ("pipelines.sweep.spec", "rna_core"):
+        roots = _module_level_roots(start)
+        assert "torch" in roots and not {"ray", "mlflow"} & roots, (start, sorted(roots))
+
+
 def test_the_checks_can_fail(tmp_path):
     """The cycle and private-name checks flag a module that does what they forbid."""
     global IMPORTS
