@@ -244,7 +244,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 vacc = held.measure(model, per_epoch, mix_seed(seed, done, 0x7A1), split="val")
                 metrics.update({f"val_{m.name}": vacc[m.name] for m in per_epoch})
             metrics.update(selection_scores(model, criterion, best, held, mix_seed(seed, done, 0x5E1)))
-            metrics["eval_seconds"] = time.perf_counter() - t0
+            metrics["epoch_eval_seconds"] = time.perf_counter() - t0  # final: eval_seconds, as the evaluation job
             for w, record in best.items():
                 if record.offer(done, metrics[record.metric]) and rank == 0:
                     write_selected(

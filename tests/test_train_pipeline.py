@@ -859,6 +859,8 @@ def test_train_then_resume_into_same_run(ray_env, monkeypatch):
     for metric in finals:
         assert 0.0 <= m[metric] <= 1.0, metric
     assert m["eval_images"] == 48 and m["replicas_in_sync"] == 1.0 and m["images_per_second"] > 0
+    assert _steps(client, out.mlflow.run_id, "epoch_eval_seconds") == [1, 2]  # per epoch; eval_seconds: the final one
+    assert _steps(client, out.mlflow.run_id, "eval_seconds") == [2]
     assert {"config.yaml", "model_card.md", "checkpoint/checkpoint.pt", "checkpoint/meta.json"} <= _artifacts(
         client, out.mlflow.run_id
     )
