@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..units import to_unit
 from .registry import DEFAULT_L2_FILL_EPS, Attack, register_attack
 
 
@@ -42,8 +43,8 @@ class _LazyModule:
 torchattacks = _LazyModule("torchattacks")
 _pyautoattack = _LazyModule("pyautoattack")
 
-EPS = 8 / 255
-STEP = 2 / 255
+EPS = to_unit(8)
+STEP = to_unit(2)
 
 
 class _Torchattacks(Attack):

@@ -22,6 +22,7 @@ from ..attacks.registry import Attack, resolve_attack
 from ..data.loader import BatchIterator
 from ..data.tensor_dataset import ImageTensorDataset
 from ..errors import ConfigError
+from ..units import to_pixels
 from .protocols import DEFAULT_EOT_ITER, check_protocol, evaluate_batch
 from .results import ResultRow, method_label
 from .seeds import batch_seed, trial_seed
@@ -140,7 +141,7 @@ def evaluate_model(
     rows = []
     for t in range(trials):
         for attack in resolved:
-            eps = None if attack.eps is None else round(attack.eps * 255, 6)
+            eps = to_pixels(attack.eps)
             for protocol in protocols:
                 correct, n, seconds = totals[(attack.name, protocol, t)]
                 rows.append(

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 from ..attacks.registry import attack_spec
 from ..errors import ConfigError
+from ..units import to_pixels
 from .protocols import PROTOCOLS
 from .results import ResultRow
 
@@ -41,7 +42,7 @@ def _default_eps(attack: str) -> float | None:
         eps = attack_spec(attack).defaults.get("eps")
     except ConfigError:  # an attack no longer (or not yet) registered in this process
         return None
-    return None if eps is None else round(eps * 255, 6)
+    return to_pixels(eps)
 
 
 def _eps_key(eps: float | None) -> float | None:
