@@ -15,7 +15,7 @@ from typing import Any
 
 from rna_core.attacks.registry import Attack
 from rna_core.builders import model_structure
-from rna_core.config import Config, EvalConfig
+from rna_core.config import EvalConfig
 from rna_core.data import ImageTensorDataset, held_out_rows
 from rna_core.errors import ConfigError
 from rna_core.evaluation import method_label
@@ -42,11 +42,6 @@ class EvalPlan:
     out_dir: Path
     units: list[Unit]
     row_meta: dict[str, str]  # model, method, dataset (run_id is known once MLflow is open)
-
-    @property
-    def cfg(self) -> Config:
-        """The model's config with the resolved `eval:` section (what the evaluation run logs)."""
-        return replace(self.source.cfg, eval=self.options)
 
     @property
     def groups(self) -> list[tuple[str, str, int]]:
