@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
     norms = [args.space, args.base] + [n for n in args.also.split(";") if n.strip()]
     cases = {f"norm={n}": make_step(args.model, n, x, y, cfg, args.seed) for n in norms}
     if fast:
-        cases.update({f"{FP32}norm={n}": make_step(args.model, n, x, y, fp32, args.seed) for n in (args.space, args.base)})
+        cases.update(
+            {f"{FP32}norm={n}": make_step(args.model, n, x, y, fp32, args.seed) for n in (args.space, args.base)}
+        )
     timings = measure_interleaved(cases, args.batch, args.repeats, args.warmup, synchronizer(device))
     rna, base = timings[f"norm={args.space}"], timings[f"norm={args.base}"]
     value = paired_ratio(rna, base)
@@ -107,14 +109,26 @@ def main(argv: list[str] | None = None) -> dict:
     if fast:
         rna32, base32 = timings[f"{FP32}norm={args.space}"], timings[f"{FP32}norm={args.base}"]
         extra[f"fp32 RNA/BN: {rna32.name} / {base32.name}"] = f"{paired_ratio(rna32, base32):.3f}"
-        reach = lambda v: v >= BF16_TARGET
+
+        def reach(v: float) -> bool:
+            return v >= BF16_TARGET
+
         headlines = [
             Headline("bf16_step", rna32, rna, f">= {BF16_TARGET}", reach),
             Headline("bf16_step_base", base32, base, f">= {BF16_TARGET}", reach),
         ]
     return report(
-        "at_step", argv, timings, f"time({rna.name}) / time({base.name})", value, f"<= {TARGET}", value <= TARGET, extra, args.json,
-        rounds=paired_ratios(rna, base), headlines=headlines,
+        "at_step",
+        argv,
+        timings,
+        f"time({rna.name}) / time({base.name})",
+        value,
+        f"<= {TARGET}",
+        value <= TARGET,
+        extra,
+        args.json,
+        rounds=paired_ratios(rna, base),
+        headlines=headlines,
     )
 
 

@@ -18,9 +18,10 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -57,7 +58,9 @@ def synchronizer(device: torch.device | str) -> Callable[[], None]:
     return lambda: None
 
 
-def random_batch(batch: int, seed: int, device: torch.device | str, num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def random_batch(
+    batch: int, seed: int, device: torch.device | str, num_classes: int = 10
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded CIFAR-shaped batch (pixels in [0, 1], labels) on `device`: the input every bench times."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 3, 32, 32, generator=gen).to(device)
@@ -163,7 +166,11 @@ class Headline:
 
     def as_dict(self) -> dict[str, Any]:
         low, high, coverage = median_interval(paired_ratios(self.numerator, self.denominator))
-        cpu = cpu_time_ratio(self.numerator, self.denominator) if _has_cpu_times(self.numerator, self.denominator) else None
+        cpu = (
+            cpu_time_ratio(self.numerator, self.denominator)
+            if _has_cpu_times(self.numerator, self.denominator)
+            else None
+        )
         return {
             "ratio_name": f"time({self.numerator.name}) / time({self.denominator.name})",
             "ratio": self.value,
@@ -206,7 +213,9 @@ def add_common_args(parser: argparse.ArgumentParser, repeats: int = 3, warmup: i
     parser.add_argument("--repeats", type=int, default=repeats, help="timed calls per case (interleaved)")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls per case first")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch CPU threads (0 = torch's default). 1 by default: on a shared machine a second OpenMP "
         "thread that loses its core stalls every parallel op (measured: 50x slower steps under load)",
     )
@@ -251,23 +260,35 @@ def report(
         a, b = timings[names[0]], timings[names[1]]
         pr = paired_ratios(a, b)
         print(f"  per-round {names[0]}/{names[1]}: " + ", ".join(f"{r:.3f}" for r in pr))
-        print(f"  ratio of medians {names[0]}/{names[1]}: {ratio(a, b):.3f}; of fastest runs: {min(a.seconds) / min(b.seconds):.3f}")
+        print(
+            f"  ratio of medians {names[0]}/{names[1]}: {ratio(a, b):.3f}; of fastest runs: "
+            f"{min(a.seconds) / min(b.seconds):.3f}"
+        )
         if a.cpu_seconds and b.cpu_seconds and min(b.cpu_seconds) > 0:
-            print(f"  CPU-time ratio {names[0]}/{names[1]} (median per round; cross-check on CPU): {cpu_time_ratio(a, b):.3f}")
+            print(
+                f"  CPU-time ratio {names[0]}/{names[1]} (median per round; cross-check on CPU): "
+                f"{cpu_time_ratio(a, b):.3f}"
+            )
     for key, value in (extra or {}).items():
         print(f"  {key}: {value}")
     interval: dict[str, float] | None = None
     if rounds:
         low, high, coverage = median_interval(rounds)
         interval = {"low": low, "high": high, "coverage": coverage}
-        print(f"  interval for the headline (median of {len(rounds)} per-round ratios): [{low:.3f}, {high:.3f}], coverage {coverage:.1%}")
+        print(
+            f"  interval for the headline (median of {len(rounds)} per-round ratios): [{low:.3f}, "
+            f"{high:.3f}], coverage {coverage:.1%}"
+        )
     more: dict[str, dict[str, Any]] = {}
     for h in headlines or []:
         d = more[h.name] = h.as_dict()
         iv = d["ratio_interval"]
         cpu = f", CPU-time ratio {d['cpu_time_ratio']:.3f}" if d["cpu_time_ratio"] is not None else ""
-        print(f"headline {h.name}: ratio {d['ratio_name']} = {d['ratio']:.3f} [{iv['low']:.3f}, {iv['high']:.3f} at {iv['coverage']:.1%}]"
-              f"{cpu} (target {h.target}): {'PASS' if d['passed'] else 'MISS'}")
+        print(
+            f"headline {h.name}: ratio {d['ratio_name']} = {d['ratio']:.3f} "
+            f"[{iv['low']:.3f}, {iv['high']:.3f} at {iv['coverage']:.1%}]"
+            f"{cpu} (target {h.target}): {'PASS' if d['passed'] else 'MISS'}"
+        )
     verdict = "PASS" if passed else "MISS"
     print(f"ratio {ratio_name} = {ratio_value:.3f} (target {target}): {verdict}")
     result = {
@@ -275,7 +296,12 @@ def report(
         "command": cmd,
         "machine": host,
         "timings": {
-            k: {"seconds": t.seconds, "cpu_seconds": t.cpu_seconds, "median": t.median, "images_per_second": t.items_per_second}
+            k: {
+                "seconds": t.seconds,
+                "cpu_seconds": t.cpu_seconds,
+                "median": t.median,
+                "images_per_second": t.items_per_second,
+            }
             for k, t in timings.items()
         },
         "ratio_name": ratio_name,

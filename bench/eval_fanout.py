@@ -2,7 +2,7 @@
 
 Same model (small_cnn, RNA), same synthetic test images, same attacks, protocols, trials, batch
 size and seeds for every case:
-  * fanout_2x1cpu: `pipelines.evaluate.fan_out` with a local Ray of 2 CPUs, tasks of 1 CPU
+  * fanout_2x1cpu: `pipelines.evaluation.tasks.fan_out` with a local Ray of 2 CPUs, tasks of 1 CPU
     (1 torch thread each), so 2 units run at once; then `gather_rows` sums the unit files.
   * seq_1thread: `rna_core.evaluation.evaluate_model` in this process with 1 torch thread: the
     sequential loop, one unit after another on one core (what each fan-out task runs).
@@ -36,7 +36,15 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `rna_core` im
 
 import torch
 
-from bench.common import Timing, add_common_args, apply_threads, measure_interleaved, paired_ratio, paired_ratios, report
+from bench.common import (
+    Timing,
+    add_common_args,
+    apply_threads,
+    measure_interleaved,
+    paired_ratio,
+    paired_ratios,
+    report,
+)
 from rna_core.config import config_from_dict
 
 TARGET = 1.6
@@ -45,23 +53,37 @@ CORES = 2  # the local Ray's CPUs: the fan-out's workers, and the cores of the b
 
 def build_plan(args: argparse.Namespace, out_dir: str):
     """The evaluation plan of a freshly initialised small_cnn (weights seeded) on synthetic data."""
-    from pipelines.evaluate import EvalOptions, ModelSource, plan_evaluation
-    from pipelines.train_loop import build_model, state_digest
+    from pipelines.evaluation.plan import plan_evaluation
+    from pipelines.evaluation.source import ModelSource
+    from rna_core.builders import model_from_config as build_model
+    from rna_core.config import EvalConfig as EvalOptions
+    from rna_core.distributed import state_digest
 
-    cfg = config_from_dict({
-        "model": {"name": args.model, "method": "rna", "norm": "bn,gns:1"},
-        "data": {"dataset": "synthetic", "synthetic_size": 4 * args.images, "eval_batch_size": args.batch},
-        "train": {"sampling": "uniform", "seed": args.seed},
-        "ray": {"use_gpu": "false"},
-    })
+    cfg = config_from_dict(
+        {
+            "model": {"name": args.model, "method": "rna", "norm": "bn,gns:1"},
+            "data": {"dataset": "synthetic", "synthetic_size": 4 * args.images, "eval_batch_size": args.batch},
+            "train": {"sampling": "uniform", "seed": args.seed},
+            "ray": {"use_gpu": "false"},
+        }
+    )
     torch.manual_seed(args.seed)
     model = build_model(cfg).eval()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     source = ModelSource("checkpoint", "bench", "bench eval_fanout (seeded init)", cfg, state, state_digest(state), "")
     options = EvalOptions(
-        attacks=tuple(args.attacks.split(",")), protocols=tuple(args.protocols.split(",")), trials=args.trials,
-        limit=args.images, batch_size=args.batch, seed=args.seed, eot_iter=args.eot_iter, shard_size=args.shard,
-        path_analysis=0, cpus_per_task=1.0, out_dir=out_dir, progress_every=1e9,
+        attacks=tuple(args.attacks.split(",")),
+        protocols=tuple(args.protocols.split(",")),
+        trials=args.trials,
+        limit=args.images,
+        batch_size=args.batch,
+        seed=args.seed,
+        eot_iter=args.eot_iter,
+        shard_size=args.shard,
+        path_analysis=0,
+        cpus_per_task=1.0,
+        out_dir=out_dir,
+        progress_every=1e9,
     )
     return plan_evaluation(source, options), model
 
@@ -90,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import ray
 
-    from pipelines.evaluate import fan_out, gather_rows
+    from pipelines.evaluation.store import gather_rows
+    from pipelines.evaluation.tasks import fan_out
     from rna_core.evaluation.runner import evaluate_model
 
     work = tempfile.mkdtemp(prefix="rna-bench-eval-")
@@ -102,14 +125,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def sequential(threads: int):
         def run() -> None:
             torch.set_num_threads(threads)
-            rows = evaluate_model(model, plan.dataset, attacks=plan.attacks, protocols=o.protocols, trials=o.trials,
-                                  seed=o.seed, batch_size=o.batch_size, eot_iter=o.eot_iter, strategy=o.strategy,
-                                  include_natural=False, progress=False)
+            rows = evaluate_model(
+                model,
+                plan.dataset,
+                attacks=plan.attacks,
+                protocols=o.protocols,
+                trials=o.trials,
+                seed=o.seed,
+                batch_size=o.batch_size,
+                eot_iter=o.eot_iter,
+                strategy=o.strategy,
+                include_natural=False,
+                progress=False,
+            )
             got = counts(rows)
             if "counts" not in reference:
                 reference["counts"] = got
-            assert got == reference["counts"], f"sequential ({threads} threads) accuracies differ: {got} vs {reference['counts']}"
+            assert got == reference["counts"], (
+                f"sequential ({threads} threads) accuracies differ: {got} vs {reference['counts']}"
+            )
             checks["seq_calls_equal"] += 1
+
         return run
 
     calls = [0]
@@ -125,7 +161,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         got = counts(rows)
         if "counts" not in reference:
             reference["counts"] = got
-        assert got == reference["counts"], f"fan-out accuracies differ from the sequential ones: {got} vs {reference['counts']}"
+        assert got == reference["counts"], (
+            f"fan-out accuracies differ from the sequential ones: {got} vs {reference['counts']}"
+        )
         checks["fanout_calls_equal"] += 1
         shutil.rmtree(p.out_dir, ignore_errors=True)
 
@@ -135,7 +173,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         timings = measure_interleaved(
             {"fanout_2x1cpu": fanout, "seq_2threads": sequential(2), "seq_1thread": sequential(1)},
-            items=len(plan.dataset), repeats=args.repeats, warmup=args.warmup,
+            items=len(plan.dataset),
+            repeats=args.repeats,
+            warmup=args.warmup,
         )
     finally:
         ray.shutdown()
@@ -153,18 +193,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seq_1thread/seq_2threads (in-process thread scaling)": f"{paired_ratio(seq1, seq2):.3f}",
         f"bound on seq_2threads/fanout with {CORES} cores": f"{fanout_bound(seq1, seq2, CORES):.3f}",
         "fan-out parallel efficiency (seq_1thread / cores / fanout)": f"{parallel_efficiency(seq1, fan, CORES):.3f}",
-        "fan-out task compute seconds (sum over units, per call incl. warm-up)": ", ".join(f"{x:.2f}" for x in task_seconds),
+        "fan-out task compute seconds (sum over units, per call incl. warm-up)": ", ".join(
+            f"{x:.2f}" for x in task_seconds
+        ),
         "ray_start_seconds (ray.init, not timed)": f"{ray_start:.2f}",
-        "accuracies_equal": f"True (fan-out calls checked: {checks['fanout_calls_equal']}, sequential calls: {checks['seq_calls_equal']})",
+        "accuracies_equal": f"True (fan-out calls checked: {checks['fanout_calls_equal']}, "
+        f"sequential calls: {checks['seq_calls_equal']})",
         "correct/n": ", ".join(f"{k}={v}" for k, v in acc.items()),
-        "setup": f"{args.model}, {len(plan.dataset)} synthetic test images, batch {o.batch_size}, {len(plan.units)} units of "
-                 f"{args.shard} images, attacks natural+{args.attacks}, protocols {','.join(o.protocols)}, eot_iter {o.eot_iter}, trials {o.trials}",
+        "setup": f"{args.model}, {len(plan.dataset)} synthetic test images, batch {o.batch_size}, "
+        f"{len(plan.units)} units of "
+        f"{args.shard} images, attacks natural+{args.attacks}, protocols {','.join(o.protocols)}, eot_iter "
+        f"{o.eot_iter}, trials {o.trials}",
         "load_average_at_start (1/5/15 min)": load_at_start,
     }
     # report() prints the per-round ratio of its first two timings: fanout/seq_1thread (the inverse of the headline).
-    return report("eval_fanout", argv, {"fanout_2x1cpu": fan, "seq_1thread": seq1, "seq_2threads": seq2},
-                  "seq_1thread/fanout_2x1cpu (speedup)", speedup, f">= {TARGET:.1f}", speedup >= TARGET, extra, args.json,
-                  rounds=paired_ratios(seq1, fan))
+    return report(
+        "eval_fanout",
+        argv,
+        {"fanout_2x1cpu": fan, "seq_1thread": seq1, "seq_2threads": seq2},
+        "seq_1thread/fanout_2x1cpu (speedup)",
+        speedup,
+        f">= {TARGET:.1f}",
+        speedup >= TARGET,
+        extra,
+        args.json,
+        rounds=paired_ratios(seq1, fan),
+    )
 
 
 def fanout_bound(seq1: Timing, seq2: Timing, cores: int) -> float:

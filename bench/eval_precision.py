@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
     payload = read_checkpoint(args.checkpoint)
     cfg = checkpoint_config(payload)
     if cfg is None:
-        raise SystemExit(f"eval_precision: {args.checkpoint} holds no config; pass a checkpoint written by jobs/train.py")
+        raise SystemExit(
+            f"eval_precision: {args.checkpoint} holds no config; pass a checkpoint written by jobs/train.py"
+        )
     model = model_from_config(cfg)
     load_checkpoint(args.checkpoint, model)
     model.eval()
@@ -85,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
             order = [("fp32", model, x, t32), ("bf16", fast, as_channels_last(x), t16)]
             for name, m, xb, timing in order if b % 2 == 0 else order[::-1]:
                 start, cpu = time.perf_counter(), time.process_time()
-                c[name] += evaluate_batch(m, xb, y, attacks[attack], protocol, seed, eot_iter=args.eot_iter, strategy=cfg.train.sampling)
+                c[name] += evaluate_batch(
+                    m, xb, y, attacks[attack], protocol, seed, eot_iter=args.eot_iter, strategy=cfg.train.sampling
+                )
                 timing.seconds.append(time.perf_counter() - start)
                 timing.cpu_seconds.append(time.process_time() - cpu)
             c["n"] += int(y.shape[0])
@@ -99,16 +103,30 @@ def main(argv: list[str] | None = None) -> dict:
         c = counts[key]
         diff = 100 * (c["bf16"] - c["fp32"]) / max(c["n"], 1)
         within &= abs(diff) <= MAX_POINTS
-        extra[f"accuracy {key}"] = (f"fp32 {100 * c['fp32'] / c['n']:.1f}%, bf16 {100 * c['bf16'] / c['n']:.1f}% "
-                                    f"(bf16 - fp32 = {diff:+.1f} points on {c['n']} images; line +-{MAX_POINTS})")
-        headlines.append(Headline(f"speed {key}", timings[f"fp32 {key}"], timings[f"bf16 {key}"], "> 1", lambda v: v > 1))
-    extra["sizes"] = (f"checkpoint={args.checkpoint} model={cfg.model.name} norm={cfg.model.norm} images={len(test)} "
-                      f"batch={args.batch} eot_iter={args.eot_iter} threads={args.threads}")
+        extra[f"accuracy {key}"] = (
+            f"fp32 {100 * c['fp32'] / c['n']:.1f}%, bf16 {100 * c['bf16'] / c['n']:.1f}% "
+            f"(bf16 - fp32 = {diff:+.1f} points on {c['n']} images; line +-{MAX_POINTS})"
+        )
+        headlines.append(
+            Headline(f"speed {key}", timings[f"fp32 {key}"], timings[f"bf16 {key}"], "> 1", lambda v: v > 1)
+        )
+    extra["sizes"] = (
+        f"checkpoint={args.checkpoint} model={cfg.model.name} norm={cfg.model.norm} images={len(test)} "
+        f"batch={args.batch} eot_iter={args.eot_iter} threads={args.threads}"
+    )
     first = units[0][0] + ":" + units[0][1]
     value = statistics.median(a / b for a, b in zip(timings[f"fp32 {first}"].seconds, timings[f"bf16 {first}"].seconds))
     return report(
-        "eval_precision", argv, timings, f"time(fp32 {first}) / time(bf16 {first})", value,
-        f"accuracy within {MAX_POINTS} points for every unit", within, extra, args.json, headlines=headlines,
+        "eval_precision",
+        argv,
+        timings,
+        f"time(fp32 {first}) / time(bf16 {first})",
+        value,
+        f"accuracy within {MAX_POINTS} points for every unit",
+        within,
+        extra,
+        args.json,
+        headlines=headlines,
     )
 
 

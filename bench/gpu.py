@@ -68,7 +68,9 @@ class Sizes:
 def sizes_from(args: argparse.Namespace) -> Sizes:
     if args.tiny:
         return Sizes("small_cnn", 8, 2, 1, 1, 1, 32, 8)
-    return Sizes(args.model, args.batch, args.pgd_steps, args.steps_per_call, args.repeats, args.warmup, args.dataset_size, 256)
+    return Sizes(
+        args.model, args.batch, args.pgd_steps, args.steps_per_call, args.repeats, args.warmup, args.dataset_size, 256
+    )
 
 
 def peak_flops(device: torch.device, override_tflops: float) -> float | None:
@@ -97,7 +99,9 @@ class Variant:
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.sampler = PathSampler(self.cfg.sampling, seed=seed)
         data = make_synthetic(sizes.dataset_size, seed=seed)
-        self.batches = BatchIterator(data, sizes.batch, shuffle=True, seed=seed, drop_last=True, augment=True, device=device)
+        self.batches = BatchIterator(
+            data, sizes.batch, shuffle=True, seed=seed, drop_last=True, augment=True, device=device
+        )
         self._stream = self._endless()
         self.steps_per_call = sizes.steps_per_call
 
@@ -149,7 +153,9 @@ def eval_batch(variant: Variant, sizes: Sizes) -> tuple[torch.Tensor, torch.Tens
     return x.repeat(reps, 1, 1, 1), y.repeat(reps)
 
 
-def eval_images_per_second(variant: Variant, sizes: Sizes, device: torch.device, sync, bf16: bool = False) -> tuple[float, float]:
+def eval_images_per_second(
+    variant: Variant, sizes: Sizes, device: torch.device, sync, bf16: bool = False
+) -> tuple[float, float]:
     """PGD-20 evaluation (transfer protocol, eval mode) throughput and accuracy on one eval batch.
 
     fp32 by default (what evaluations run); `bf16`: the same weights in channels_last with the
@@ -188,9 +194,12 @@ def vs_torchattacks(variant: Variant, sizes: Sizes, sync, repeats: int) -> str:
     t = measure_interleaved(pgd_cases(model, x, y, path, 20, 0), x.shape[0], repeats, 1, sync)
     model.train()
     low, high, coverage = median_interval(paired_ratios(t["torchattacks"], t["ours"]))
-    return (f"time(torchattacks) / time(ours) = {paired_ratio(t['torchattacks'], t['ours']):.3f} "
-            f"[{low:.3f}, {high:.3f} at {coverage:.0%}] (PGD-20 fixed path, eval mode, fp32, batch {x.shape[0]}; target >= 1.0; "
-            f"{t['ours'].items_per_second:.1f} vs {t['torchattacks'].items_per_second:.1f} images/s)")
+    return (
+        f"time(torchattacks) / time(ours) = {paired_ratio(t['torchattacks'], t['ours']):.3f} "
+        f"[{low:.3f}, {high:.3f} at {coverage:.0%}] (PGD-20 fixed path, eval mode, fp32, batch {x.shape[0]}; "
+        "target >= 1.0; "
+        f"{t['ours'].items_per_second:.1f} vs {t['torchattacks'].items_per_second:.1f} images/s)"
+    )
 
 
 def _torchvision_version() -> str:
@@ -218,7 +227,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-images", type=int, default=1000, help="images PGD-20-evaluated per epoch in the projection")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="peak FLOP/s for MFU (0 = from the GPU's name)")
     p.add_argument("--no-cudnn-benchmark", action="store_true")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; matters for --device cpu)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; matters for --device cpu)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
@@ -251,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     peak = peak_flops(device, args.peak_tflops)
     best = max(timings.values(), key=lambda t: t.items_per_second if t.name in ("fp32", "bf16_cl") else 0.0)
     extra: dict[str, object] = {
-        "software": f"torchvision={_torchvision_version()} cuda={torch.version.cuda} cudnn={torch.backends.cudnn.version()}",
+        "software": f"torchvision={_torchvision_version()} cuda={torch.version.cuda} "
+        f"cudnn={torch.backends.cudnn.version()}",
         "sizes": f"model={sizes.model} batch={sizes.batch} PGD-{sizes.pgd_steps} steps/call={sizes.steps_per_call} "
         f"repeats={sizes.repeats} device={device} cudnn.benchmark={torch.backends.cudnn.benchmark}",
         "GFLOP per image per training step": f"{flops / 1e9:.2f}",
@@ -264,8 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
     eval_s = args.epochs * args.eval_images / eval_ips
     extra["PGD-20 eval (fp32)"] = f"{eval_ips:.1f} images/s"
     extra["PGD-20 eval (bf16 forward)"] = (
-        f"{eval16_ips:.1f} images/s, {eval16_ips / eval_ips:.2f}x fp32; accuracy on the eval batch {eval16_acc:.3f} vs fp32 "
-        f"{eval_acc:.3f} (same weights and seeds; one batch, untrained model: speed only)"
+        f"{eval16_ips:.1f} images/s, {eval16_ips / eval_ips:.2f}x fp32; accuracy on the eval batch "
+        f"{eval16_acc:.3f} vs fp32 {eval_acc:.3f} (same weights and seeds; one batch, untrained model: speed only)"
     )
     extra["vs_torchattacks on this device"] = vs_torchattacks(first, sizes, sync, sizes.repeats)
     extra[f"projected {args.epochs}-epoch recipe ({best.name})"] = (
@@ -279,9 +291,21 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         value, ratio_name = 1.0, f"time({names[0]}) / time({names[0]})"
     if "bf16_cl" in timings and "bn_bf16_cl" in timings:
-        extra["RNA overhead time(bf16_cl) / time(bn_bf16_cl)"] = f"{paired_ratio(timings['bf16_cl'], timings['bn_bf16_cl']):.3f}"
-    return report("gpu", argv, timings, ratio_name, value, "> 1 (bf16+channels_last pays)", value > 1.0, extra, args.json,
-                  rounds=rounds)
+        extra["RNA overhead time(bf16_cl) / time(bn_bf16_cl)"] = (
+            f"{paired_ratio(timings['bf16_cl'], timings['bn_bf16_cl']):.3f}"
+        )
+    return report(
+        "gpu",
+        argv,
+        timings,
+        ratio_name,
+        value,
+        "> 1 (bf16+channels_last pays)",
+        value > 1.0,
+        extra,
+        args.json,
+        rounds=rounds,
+    )
 
 
 if __name__ == "__main__":

@@ -61,16 +61,32 @@ def main(argv: list[str] | None = None) -> dict:
         bn = nn.BatchNorm2d(channels).to(dtype)
         cases[f"bn C={channels} channels_last"] = lambda bn=bn, x=x: _pass(bn, x, False)
     timings = measure_interleaved(cases, args.batch, args.repeats, args.warmup)
-    extra: dict[str, str] = {"sizes": f"batch={args.batch} dtype={args.dtype} threads={args.threads}",
-                             "rule in rna_core.speed": f"via contiguous when bf16/fp16 on CPU and D < {SMALL_GROUP_CHANNELS}"}
+    extra: dict[str, str] = {
+        "sizes": f"batch={args.batch} dtype={args.dtype} threads={args.threads}",
+        "rule in rna_core.speed": f"via contiguous when bf16/fp16 on CPU and D < {SMALL_GROUP_CHANNELS}",
+    }
     for channels, d in rows:
         cl, via = timings[f"gn C={channels} D={d} channels_last"], timings[f"gn C={channels} D={d} via_contiguous"]
         r = paired_ratio(cl, via)
-        extra[f"C={channels} D={d}: channels_last / via_contiguous"] = f"{r:.2f} ({cl.median * 1e3:.1f} vs {via.median * 1e3:.1f} ms)"
-    first_cl, first_via = timings[f"gn C={rows[0][0]} D={rows[0][1]} channels_last"], timings[f"gn C={rows[0][0]} D={rows[0][1]} via_contiguous"]
+        extra[f"C={channels} D={d}: channels_last / via_contiguous"] = (
+            f"{r:.2f} ({cl.median * 1e3:.1f} vs {via.median * 1e3:.1f} ms)"
+        )
+    first_cl, first_via = (
+        timings[f"gn C={rows[0][0]} D={rows[0][1]} channels_last"],
+        timings[f"gn C={rows[0][0]} D={rows[0][1]} via_contiguous"],
+    )
     value = paired_ratio(first_cl, first_via)
-    return report("norm_layout", argv, timings, f"time({first_cl.name}) / time({first_via.name})", value,
-                  "> 1 (the copies pay for gns:1)", value > 1, extra, args.json)
+    return report(
+        "norm_layout",
+        argv,
+        timings,
+        f"time({first_cl.name}) / time({first_via.name})",
+        value,
+        "> 1 (the copies pay for gns:1)",
+        value > 1,
+        extra,
+        args.json,
+    )
 
 
 if __name__ == "__main__":

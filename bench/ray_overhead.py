@@ -41,25 +41,48 @@ TARGET = 1.10
 
 def bench_config(args: argparse.Namespace, workers: int, cpus: float, storage: str) -> Config:
     """The job every case runs (Ray and plain alike): synthetic data, small_cnn, PGD-k blackbox."""
-    return config_from_dict({
-        "model": {"name": args.model, "method": "rna", "norm": "bn,gns:1"},
-        "data": {"dataset": "synthetic", "synthetic_size": args.images, "batch_size": args.batch,
-                 "eval_batch_size": 64, "augment": False, "train_limit": args.images, "eval_limit": args.eval_images},
-        "train": {"epochs": args.epochs, "mode": "blackbox", "schedule": "constant", "seed": args.seed,
-                  "eval_pgd_steps": 2, "eval_every": 1000, "eot_iter": 1,
-                  "attack": {"steps": args.pgd_steps}},
-        "ray": {"num_workers": workers, "cpus_per_worker": cpus, "use_gpu": "false", "address": "local",
-                "storage_path": storage, "checkpoints_to_keep": 1},
-        "mlflow": {"experiment": "bench"},
-    })
+    return config_from_dict(
+        {
+            "model": {"name": args.model, "method": "rna", "norm": "bn,gns:1"},
+            "data": {
+                "dataset": "synthetic",
+                "synthetic_size": args.images,
+                "batch_size": args.batch,
+                "eval_batch_size": 64,
+                "augment": False,
+                "train_limit": args.images,
+                "eval_limit": args.eval_images,
+            },
+            "train": {
+                "epochs": args.epochs,
+                "mode": "blackbox",
+                "schedule": "constant",
+                "seed": args.seed,
+                "eval_pgd_steps": 2,
+                "eval_every": 1000,
+                "eot_iter": 1,
+                "attack": {"steps": args.pgd_steps},
+            },
+            "ray": {
+                "num_workers": workers,
+                "cpus_per_worker": cpus,
+                "use_gpu": "false",
+                "address": "local",
+                "storage_path": storage,
+                "checkpoints_to_keep": 1,
+            },
+            "mlflow": {"experiment": "bench"},
+        }
+    )
 
 
 def plain_epochs(cfg: Config, threads: int) -> list[float]:
     """`cfg.train.epochs` epochs of the plain loop, built exactly as the Ray worker builds them."""
-    from pipelines.train_loop import build_model, effective_train_config, epoch_shard_indices, load_split, mix_seed, seeded_steps
-    from rna_core.data import BatchIterator
+    from rna_core.builders import effective_train_config
+    from rna_core.builders import model_from_config as build_model
+    from rna_core.data import BatchIterator, load_split
+    from rna_core.distributed import epoch_shard_indices, mix_seed, seeded_steps, step_streams
     from rna_core.optim import build_optimizer, build_scheduler
-    from rna_core.paths import PathSampler
     from rna_core.training import train_epoch
 
     torch.set_num_threads(threads)
@@ -70,14 +93,27 @@ def plain_epochs(cfg: Config, threads: int) -> list[float]:
     optimizer = build_optimizer(model, train_cfg)
     scheduler = build_scheduler(optimizer, train_cfg)
     data = load_split(cfg, "train")
-    sampler = PathSampler(train_cfg.sampling, seed=mix_seed(seed, 0))
+    sampler, noise = step_streams(train_cfg, seed, 0)
     steps = -(-len(data) // cfg.data.batch_size)
     out = []
     for epoch in range(cfg.train.epochs):
         shard = data.subset(epoch_shard_indices(len(data), 0, 1, seed, epoch))
-        batches = BatchIterator(shard, cfg.data.batch_size, shuffle=False, seed=mix_seed(seed, 0, 0xA06) % (1 << 31),
-                                epoch=epoch, augment=cfg.data.augment)
-        stats = train_epoch(model, seeded_steps(batches, sampler.generator, seed, 0, epoch * steps), optimizer, train_cfg, sampler)
+        batches = BatchIterator(
+            shard,
+            cfg.data.batch_size,
+            shuffle=False,
+            seed=mix_seed(seed, 0, 0xA06) % (1 << 31),
+            epoch=epoch,
+            augment=cfg.data.augment,
+        )
+        stats = train_epoch(
+            model,
+            seeded_steps(batches, sampler.generator, seed, 0, epoch * steps, noise),
+            optimizer,
+            train_cfg,
+            sampler,
+            noise_generator=noise,
+        )
         scheduler.step()
         out.append(float(stats["epoch_seconds"]))
     return out
@@ -85,7 +121,7 @@ def plain_epochs(cfg: Config, threads: int) -> list[float]:
 
 def ray_fit(cfg: Config, name: str) -> tuple[float, float, dict[str, Any]]:
     """(fit wall seconds, epoch_seconds of the last epoch measured in the worker, last metrics)."""
-    from pipelines.trainer import build_trainer
+    from pipelines.train import build_trainer
 
     trainer = build_trainer(cfg, name, {"config": flatten(cfg), "run_name": name, "mlflow": None}, use_gpu=False)
     start = time.perf_counter()
@@ -119,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import ray
 
-    from pipelines.trainer import ensure_ray
+    from pipelines.cluster import ensure_ray
 
     storage = tempfile.mkdtemp(prefix="rna-bench-ray-")
     cfg_ray1 = bench_config(args, 1, 2.0, storage)
@@ -129,7 +165,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         n_img = args.images
         ray_epoch, plain_epoch = Timing("ray_1w_2cpu_epoch", n_img), Timing("plain_2threads_epoch", n_img)
-        ray_wall, plain_wall = Timing("ray_1w_2cpu_fit_wall", n_img * args.epochs), Timing("plain_2threads_all_epochs", n_img * args.epochs)
+        ray_wall, plain_wall = (
+            Timing("ray_1w_2cpu_fit_wall", n_img * args.epochs),
+            Timing("plain_2threads_all_epochs", n_img * args.epochs),
+        )
         digests: dict[str, float] = {}
         for _ in range(args.warmup):  # untimed: imports, allocator, first worker spawn
             plain_epochs(cfg_ray1, 2)
@@ -152,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         w1, w2 = Timing("ray_1w_1cpu_epoch", n_img), Timing("ray_2w_1cpu_epoch", n_img)
         w1_wall, w2_wall = Timing("ray_1w_1cpu_fit_wall", n_img), Timing("ray_2w_1cpu_fit_wall", n_img)
         for r in range(args.scaling_repeats):
-            for k in ([1, 2] if r % 2 == 0 else [2, 1]):
+            for k in [1, 2] if r % 2 == 0 else [2, 1]:
                 wall, epoch_s, _ = ray_fit(cfg_w1 if k == 1 else cfg_w2, f"w{k}-{r}")
                 (w1 if k == 1 else w2).seconds.append(epoch_s)
                 (w1_wall if k == 1 else w2_wall).seconds.append(wall)
@@ -166,17 +205,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     extra = {
         "ray_start_seconds (ray.init, not in any timing)": f"{ray_start:.2f}",
         "end-to-end ratio fit()/plain (2 epochs; startup, evals, checkpoints included; no target)": f"{end_to_end:.3f}",
-        "fixed cost per fit estimate (fit wall - epochs x worker epoch), s": ", ".join(f"{f:.1f}" for f in fixed) or "n/a",
+        "fixed cost per fit estimate (fit wall - epochs x worker epoch), s": ", ".join(f"{f:.1f}" for f in fixed)
+        or "n/a",
         "2 workers vs 1 (1 CPU each) per-epoch speedup (epoch 1w / epoch 2w)": f"{speedup:.3f}",
         "2 workers vs 1 fit-wall speedup": f"{paired_ratio(w1_wall, w2_wall):.3f}" if w1_wall.seconds else "skipped",
         "timings part B": "; ".join(t.summary() for t in (w1, w2, w1_wall, w2_wall)) if w1.seconds else "skipped",
         "setup": f"{args.model}, {args.images} synthetic images, batch {args.batch}, PGD-{args.pgd_steps} blackbox, "
-                 f"{args.epochs} epochs per fit, held-out {args.eval_images}",
+        f"{args.epochs} epochs per fit, held-out {args.eval_images}",
         "load_average_at_start (1/5/15 min)": load_at_start,
     }
     return report(
-        "ray_overhead", argv, {t.name: t for t in (ray_epoch, plain_epoch, ray_wall, plain_wall)},
-        "ray_1w_epoch/plain_epoch", per_epoch, f"<= {TARGET:.2f}", per_epoch <= TARGET, extra, args.json,
+        "ray_overhead",
+        argv,
+        {t.name: t for t in (ray_epoch, plain_epoch, ray_wall, plain_wall)},
+        "ray_1w_epoch/plain_epoch",
+        per_epoch,
+        f"<= {TARGET:.2f}",
+        per_epoch <= TARGET,
+        extra,
+        args.json,
         rounds=paired_ratios(ray_epoch, plain_epoch),
     )
 

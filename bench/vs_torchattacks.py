@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 if __package__ in (None, ""):  # run as a script: make `bench` and `rna_core` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,7 +25,16 @@ import torch
 import torch.nn as nn
 import torchattacks
 
-from bench.common import add_common_args, apply_threads, measure_interleaved, paired_ratio, paired_ratios, random_batch, report, synchronizer
+from bench.common import (
+    add_common_args,
+    apply_threads,
+    measure_interleaved,
+    paired_ratio,
+    paired_ratios,
+    random_batch,
+    report,
+    synchronizer,
+)
 from rna_core import create_model, sample_path, set_path
 from rna_core.attacks.pgd import pgd_linf
 from rna_core.paths import PathSampler
@@ -35,7 +44,9 @@ TARGET = 1.0
 EPS, STEP = 8 / 255, 2 / 255
 
 
-def check_agreement(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, max_fraction: float) -> dict[str, float]:
+def check_agreement(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, max_fraction: float
+) -> dict[str, float]:
     """Both PGDs without random start on the current path: same ball, (almost) the same result."""
     ours = pgd_linf(model, x, y, EPS, STEP, steps, use_random_start=False)
     theirs = torchattacks.PGD(model, eps=EPS, alpha=STEP, steps=steps, random_start=False)(x, y)
@@ -50,7 +61,9 @@ def check_agreement(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: i
     return {"fraction_of_pixels_differing": differing, "acc_ours": acc_ours, "acc_torchattacks": acc_theirs}
 
 
-def pgd_cases(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path, steps: int, seed: int) -> dict[str, Callable[[], None]]:
+def pgd_cases(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, path, steps: int, seed: int
+) -> dict[str, Callable[[], None]]:
     """The two timed calls: torchattacks' PGD + a scoring forward, and our fixed-path PGD evaluation.
 
     Shared with bench/gpu.py, which runs the same comparison on a GPU when torchattacks is there.
@@ -77,7 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--pgd-steps", type=int, default=20)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--max-differing", type=float, default=0.01, help="fraction of pixels allowed to differ in the check")
+    p.add_argument(
+        "--max-differing", type=float, default=0.01, help="fraction of pixels allowed to differ in the check"
+    )
     add_common_args(p, repeats=7, warmup=1)
     return p.parse_args(argv)
 
@@ -94,15 +109,28 @@ def main(argv: list[str] | None = None) -> dict:
     agreement = check_agreement(model, x, y, args.pgd_steps, args.max_differing)
 
     timings = measure_interleaved(
-        pgd_cases(model, x, y, path, args.pgd_steps, args.seed), args.batch, args.repeats, args.warmup, synchronizer(device)
+        pgd_cases(model, x, y, path, args.pgd_steps, args.seed),
+        args.batch,
+        args.repeats,
+        args.warmup,
+        synchronizer(device),
     )
     value = paired_ratio(timings["torchattacks"], timings["ours"])
     extra = {
-        "sizes": f"model={args.model} norm={args.norm} path={path} batch={args.batch} PGD-{args.pgd_steps} eval mode device={device}",
+        "sizes": f"model={args.model} norm={args.norm} path={path} batch={args.batch} PGD-{args.pgd_steps} "
+        f"eval mode device={device}",
         "agreement check (no random start)": ", ".join(f"{k}={v:.4f}" for k, v in agreement.items()),
     }
     return report(
-        "vs_torchattacks", argv, timings, "time(torchattacks) / time(ours)", value, f">= {TARGET}", value >= TARGET, extra, args.json,
+        "vs_torchattacks",
+        argv,
+        timings,
+        "time(torchattacks) / time(ours)",
+        value,
+        f">= {TARGET}",
+        value >= TARGET,
+        extra,
+        args.json,
         rounds=paired_ratios(timings["torchattacks"], timings["ours"]),
     )
 

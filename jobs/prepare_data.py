@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import time  # noqa: E402
-from typing import Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
-from jobs._cli import OneLineParser, run_main  # noqa: E402
+from jobs.cli import OneLineParser, run_main  # noqa: E402
 from rna_core.errors import ConfigError, DatasetNotFoundError  # noqa: E402
 
 DATASETS = ("cifar10", "cifar100")

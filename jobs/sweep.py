@@ -4,7 +4,7 @@
     ray job submit --working-dir . -- python jobs/sweep.py --config configs/sweep_random_space_ablation.yaml
     python jobs/sweep.py --config configs/sweep_smoke.yaml --resume
 
-The config is a training config plus a `sweep:` section (see pipelines/sweep.py). `--set` reaches
+The config is a training config plus a `sweep:` section (see rna_core/sweep_config.py). `--set` reaches
 both parts (`--set train.epochs=1`, `--set sweep.max_concurrent_trials=1`). Running a sweep whose
 folder exists resumes it (Tune's restore: finished trials are not run again); `--resume` insists
 on that. A bad config is one line on stderr and exit code 2, before Ray starts. At the end it
@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from typing import Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
-from jobs._cli import EXIT_INTERRUPTED, OneLineParser, add_config_arguments, run_main  # noqa: E402
+from jobs.cli import EXIT_INTERRUPTED, OneLineParser, add_config_arguments, run_main  # noqa: E402
 
 PROG = "sweep.py"
 EXIT_TRIALS_FAILED = 1
@@ -40,7 +40,8 @@ def parse_args(argv: Sequence[str] | None):
 def job(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     # Everything up to run_sweep's Ray start only validates: no Ray, no MLflow yet.
-    from pipelines.sweep import load_sweep_config, run_sweep
+    from pipelines.sweep.driver import run_sweep
+    from pipelines.sweep.spec import load_sweep_config
 
     sc = load_sweep_config(args.config, args.overrides)
 
@@ -53,16 +54,24 @@ def job(argv: Sequence[str] | None) -> int:
 
     print("", flush=True)
     if out.interrupted:
-        print(f"interrupted: {out.name}; {sum(r['status'] != 'incomplete' for r in out.rows)} of {len(out.rows)} trials done")
+        print(
+            f"interrupted: {out.name}; {sum(r['status'] != 'incomplete' for r in out.rows)} of "
+            f"{len(out.rows)} trials done"
+        )
         print(f"  resume      python jobs/sweep.py --config {args.config} --resume")
         print(f"  folder      {out.sweep_dir}")
         return EXIT_INTERRUPTED
     print(out.leaderboard.rstrip())
     print("")
-    print(f"done: sweep {out.name}, {len(out.rows)} trials" + (" (resumed)" if out.resumed else "")
-          + (f", {out.num_errors} failed" if out.num_errors else ""))
-    print(f"  mlflow run  {out.parent.run_id} (parent) in experiment '{out.experiment}' "
-          f"(id {out.parent.experiment_id}), store {out.parent.tracking_uri}")
+    print(
+        f"done: sweep {out.name}, {len(out.rows)} trials"
+        + (" (resumed)" if out.resumed else "")
+        + (f", {out.num_errors} failed" if out.num_errors else "")
+    )
+    print(
+        f"  mlflow run  {out.parent.run_id} (parent) in experiment '{out.experiment}' "
+        f"(id {out.parent.experiment_id}), store {out.parent.tracking_uri}"
+    )
     print(f"  summary     {out.summary_dir}")
     print(f"  folder      {out.sweep_dir}")
     print(f"  mlflow ui   {ui_command(out.parent.tracking_uri)}")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from typing import Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
-from jobs._cli import OneLineParser, add_config_arguments, config_from_args, run_main  # noqa: E402
+from jobs.cli import OneLineParser, add_config_arguments, config_from_args, run_main  # noqa: E402
 
 PROG = "train.py"
 
@@ -30,7 +30,8 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue a run from its last checkpoint into the same MLflow run (the folder printed at the end of a run)",
+        help="continue a run from its last checkpoint into the same MLflow run (the folder printed at the end "
+        "of a run)",
     )
     args = p.parse_args(argv)
     if not args.config and not args.resume:
@@ -41,7 +42,9 @@ def parse_args(argv: Sequence[str] | None):
 def job(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     # Everything below up to run_training only validates: no Ray, no MLflow yet.
-    from pipelines.trainer import load_resume_config, resolve_run_dir, run_training
+    from pipelines.run_folder import resolve_run_dir
+    from pipelines.train import load_resume_config, run_training
+    from rna_core.evaluation import final_metric_names
 
     if args.resume and not args.config:
         cfg = load_resume_config(resolve_run_dir(args.resume), args.overrides)
@@ -56,16 +59,27 @@ def job(argv: Sequence[str] | None) -> int:
     from pipelines.tracking import ui_command
 
     f = out.final_metrics
+    names = list(final_metric_names(cfg.train).values())
     print("", flush=True)
-    print(f"done: {out.run_name}, {out.epochs_done} epoch{'' if out.epochs_done == 1 else 's'}" + (f" (resumed after epoch {out.start_epoch})" if out.resumed else ""))
+    resumed = f" (resumed after epoch {out.start_epoch})" if out.resumed else ""
+    print(f"done: {out.run_name}, {out.epochs_done} epoch{'' if out.epochs_done == 1 else 's'}{resumed}")
     if f:
-        print(
-            f"  results     clean {f.get('final_clean_acc', float('nan')):.4f}  pgd20 (transfer) "
-            f"{f.get('final_pgd20_transfer_acc', float('nan')):.4f}  eot-pgd {f.get('final_eot_pgd_acc', float('nan')):.4f}"
-            f"  on {int(f.get('final_eval_images', 0))} held-out images"
-        )
-    print(f"  mlflow run  {out.mlflow.run_id} in experiment '{out.experiment}' (id {out.mlflow.experiment_id}), store {out.mlflow.tracking_uri}")
+        scores = "  ".join(f"{n} {f.get(n, float('nan')):.4f}" for n in names)
+        print(f"  results     {scores}  on {int(f.get('eval_images', 0))} held-out images (last epoch: the result)")
+        for which, info in out.selected.items():
+            scores = "  ".join(f"{n} {f.get(f'{which}_selected_{n}', float('nan')):.4f}" for n in names)
+            biased = "  (selected on the test set: biased upward)" if which == "test" else ""
+            print(f"  selected    on {which}, epoch {info['epoch']}: {scores}{biased}")
+    print(
+        f"  mlflow run  {out.mlflow.run_id} in experiment '{out.experiment}' (id {out.mlflow.experiment_id}), "
+        f"store {out.mlflow.tracking_uri}"
+    )
     print(f"  checkpoint  {out.checkpoint}")
+    for which, info in out.selected.items():
+        print(
+            f"  selected    {info['checkpoint']}  (python jobs/evaluate.py --run-id {out.mlflow.run_id} "
+            f"--selected {which})"
+        )
     print(f"  run folder  {out.run_dir}")
     print(f"  mlflow ui   {ui_command(out.mlflow.tracking_uri)}")
     print(f"  evaluate    python jobs/evaluate.py --run-id {out.mlflow.run_id}")

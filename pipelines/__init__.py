@@ -1,12 +1,14 @@
-"""Ray and MLflow around rna_core: the Ray Train job, sweeps, the evaluation fan-out, tracking.
+"""Ray and MLflow around rna_core: the training, sweep and evaluation jobs, one stage per module.
 
-Modules (import the one you need; this package imports nothing heavy on its own):
-- `pipelines.trainer`: the driver of a training job (`run_training`): validate, MLflow run,
-  Ray Train `TorchTrainer`, final artifacts.
-- `pipelines.train_loop`: the per-worker function (DDP over the rna_core epoch loop).
-- `pipelines.tracking`: MLflow helpers (store resolution, one run per job, clean ends).
-- `pipelines.model_card`: the Markdown card logged with every trained model.
-- `pipelines.sweep`: Ray Tune sweeps (`run_sweep`): one Ray Train run per trial, nested MLflow runs, summary.
-- `pipelines.evaluate`: the attack-evaluation fan-out (`evaluate`): units as Ray tasks, a resumable
-  result folder, a nested MLflow evaluation run.
+Import the module you need; this package imports nothing on its own. The floors are
+`jobs -> pipelines -> rna_core` (docs/architecture.md):
+
+- `run_folder`: the base folder, local paths and URIs, job files (one atomic JSON write).
+- `preflight`: every check that runs before Ray starts or an MLflow run is created.
+- `cluster`: attach to a Ray cluster or start one; GPU detection.
+- `tracking`: MLflow store resolution, one open-or-adopt-run helper, params, metrics, ends.
+- `train` (the launcher) and `train_worker` (the per-worker Ray Train function);
+  `checkpoints` (the run folder's checkpoint files); `model_card`.
+- `sweep/`: spec, trial, summary, driver (Ray Tune).
+- `evaluation/`: source, plan, store, tasks, job (the attack fan-out on Ray tasks).
 """

@@ -2,18 +2,23 @@
 
 Everything goes through an explicit `MlflowClient(tracking_uri)` and explicit experiment and
 run ids, never the fluent API's process-global state: a driver that ran `mlflow.set_experiment`
-exports `MLFLOW_EXPERIMENT_ID`, which would otherwise silently redirect what a Ray worker logs
-(STACK.md). The driver resolves the tracking URI once and hands it to the workers verbatim.
+exports `MLFLOW_EXPERIMENT_ID`, which would otherwise silently redirect what a Ray worker logs.
+The driver resolves the tracking URI once and hands it to the workers verbatim.
+
+Every job opens its run through :func:`open_run`: reopen the run its job file names (a resume),
+else adopt the run an interrupted attempt left behind (matched by owner tags), else create one.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_DB_NAME = "mlflow.db"
@@ -34,7 +39,7 @@ class RunRef:
         return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "run_id": self.run_id}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "RunRef":
+    def from_dict(cls, data: Mapping[str, Any]) -> RunRef:
         return cls(str(data["tracking_uri"]), str(data["experiment_id"]), str(data["run_id"]))
 
 
@@ -61,7 +66,7 @@ def artifact_root_for(tracking_uri: str) -> str | None:
     """Where a new experiment's artifacts go: beside a SQLite store, else the server's choice.
 
     Set explicitly because MLflow otherwise uses `./mlruns` of whichever process creates the
-    experiment first, which may be a worker in a Ray temp folder (STACK.md).
+    experiment first, which may be a worker in a Ray temp folder.
     """
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///") :])
@@ -114,7 +119,10 @@ def git_dirty(repo: str | os.PathLike | None = None) -> bool | None:
     try:
         out = subprocess.run(
             ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -126,7 +134,9 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= PARAM_MAX_CHARS else text[: PARAM_MAX_CHARS - 3] + "..."
 
 
-def start_run(client: Any, experiment_id: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+def start_run(
+    client: Any, experiment_id: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]
+) -> str:
     """Create a RUNNING run with `params` and `tags`; returns its id."""
     from mlflow.entities import Param, RunTag
 
@@ -213,12 +223,19 @@ def find_run(client: Any, experiment_id: str, tags: Mapping[str, str]) -> str | 
     if any("'" in str(v) for v in tags.values()):
         return None  # a value MLflow's filter syntax cannot quote: never adopt by guess
     where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([experiment_id], filter_string=where, max_results=1, order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [experiment_id], filter_string=where, max_results=1, order_by=["attributes.start_time DESC"]
+    )
     return runs[0].info.run_id if runs else None
 
 
 def start_or_adopt_run(
-    client: Any, experiment_id: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str], owner: Mapping[str, str]
+    client: Any,
+    experiment_id: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    owner: Mapping[str, str],
 ) -> tuple[str, bool]:
     """Reopen the newest run carrying all `owner` tags, else create one with `tags` and `owner`.
 
@@ -232,6 +249,59 @@ def start_or_adopt_run(
     return start_run(client, experiment_id, run_name, params, {**tags, **owner}), False
 
 
+@dataclass
+class OpenedRun:
+    """The run a job logs into, and how it got it: "reopened", "adopted" or "created"."""
+
+    client: Any
+    ref: RunRef
+    how: str
+    changed: dict[str, tuple[str, str]] = field(default_factory=dict)  # params that differ on a reopen
+
+
+def open_run(
+    tracking_uri: str,
+    experiment: str | None,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    *,
+    reopen: RunRef | None = None,
+    owner: Mapping[str, str] | None = None,
+    experiment_id: str | None = None,
+) -> OpenedRun:
+    """The one way a job gets its MLflow run (training run, sweep parent, evaluation run).
+
+    `reopen`: the run a job file names (a resume); if MLflow no longer has it, a new run is
+    created. `owner`: tags that identify the job's run (e.g. its folder plus a "pending" marker)
+    so that an attempt stopped after creating its run but before naming it in its job file is
+    adopted instead of left beside a second run; they are set on a new run. `experiment_id`
+    (a nested run: its parent's experiment) wins over the experiment name.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(tracking_uri)
+    if reopen is not None:
+        try:
+            changed = reopen_run(client, reopen.run_id, params)
+            return OpenedRun(client, reopen, "reopened", changed)
+        except MlflowException:
+            pass  # the run was deleted: start a new one
+    exp_id = experiment_id or get_or_create_experiment(client, str(experiment), artifact_root_for(tracking_uri))
+    if owner:
+        run_id, adopted = start_or_adopt_run(client, exp_id, run_name, params, tags, owner)
+        return OpenedRun(client, RunRef(tracking_uri, exp_id, run_id), "adopted" if adopted else "created")
+    return OpenedRun(client, RunRef(tracking_uri, exp_id, start_run(client, exp_id, run_name, params, tags)), "created")
+
+
+def log_text(client: Any, run_id: str, name: str, text: str, artifact_path: str | None = None) -> None:
+    """Log `text` as the artifact file `name` (under `artifact_path`)."""
+    with tempfile.TemporaryDirectory(prefix="rna-artifact-") as tmp:
+        p = Path(tmp) / name
+        p.write_text(text)
+        client.log_artifact(run_id, str(p), artifact_path)
+
+
 def end_run(client: Any, run_id: str, status: str = "FINISHED") -> None:
     """Terminate the run (FINISHED, FAILED or KILLED): a job never leaves a run RUNNING."""
     if status not in RUN_STATUSES:
@@ -243,10 +313,12 @@ def ui_command(tracking_uri: str) -> str:
     """The command that opens the MLflow UI on this store."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
-    return f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1 --host 127.0.0.1 --backend-store-uri {tracking_uri}"
+    server = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1 --host 127.0.0.1"
+    return f"{server} --backend-store-uri {tracking_uri}"
 
 
 __all__ = [
+    "OpenedRun",
     "RunRef",
     "artifact_root_for",
     "client_for",
@@ -256,6 +328,8 @@ __all__ = [
     "git_commit",
     "git_dirty",
     "log_metrics",
+    "log_text",
+    "open_run",
     "reopen_run",
     "resolve_tracking_uri",
     "set_tags",

@@ -9,8 +9,10 @@ No Ray, no MLflow: everything here runs in a notebook or on a bare GPU machine.
     rna_core.set_path(model, path)
 """
 
+from .builders import create_model
 from .errors import CheckpointMismatchError, ConfigError, DatasetNotFoundError, RnaError
-from .models import create_model, list_methods, list_models, register_method, register_model
+from .methods import Method, list_methods, register_method
+from .models import list_models, register_model
 from .norms import BatchGroupNorm, NormSpec, available_norms, build_norm, parse_norm_spec, parse_space, register_norm
 from .paths import (
     Path,
@@ -25,13 +27,14 @@ from .paths import (
     set_path,
 )
 from .random_layer import RandomLayer, RandomNorm
-from .rpt import path_for_precision, precision_of  # also registers the method "rpt"
+from .rpt import path_for_precision, precision_of
 
 __all__ = [
     "BatchGroupNorm",
     "CheckpointMismatchError",
     "ConfigError",
     "DatasetNotFoundError",
+    "Method",
     "NormSpec",
     "Path",
     "PathSampler",

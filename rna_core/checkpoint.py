@@ -28,6 +28,27 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     return dict(spec) if spec else {"model": type(model).__name__}
 
 
+PREDATES_HINT = (
+    "it was written before this code changed the model, so its weights do not fit today's layers; retrain it"
+)
+
+
+def identity_mismatch(
+    found: dict[str, Any], expected: dict[str, Any], model_word: str = "model"
+) -> tuple[str, bool] | None:
+    """How a checkpoint's identity (`found`) differs from the model's: (the differences, predates).
+
+    None when they match. `predates` is true when every difference is a key the checkpoint lacks
+    (`quantizer`, `final_norm`, `shortcut`, `norm_versions`: parts of a model that changed after
+    older checkpoints were written): then no setting rebuilds the checkpoint's model.
+    """
+    keys = [k for k in sorted(set(expected) | set(found)) if expected.get(k) != found.get(k)]
+    if not keys:
+        return None
+    diffs = "; ".join(f"{k}: checkpoint {found.get(k)!r} vs {model_word} {expected.get(k)!r}" for k in keys)
+    return diffs, all(k not in found for k in keys)
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -72,7 +93,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors have many types
-        raise ConfigError(f"checkpoint '{path}' cannot be read ({type(exc).__name__}); it is not a checkpoint of this project") from None
+        raise ConfigError(
+            f"checkpoint '{path}' cannot be read ({type(exc).__name__}); it is not a checkpoint of this project"
+        ) from None
     if not isinstance(payload, dict) or "model" not in payload or "identity" not in payload:
         raise ConfigError(f"checkpoint '{path}' is not a checkpoint of this project (no model/identity entries)")
     return payload
@@ -91,12 +114,11 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore model (and optimizer/scheduler when given); returns the payload (epoch, config, ...)."""
     payload = read_checkpoint(path)
-    expected, found = model_identity(model), payload["identity"]
-    if expected != found:
-        diffs = [f"{k}: checkpoint {found.get(k)!r} vs model {expected.get(k)!r}" for k in sorted(set(expected) | set(found)) if expected.get(k) != found.get(k)]
-        raise CheckpointMismatchError(
-            f"checkpoint '{path}' does not match the model ({'; '.join(diffs)}); build the model the checkpoint was trained with"
-        )
+    mismatch = identity_mismatch(payload["identity"], model_identity(model))
+    if mismatch is not None:
+        diffs, predates = mismatch
+        hint = PREDATES_HINT if predates else "build the model the checkpoint was trained with"
+        raise CheckpointMismatchError(f"checkpoint '{path}' does not match the model ({diffs}); {hint}")
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as exc:

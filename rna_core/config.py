@@ -1,14 +1,16 @@
 """One tree of frozen dataclasses for every job, loaded from YAML with `--set key=value` overrides.
 
 The tree flattens to `{"train.lr": 0.1, ...}` for `mlflow.log_params` and rebuilds from that dict
-(which is what Ray passes to workers). Every value is validated on construction, so a bad config
-fails on the driver with one clear line, before any cluster work starts.
+(which is what Ray passes to workers). Every value is coerced and validated here, on the driver,
+so a bad config fails with one clear line before any cluster work starts. Besides the training
+sections the tree has two optional ones, `sweep:` (rna_core/sweep_config.py, read by jobs/sweep.py)
+and `eval:` (rna_core/eval_config.py, the flags of jobs/evaluate.py); a training config has neither.
 """
 
 from __future__ import annotations
 
+import json
 import math
-
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -18,12 +20,23 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .norms import parse_space
+from .eval_config import EvalConfig
+from .evaluation.naming import pgd_metric
+from .methods import get_method
+from .models import list_models
 from .paths import parse_strategy
 from .speed import speed_choice
+from .sweep_config import SweepConfig
 
 TRAIN_MODES = ("blackbox", "whitebox", "eot", "natural")
 SCHEDULES = ("multistep", "cosine", "constant")
+# SGD on parameters that got no gradient in a step (inactive candidates): `decay` gives them a zero
+# gradient, so weight decay and momentum move them every step as in the official loops; `skip`
+# leaves them untouched (SGD skips a parameter whose grad is None).
+INACTIVE_CANDIDATES = ("decay", "skip")
+# Paths of one DDP step: `shared`, one attack path and one update path for the whole global batch
+# (as the official DataParallel code); `per_rank`, each rank draws its own.
+RANK_PATHS = ("shared", "per_rank")
 
 
 @dataclass(frozen=True)
@@ -37,17 +50,9 @@ class ModelConfig:
     rpt_draws: str = "per_iteration"  # rpt only: one precision per iteration, or "attack_and_update"
 
     def validate(self) -> None:
-        from .models import list_methods, list_models
-
         if self.name not in list_models():
             raise ConfigError(f"model.name '{self.name}' is unknown; valid: {', '.join(list_models())}")
-        if self.method not in list_methods():
-            raise ConfigError(f"model.method '{self.method}' is unknown; valid: {', '.join(list_methods())}")
-        parse_space(self.norm)
-        if self.method == "rpt":
-            from .rpt import validate_model_config
-
-            validate_model_config(self)
+        get_method(self.method).validate(self)  # the method owns its fields (rna_core/methods/)
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,9 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 256
     augment: bool = True
-    train_limit: int = 0  # 0 = the whole training set
-    eval_limit: int = 1000  # size of the held-out slice evaluated during and after training
+    train_limit: int = 0  # 0 = the whole training set (what is left after val_size)
+    eval_limit: int = 1000  # size of the held-out slice of the test set evaluated during and after training
+    val_size: int = 0  # training rows held out for model selection (never trained on); 0 = off
 
     def validate(self) -> None:
         if self.dataset not in ("cifar10", "cifar100", "synthetic"):
@@ -72,6 +78,13 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.train_limit < 0 or self.eval_limit < 0:
             raise ConfigError("data.train_limit and data.eval_limit must be >= 0 (0 = all)")
+        if self.val_size < 0:
+            raise ConfigError(f"data.val_size must be >= 0 (0 = no validation split), got {self.val_size}")
+        if self.dataset == "synthetic" and self.val_size >= self.synthetic_size:
+            raise ConfigError(
+                f"data.val_size ({self.val_size}) must be smaller than the training set "
+                f"(data.synthetic_size {self.synthetic_size}), so that rows are left to train on"
+            )
 
 
 @dataclass(frozen=True)
@@ -106,13 +119,17 @@ class TrainConfig:
     seed: int = 0
     attack: AttackConfig = field(default_factory=AttackConfig)
     eval_pgd_steps: int = 20
-    eval_every: int = 1  # epochs between per-epoch clean/pgd20 evaluations
+    eval_every: int = 1  # epochs between per-epoch evaluations (clean_acc, pgd<eval_pgd_steps>_acc)
+    inactive_candidates: str = "decay"  # decay (official) | skip: SGD on parameters unused in a step
+    rank_paths: str = "shared"  # shared (official, one path per step for all ranks) | per_rank
+    # Also keep the epoch with the best per-epoch robust accuracy on the held-out *test* slice (the
+    # papers' way; biased upward). Labelled test-selected wherever its numbers appear.
+    select_on_test: bool = False
     # Speed (rna_core/speed.py, docs/benchmarks.md). auto: on where the device has bf16 fast paths
     # (CUDA sm_80+, CPUs with AMX-BF16 or AVX-512 BF16); they change results within rounding, so
     # bit-exact comparisons set false. Jobs log the resolved values (resolved.train.*).
     channels_last: str = "auto"  # auto | true | false: channels_last memory format for the model and batches
     amp_bf16: str = "auto"  # auto | true | false: bf16 autocast for the forwards (attack and update)
-    compile: bool = False  # torch.compile the model (see docs/benchmarks.md: does not pay with random paths)
 
     def __post_init__(self) -> None:
         # True/False (Python, YAML, old checkpoints' flattened configs) mean "true"/"false".
@@ -142,8 +159,18 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"train.gamma (the lr factor at each milestone) must be in (0, 1], got {self.gamma}")
-        if self.eval_pgd_steps < 0 or self.eval_every < 1:
-            raise ConfigError(f"train.eval_pgd_steps must be >= 0 and train.eval_every >= 1, got {self.eval_pgd_steps} and {self.eval_every}")
+        if self.inactive_candidates not in INACTIVE_CANDIDATES:
+            raise ConfigError(
+                f"train.inactive_candidates '{self.inactive_candidates}' is unknown; valid: "
+                f"{', '.join(INACTIVE_CANDIDATES)}"
+            )
+        if self.rank_paths not in RANK_PATHS:
+            raise ConfigError(f"train.rank_paths '{self.rank_paths}' is unknown; valid: {', '.join(RANK_PATHS)}")
+        if self.eval_pgd_steps < 1 or self.eval_every < 1:
+            raise ConfigError(
+                f"train.eval_pgd_steps and train.eval_every must be >= 1, got {self.eval_pgd_steps} and "
+                f"{self.eval_every}"
+            )
         for name in ("channels_last", "amp_bf16"):
             speed_choice(getattr(self, name), f"train.{name}")
         self.attack.validate()
@@ -205,10 +232,20 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: ScalingConfig = field(default_factory=ScalingConfig)
     mlflow: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig | None = None  # jobs/sweep.py: what varies (rna_core/sweep_config.py)
+    eval: EvalConfig | None = None  # jobs/evaluate.py: attacks, protocols, fan-out (rna_core/eval_config.py)
 
-    def validate(self) -> "Config":
+    def __post_init__(self) -> None:
+        if self.sweep is not None and self.sweep.metric is None:  # rank trials by the per-epoch PGD accuracy
+            object.__setattr__(self, "sweep", replace(self.sweep, metric=pgd_metric(self.train.eval_pgd_steps)))
+
+    def validate(self) -> Config:
         for f in fields(self):
-            getattr(self, f.name).validate()
+            section = getattr(self, f.name)
+            if section is not None:
+                section.validate()
+        if self.sweep is not None and self.sweep.name is not None and not is_plain_folder_name(self.sweep.name):
+            raise ConfigError(f"sweep.name '{self.sweep.name}' must be a plain folder name (no '/')")
         return self
 
     def num_classes(self) -> int:
@@ -267,20 +304,35 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+def _section_type(typ: Any) -> type | None:
+    """The dataclass of a section field (`TrainConfig`, or `SweepConfig | None`), else None."""
+    if is_dataclass(typ):
+        return typ
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(typ) if is_dataclass(a)]
+        return inner[0] if inner else None
+    return None
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
     hints = _field_types(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
+    by_name = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(by_name))
     if unknown:
         where = prefix.rstrip(".") or "the top level"
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys in {where}: {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys in {where}: {', '.join(sorted(by_name))}"
+        )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        typ = hints[name]
-        if is_dataclass(typ):
-            kwargs[name] = _build(typ, value or {}, f"{prefix}{name}.")
+        typ, parse = hints[name], by_name[name].metadata.get("parse")
+        section = _section_type(typ)
+        if parse is not None:  # a field with its own form (a sweep space, attack settings)
+            kwargs[name] = parse(value, f"{prefix}{name}")
+        elif section is not None:
+            kwargs[name] = _build(section, value or {}, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, typ, f"{prefix}{name}")
     return cls(**kwargs)
@@ -292,11 +344,15 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Nested plain dict (tuples become lists), suitable for YAML."""
+    """Nested plain dict (tuples become lists), suitable for YAML; absent sections are left out."""
     out: dict[str, Any] = {}
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        if is_dataclass(value):
+        if value is None and _section_type(_field_types(type(cfg))[f.name]):
+            continue
+        if "flat" in f.metadata:
+            out[f.name] = json.loads(f.metadata["flat"](value))
+        elif is_dataclass(value):
             out[f.name] = to_dict(value)
         elif isinstance(value, tuple):
             out[f.name] = list(value)
@@ -306,13 +362,21 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
-    """`{"train.lr": 0.1, "train.attack.eps": 8.0, ...}`; tuples become comma-joined strings."""
+    """`{"train.lr": 0.1, "train.attack.eps": 8.0, ...}`; tuples become comma-joined strings.
+
+    Absent sections (`sweep`, `eval` of a training config) are left out; a field with its own
+    form (a sweep space, attack settings) is its JSON text.
+    """
     flat: dict[str, Any] = {}
 
     def walk(obj: Any, prefix: str) -> None:
         for f in fields(obj):
             value = getattr(obj, f.name)
-            if is_dataclass(value):
+            if value is None and _section_type(_field_types(type(obj))[f.name]):
+                continue
+            if "flat" in f.metadata:
+                flat[f"{prefix}{f.name}"] = f.metadata["flat"](value)
+            elif is_dataclass(value):
                 walk(value, f"{prefix}{f.name}.")
             elif isinstance(value, tuple):
                 flat[f"{prefix}{f.name}"] = ",".join(map(str, value))
@@ -337,9 +401,14 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
+# Keys this tree does not have that flattened configs stored with runs and checkpoints may carry;
+# they are dropped when such a config is read (torch.compile: see docs/benchmarks.md).
+RETIRED_KEYS = ("train.compile",)
+
+
 def unflatten(flat: dict[str, Any]) -> Config:
-    """Rebuild a Config from :func:`flatten`'s dict."""
-    return config_from_dict(_nest(flat))
+    """Rebuild a Config from :func:`flatten`'s dict (also one stored by an older version)."""
+    return config_from_dict(_nest({k: v for k, v in flat.items() if k not in RETIRED_KEYS}))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -381,17 +450,23 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return config_from_dict(apply_overrides(data, overrides or []))
 
 
-def read_yaml_file(path: str, example: str = "configs/smoke.yaml") -> Any:
-    """The parsed YAML of a preset file; a missing file or bad syntax is one clear ConfigError."""
+def read_yaml_file(path: str, example: str = "configs/smoke.yaml") -> dict[str, Any]:
+    """The sections of a preset file; a missing file, bad syntax or a non-mapping is one clear ConfigError."""
     p = FsPath(path)
     if not p.is_file():
         raise ConfigError(f"config file '{path}' does not exist; presets live in configs/ (e.g. {example})")
     try:
-        return yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(errors="replace")) or {}
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
         raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file '{path}' does not hold a config (a YAML mapping of sections model:, data:, train:, ...); "
+            f"pass a preset such as {example}"
+        )
+    return data
 
 
 def dump_yaml(cfg: Config) -> str:
@@ -404,18 +479,24 @@ def with_changes(cfg: Config, **sections: Any) -> Config:
 
 
 __all__ = [
+    "INACTIVE_CANDIDATES",
+    "RANK_PATHS",
     "AttackConfig",
     "Config",
     "DataConfig",
+    "EvalConfig",
     "ModelConfig",
     "ScalingConfig",
+    "SweepConfig",
     "TrackingConfig",
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
     "dump_yaml",
     "flatten",
+    "is_plain_folder_name",
     "load_config",
+    "read_yaml_file",
     "parse_override",
     "to_dict",
     "unflatten",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import math
 import string
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -42,7 +42,7 @@ class Path:
         return ".".join(map(str, self.choices)) + ("." if len(self.choices) == 1 else "")
 
     @classmethod
-    def parse(cls, text: str) -> "Path":
+    def parse(cls, text: str) -> Path:
         """Read back the form written by `str(path)`."""
         text = text.strip()
         try:
@@ -52,7 +52,7 @@ class Path:
         except ValueError:
             raise ConfigError(f"cannot read path '{text}': expected one base-36 character per layer") from None
 
-    def differences(self, other: "Path") -> int:
+    def differences(self, other: Path) -> int:
         """Number of layers where the two paths choose differently."""
         if len(self) != len(other):
             raise ConfigError(f"paths of different lengths ({len(self)} vs {len(other)}) cannot be compared")
@@ -210,7 +210,9 @@ def parse_strategy(text: str) -> tuple[str, str]:
     name, _, arg = text.strip().partition(":")
     name = name.strip().lower()
     if name not in _STRATEGIES:
-        raise ConfigError(f"unknown sampling strategy '{text}'; valid: {', '.join(_STRATEGIES)} (e.g. 'far:0.5', 'fixed:0101')")
+        raise ConfigError(
+            f"unknown sampling strategy '{text}'; valid: {', '.join(_STRATEGIES)} (e.g. 'far:0.5', 'fixed:0101')"
+        )
     if name == "far" and arg:
         try:
             frac = float(arg)

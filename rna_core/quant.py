@@ -29,7 +29,7 @@ still runs; its predictions then do depend on the batch.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -93,7 +93,9 @@ class _QuantizeSTE(torch.autograd.Function):
         return grad, None, None, None
 
 
-def quantize(x: torch.Tensor, bits: int, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> torch.Tensor:
+def quantize(
+    x: torch.Tensor, bits: int, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None
+) -> torch.Tensor:
     """Differentiable uniform quantization (range as in :func:`quantize_values`): identity gradient."""
     return _QuantizeSTE.apply(x, int(bits), lo, hi)
 

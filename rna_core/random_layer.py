@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .norms import NormSpec, build_norm, parse_space
+from .norms import NormSpec, build_norm, check_distinct_candidates, parse_space
 
 
 class RandomLayer(nn.Module):
@@ -36,15 +36,30 @@ class RandomLayer(nn.Module):
 class RandomNorm(RandomLayer):
     """K candidate normalizations sharing one position in the network; exactly one is applied.
 
-    Each candidate has its own affine parameters and running statistics. Only the active one runs,
-    so inactive candidates get no gradient and their statistics do not move.
+    Each candidate has its own affine parameters and running statistics (where its kind has them;
+    `in` has neither). Only the active one runs, so inactive candidates get no gradient from the loss
+    and their statistics do not move (the training step then gives them a zero gradient, so SGD decays
+    them as the official loops do: `rna_core.training.give_unused_parameters_zero_grad`). Two
+    candidates that build the same layer at this width (`ln,gn:1`) are a configuration error;
+    `allow_identical` is for layers that repeat one kind on purpose (switchable BatchNorm: one
+    BatchNorm per precision).
     """
 
-    def __init__(self, space: str | tuple[NormSpec, ...], channels: int, where: str = "", tie: str | None = None):
+    def __init__(
+        self,
+        space: str | tuple[NormSpec, ...],
+        channels: int,
+        where: str = "",
+        tie: str | None = None,
+        *,
+        allow_identical: bool = False,
+    ):
         specs = parse_space(space) if isinstance(space, str) else tuple(space)
         super().__init__(len(specs), tie)
         self.specs = specs
         self.candidates = nn.ModuleList(build_norm(s, channels, where) for s in specs)
+        if not allow_identical:
+            check_distinct_candidates(specs, channels, where)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.candidates[self.choice](x)

@@ -21,20 +21,17 @@ refused with a CheckpointMismatchError naming that key instead of failing on mis
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch.nn as nn
 
 from .errors import ConfigError
 from .models.layers import LayerFactory, check_conv_role
-from .models.registry import register_method
-from .norms import NormSpec, parse_space
+from .norms import NormSpec
 from .paths import Path, get_path, random_layers
 from .quant import MAX_BITS, PRECISION_TIE, QuantConv2d, QuantLinear
 from .random_layer import RandomNorm
-
-if TYPE_CHECKING:
-    from .config import ModelConfig
 
 # How RPT draws precisions in training: the original draws one per iteration, used both to craft
 # the adversarial batch and for the update; the alternative draws the two independently.
@@ -106,7 +103,7 @@ class SwitchableBatchNorm(RandomNorm):
     """One BatchNorm2d per precision (own affine and running statistics), switched by the path."""
 
     def __init__(self, channels: int, precisions: Sequence[int], where: str = "", tie: str | None = PRECISION_TIE):
-        super().__init__(tuple(NormSpec("bn") for _ in precisions), channels, where, tie)
+        super().__init__(tuple(NormSpec("bn") for _ in precisions), channels, where, tie, allow_identical=True)
         self.precisions = tuple(int(b) for b in precisions)
 
     @property
@@ -132,6 +129,10 @@ class RptFactory(LayerFactory):
     def norm(self, channels: int, where: str) -> nn.Module:
         return SwitchableBatchNorm(channels, self.precisions, where)
 
+    def final_norm(self, channels: int, where: str) -> nn.Module:
+        # Double-Win Quant's PreActResNet and WideResNet switch their norm before pooling too.
+        return SwitchableBatchNorm(channels, self.precisions, where)
+
     def conv(
         self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, *, role: str = "body"
     ) -> nn.Module:
@@ -148,29 +149,6 @@ class RptFactory(LayerFactory):
         # The precision set and the quantizer are part of the checkpoint identity: a model with
         # another set, or a checkpoint of the earlier quantizer, is refused.
         return {"norm": "bn", "precisions": format_precisions(self.precisions), "quantizer": QUANTIZER}
-
-
-def _check_norm(norm: str) -> None:
-    if tuple(parse_space(norm)) != (NormSpec("bn"),):
-        raise ConfigError(
-            f"method 'rpt' uses switchable BatchNorm, so model.norm must be 'bn', got '{norm}'; set model.norm: bn"
-        )
-
-
-@register_method("rpt")
-def _rpt_factory(norm: str = "bn", precisions: str | int | Sequence[int] = DEFAULT_PRECISIONS, **options: Any) -> RptFactory:
-    if options:
-        raise ConfigError(f"method 'rpt' takes only the options norm and precisions; got {sorted(options)}")
-    _check_norm(norm)
-    return RptFactory(precisions)
-
-
-def validate_model_config(model_cfg: "ModelConfig") -> None:
-    """Checks of the `rpt` fields of a ModelConfig (called by ModelConfig.validate for method rpt)."""
-    _check_norm(model_cfg.norm)
-    parse_precisions(model_cfg.precisions)
-    if model_cfg.rpt_draws not in RPT_DRAWS:
-        raise ConfigError(f"model.rpt_draws '{model_cfg.rpt_draws}' is unknown; valid: {', '.join(RPT_DRAWS)}")
 
 
 # ---------------------------------------------------------------- paths <-> precisions
@@ -211,7 +189,9 @@ def path_for_precision(model: nn.Module, bits: int) -> Path:
     for layer in layers:
         precisions = getattr(layer, "precisions", None)
         if precisions is None:
-            raise ConfigError("the model has random layers that are not precisions; path_for_precision needs an rpt model")
+            raise ConfigError(
+                "the model has random layers that are not precisions; path_for_precision needs an rpt model"
+            )
         if bits not in precisions:
             raise ConfigError(f"{bits} bits is not in the model's precisions {format_precisions(precisions)}")
         choices.append(precisions.index(bits))
@@ -232,5 +212,4 @@ __all__ = [
     "path_for_precision",
     "precision_of",
     "precisions_of",
-    "validate_model_config",
 ]

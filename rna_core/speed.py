@@ -1,4 +1,4 @@
-"""Speed settings of the training step: bf16 autocast, channels_last memory format, torch.compile.
+"""Speed settings of the training step: bf16 autocast and channels_last memory format.
 
 `TrainConfig.amp_bf16` and `TrainConfig.channels_last` are `auto` by default: on where the device
 has bf16 fast paths (a CUDA GPU with native bf16, i.e. compute capability >= 8.0; a CPU with
@@ -19,11 +19,9 @@ In channels_last, norm layers whose CPU kernels are slow in that layout (GroupNo
 groups, e.g. `gns:1`: 10x slower than on a contiguous tensor) run on a contiguous copy and hand
 channels_last back (:func:`use_channels_last`), so the batch keeps its layout through the network.
 
-`compile` cannot be applied per step (compiling is a one-off that returns a new module), so jobs
-call :func:`prepare_model` once, before wrapping the model in DDP. With random paths
-torch.compile does not pay: dynamo treats each RandomLayer's integer `choice` as a constant, so
-every new path is a new graph (K^L paths; after `recompile_limit` graphs it falls back to eager).
-It is meant for plain-norm baselines.
+torch.compile is not offered: with random paths dynamo treats each RandomLayer's integer
+`choice` as a constant, so every new path is a new graph (K^L paths; after `recompile_limit`
+graphs it falls back to eager), measured in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -39,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .norms import BatchGroupNorm
 
 _FLAG = "_rna_channels_last"
 SPEED_CHOICES = ("auto", "true", "false")
@@ -151,8 +150,11 @@ def resolve_speed(cfg: Any, device: torch.device | str) -> SpeedFlags:
 def _resolve_auto(amp: str, layout: str, device: str) -> SpeedFlags:
     fast = bf16_fast_path(device)
     reason = fast or f"{torch.device(device).type}: no bf16 fast path (off)"
-    return SpeedFlags(amp == "true" or (amp == "auto" and fast is not None),
-                      layout == "true" or (layout == "auto" and fast is not None), reason)
+    return SpeedFlags(
+        amp == "true" or (amp == "auto" and fast is not None),
+        layout == "true" or (layout == "auto" and fast is not None),
+        reason,
+    )
 
 
 # ----------------------------------------------------------------------------- channels_last
@@ -170,8 +172,6 @@ def _layout_guarded(module: nn.Module) -> bool:
     """Norm layers that may hand back another layout than channels_last, or need a contiguous input:
     GroupNorm (slow channels_last kernel with small groups), InstanceNorm and batch-group norm
     (they reshape, which copies to contiguous and returns contiguous)."""
-    from .norms import BatchGroupNorm
-
     return isinstance(module, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, BatchGroupNorm))
 
 
@@ -272,23 +272,6 @@ class AutocastForward(nn.Module):
         return out.float()
 
 
-def prepare_model(model: nn.Module, cfg: Any, backend: str = "inductor") -> nn.Module:
-    """Apply the one-off speed settings of a TrainConfig: channels_last, then torch.compile.
-
-    Returns the module to train: the compiled wrapper when `cfg.compile`. It shares parameters,
-    buffers and random layers with `model`, so paths set on either reach both; save checkpoints
-    from `model` (the wrapper's state_dict keys carry an `_orig_mod.` prefix). `auto` is decided
-    for the device of the model's parameters.
-    """
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    if resolve_speed(cfg, device).channels_last:
-        use_channels_last(model)
-    if cfg.compile:
-        return torch.compile(model, backend=backend)
-    return model
-
-
 __all__ = [
     "SPEED_CHOICES",
     "AutocastForward",
@@ -298,7 +281,6 @@ __all__ = [
     "bf16_fast_path",
     "bf16_weight_cache",
     "cpu_bf16_features",
-    "prepare_model",
     "resolve_speed",
     "speed_choice",
     "to_device_async",

@@ -3,28 +3,28 @@
 Blackbox mode (the paper): draw an attack path, craft PGD-k on it, draw an independent update path,
 take the SGD step on the adversarial batch through the update path. The step returns tensors, not
 Python numbers, so there is no host sync inside it; the epoch loop syncs once at the end.
+
+Parameters the update path did not use (inactive RandomNorm candidates, the switchable BNs of
+the other precisions) get a zero gradient before the SGD step by default
+(`train.inactive_candidates: decay`), so weight decay and momentum move them every step as in
+the official loops (see :func:`give_unused_parameters_zero_grad`); `skip` leaves them untouched.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks.pgd import pgd_linf
-from .config import AttackConfig, TrainConfig
+from .config import INACTIVE_CANDIDATES, AttackConfig, TrainConfig
 from .paths import PathSampler, fresh_path_every_forward, set_path
-from .speed import (
-    AutocastForward,
-    as_channels_last,
-    bf16_autocast,
-    resolve_speed,
-    use_channels_last,
-)
+from .speed import AutocastForward, as_channels_last, bf16_autocast, resolve_speed, use_channels_last
+from .units import to_unit
 
 
 @dataclass
@@ -47,8 +47,8 @@ def craft_adversarial(
 ) -> torch.Tensor:
     """PGD on the model's current path, or averaged over fresh paths when `eot_sampler` is given."""
     kwargs = dict(
-        eps=attack.eps / 255,
-        step_size=attack.step_size / 255,
+        eps=to_unit(attack.eps),
+        step_size=to_unit(attack.step_size),
         steps=attack.steps,
         use_random_start=attack.random_start,
         generator=generator,
@@ -59,6 +59,31 @@ def craft_adversarial(
         return pgd_linf(model, x, y, grad_repeats=eot_iter, **kwargs)
 
 
+def give_unused_parameters_zero_grad(optimizer: torch.optim.Optimizer, policy: str = "decay") -> int:
+    """Give every optimizer parameter whose `.grad` is None a zero gradient (policy `decay`).
+
+    Why: the official loops (RNA and Double-Win Quant `train.py`, torch 1.7/1.8) craft with
+    `loss.backward()` and clear with an in-place `opt.zero_grad()`, so every candidate keeps a
+    zero `.grad` and `SGD.step` applies weight decay and momentum to it on every step, used or
+    not: `buf = momentum * buf + weight_decay * p`, `p -= lr * buf`. We craft with input-only
+    gradients and clear with `set_to_none=True`, which would let SGD skip them instead (policy
+    `skip`). Call it after the update's backward: under DDP the parameters left None are those
+    no rank used (DDP hands locally unused ones the averaged gradient), the same on every rank,
+    so the ranks stay identical. Returns how many parameters got a zero gradient.
+    """
+    if policy not in INACTIVE_CANDIDATES:
+        raise ValueError(f"unknown inactive-candidates policy {policy!r}; valid: {', '.join(INACTIVE_CANDIDATES)}")
+    if policy == "skip":
+        return 0
+    filled = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+                filled += 1
+    return filled
+
+
 def train_step(
     model: nn.Module,
     x: torch.Tensor,
@@ -67,12 +92,16 @@ def train_step(
     cfg: TrainConfig,
     sampler: PathSampler,
     attack_model: nn.Module | None = None,
+    noise_generator: torch.Generator | None = None,
 ) -> StepOutput:
     """One adversarial training step in `cfg.mode`; the model is in train mode throughout (paper).
 
     `attack_model` is the module used to craft the examples (the bare model when `model` is a
     DDP wrapper, so the attack's forwards do not trigger gradient synchronisation).
+    `noise_generator` draws the PGD random start (default: the sampler's generator, which draws
+    the paths); DDP ranks pass their own, so that they share paths but not noise.
     """
+    noise = noise_generator if noise_generator is not None else sampler.generator
     attacker = attack_model if attack_model is not None else model
     target = attacker  # the module whose random layers paths are set on
     speed = resolve_speed(cfg, x.device)  # `auto` decided for this device (cached)
@@ -86,11 +115,11 @@ def train_step(
         sampler.apply(target)
         x_train = x
     elif cfg.mode == "eot":
-        x_train = craft_adversarial(attacker, x, y, cfg.attack, sampler.generator, sampler, cfg.eot_iter)
+        x_train = craft_adversarial(attacker, x, y, cfg.attack, noise, sampler, cfg.eot_iter)
         sampler.apply(target)
     else:
         attack_path = sampler.apply(target)
-        x_train = craft_adversarial(attacker, x, y, cfg.attack, sampler.generator)
+        x_train = craft_adversarial(attacker, x, y, cfg.attack, noise)
         if cfg.mode == "blackbox":
             sampler.apply(target, relative_to=attack_path)
         else:
@@ -100,6 +129,7 @@ def train_step(
         logits = model(x_train)
     loss = F.cross_entropy(logits.float(), y)
     loss.backward()
+    give_unused_parameters_zero_grad(optimizer, cfg.inactive_candidates)
     optimizer.step()
     with torch.no_grad():
         correct = (logits.argmax(1) == y).sum()
@@ -113,6 +143,7 @@ def train_epoch(
     cfg: TrainConfig,
     sampler: PathSampler,
     attack_model: nn.Module | None = None,
+    noise_generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """Run one epoch; returns train_loss, train_acc, images, epoch_seconds, images_per_second."""
     start = time.perf_counter()
@@ -120,7 +151,7 @@ def train_epoch(
     correct = torch.zeros((), dtype=torch.long)
     n = 0
     for x, y in batches:
-        out = train_step(model, x, y, optimizer, cfg, sampler, attack_model)
+        out = train_step(model, x, y, optimizer, cfg, sampler, attack_model, noise_generator)
         loss_sum = loss_sum.to(out.loss_sum.device) + out.loss_sum
         correct = correct.to(out.correct.device) + out.correct
         n += out.n
@@ -168,7 +199,7 @@ def evaluate_pgd(
     if protocol not in ("transfer", "fixed-path", "eot"):
         raise ValueError(f"unknown protocol {protocol!r}")
     model.eval()
-    attack = AttackConfig(eps=eps, step_size=step_size, steps=steps, random_start=True)
+    attack = AttackConfig(eps=eps, step_size=step_size, steps=steps, random_start=True)  # pixels/255
     correct, n = 0, 0
     for x, y in batches:
         attack_path = sampler.apply(model)

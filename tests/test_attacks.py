@@ -6,15 +6,26 @@ import sys
 
 import pytest
 import torch
+from helpers import low_contrast, train_small_cnn
 
 import rna_core
 from rna_core.attacks import get_attack, list_attacks
 from rna_core.data import make_synthetic
 from rna_core.errors import ConfigError
 from rna_core.evaluation import run_protocol
-from helpers import low_contrast, train_small_cnn
 
-ALL_ATTACKS = ["natural", "fgsm", "pgd20", "cw_inf", "cw_l2", "mifgsm", "deepfool", "autoattack", "autoattack_rand", "eot_pgd"]
+ALL_ATTACKS = [
+    "natural",
+    "fgsm",
+    "pgd20",
+    "cw_inf",
+    "cw_l2",
+    "mifgsm",
+    "deepfool",
+    "autoattack",
+    "autoattack_rand",
+    "eot_pgd",
+]
 # Fewer steps than the paper where the paper's would take minutes on a CPU; cw_l2 with the
 # torchattacks default c=1 so that it really perturbs (the paper's c=1e-4 hardly moves in 30 steps).
 FAST = {
@@ -40,16 +51,29 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 def test_registry_has_the_paper_attacks_with_the_paper_settings():
     assert set(ALL_ATTACKS) <= set(list_attacks())
     pgd = get_attack("pgd20")
-    assert (pgd.eps, pgd.settings["step_size"], pgd.settings["steps"], pgd.settings["random_start"]) == (8 / 255, 2 / 255, 20, True)
+    assert (pgd.eps, pgd.settings["step_size"], pgd.settings["steps"], pgd.settings["random_start"]) == (
+        8 / 255,
+        2 / 255,
+        20,
+        True,
+    )
     mi = get_attack("mifgsm").settings
     assert (mi["steps"], mi["decay"], mi["step_size"]) == (5, 1.0, 2 / 255)
-    assert get_attack("deepfool").settings == {"steps": 50, "overshoot": 0.02}
-    assert get_attack("cw_l2").settings == {"c": 1e-4, "kappa": 0.0, "steps": 1000, "lr": 0.01}
+    # fill_eps: L2 radius of the unperturbed rule under transfer/eot (ours, not the paper's setting)
+    assert get_attack("deepfool").settings == {"steps": 50, "overshoot": 0.02, "fill_eps": 0.5}
+    assert get_attack("cw_l2").settings == {"c": 1e-4, "kappa": 0.0, "steps": 1000, "lr": 0.01, "fill_eps": 0.5}
     assert get_attack("cw_inf").settings["steps"] == 20
     assert get_attack("autoattack_rand").settings["eot_iter"] == 20
     # which library runs what (the issue: libraries wherever they implement the attack)
     libs = {name: type(get_attack(name)).library for name in ALL_ATTACKS}
-    assert {n for n, lib in libs.items() if lib == "torchattacks"} == {"fgsm", "pgd20", "cw_l2", "mifgsm", "deepfool", "eot_pgd"}
+    assert {n for n, lib in libs.items() if lib == "torchattacks"} == {
+        "fgsm",
+        "pgd20",
+        "cw_l2",
+        "mifgsm",
+        "deepfool",
+        "eot_pgd",
+    }
     assert {n for n, lib in libs.items() if lib == "pyautoattack"} == {"autoattack", "autoattack_rand"}
     assert {n for n, lib in libs.items() if lib == "rna_core"} == {"natural", "cw_inf"}
     # threat models: bounded L-inf with eps, or unbounded
@@ -113,8 +137,13 @@ def test_protocol_outputs_stay_in_the_threat_model(protocol):
     random_model = rna_core.create_model("small_cnn", norm="bn,gns:1").eval()
     data = low_contrast(make_synthetic(8, seed=1, split="test"))
     x, y = data.images.float() / 255, data.labels
-    for name, settings in [("pgd20", dict(steps=4)), ("mifgsm", dict(steps=4)), ("cw_inf", dict(steps=4)),
-                           ("deepfool", dict(steps=3)), ("autoattack", {})]:
+    for name, settings in [
+        ("pgd20", dict(steps=4)),
+        ("mifgsm", dict(steps=4)),
+        ("cw_inf", dict(steps=4)),
+        ("deepfool", dict(steps=3)),
+        ("autoattack", {}),
+    ]:
         attack = get_attack(name, **settings)
         out = run_protocol(random_model, x, y, attack, protocol, seed=3, eot_iter=2)
         assert bool(attack.threat.contains(out.x_adv, x).all()) and out.x_adv.min() >= 0 and out.x_adv.max() <= 1

@@ -7,8 +7,8 @@ the full-size figures live in docs/benchmarks.md.
 from __future__ import annotations
 
 import json
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 from bench import at_step, common, eval_precision, gpu, norm_layout, vs_reference_loop, vs_torchattacks  # noqa: E402
 from rna_core import create_model  # noqa: E402
 from rna_core.config import AttackConfig, TrainConfig  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _restore_threads():
@@ -72,9 +73,14 @@ def test_median_interval_uses_order_statistics_with_the_stated_coverage():
 
 
 def test_report_prints_the_headline_interval(capsys):
-    slow, fast = common.Timing("slow", 4, [2.0, 4.0, 3.0, 2.2, 2.4]), common.Timing("fast", 4, [1.0, 1.0, 2.0, 1.1, 1.0])
+    slow, fast = (
+        common.Timing("slow", 4, [2.0, 4.0, 3.0, 2.2, 2.4]),
+        common.Timing("fast", 4, [1.0, 1.0, 2.0, 1.1, 1.0]),
+    )
     rounds = common.paired_ratios(slow, fast)
-    result = common.report("x", [], {"slow": slow, "fast": fast}, "slow/fast", common.paired_ratio(slow, fast), ">= 1", True, rounds=rounds)
+    result = common.report(
+        "x", [], {"slow": slow, "fast": fast}, "slow/fast", common.paired_ratio(slow, fast), ">= 1", True, rounds=rounds
+    )
     assert result["ratio_interval"] == {"low": 1.5, "high": 4.0, "coverage": pytest.approx(1 - 2 / 32)}
     assert "[1.500, 4.000], coverage 93.8%" in capsys.readouterr().out
 
@@ -88,8 +94,19 @@ def test_at_step_tiny(capsys, tmp_path):
 
 
 def test_at_step_bf16_reports_the_bf16_step_headlines(capsys, tmp_path):
-    argv = ["--model", "small_cnn", "--batch", "4", "--pgd-steps", "2", "--amp-bf16", "--channels-last", *TINY,
-            "--json", str(tmp_path / "r.json")]
+    argv = [
+        "--model",
+        "small_cnn",
+        "--batch",
+        "4",
+        "--pgd-steps",
+        "2",
+        "--amp-bf16",
+        "--channels-last",
+        *TINY,
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
     result = at_step.main(argv)
     out = capsys.readouterr().out
     _check_printed(out, "at_step", result)
@@ -163,6 +180,7 @@ def test_gpu_flop_count_matches_the_attack_and_update_passes():
     assert 0.55 < attack_pass / update < 0.8, (update, attack_pass)
 
 
+@pytest.mark.slow  # runs bench/gpu.sh as a process and trains a few steps
 def test_gpu_sh_runs_on_cpu_tiny_without_ray_mlflow_or_attack_libraries(tmp_path):
     """bench/gpu.sh as on the bare GPU machine: those packages are made unimportable."""
     blocked = tmp_path / "blocked"
@@ -172,9 +190,26 @@ def test_gpu_sh_runs_on_cpu_tiny_without_ray_mlflow_or_attack_libraries(tmp_path
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(blocked), OMP_NUM_THREADS="1")
     out_json = tmp_path / "gpu.json"
     proc = subprocess.run(
-        ["bash", str(REPO / "bench" / "gpu.sh"), "--device", "cpu", "--tiny", "--variants", "fp32,bf16_cl",
-         "--peak-tflops", "1", "--threads", "1", "--json", str(out_json)],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+        [
+            "bash",
+            str(REPO / "bench" / "gpu.sh"),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--variants",
+            "fp32,bf16_cl",
+            "--peak-tflops",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out_json),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "command: PYTHONPATH=. python bench/gpu.py --device cpu --tiny" in proc.stdout
@@ -205,13 +240,37 @@ def test_eval_precision_tiny_runs_both_precisions_on_the_same_units(capsys, tmp_
     cfg = load_config(None, ["model.name=small_cnn", "model.norm=bn,gns:1", "data.dataset=cifar10"])
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "ckpt.pt", create_model("small_cnn", norm="bn,gns:1"), config=cfg)
-    result = eval_precision.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--data-dir", str(tmp_path), "--limit", "16",
-                                  "--batch", "8", "--units", "pgd20:transfer,eot_pgd:eot", "--eot-iter", "2", "--threads", "1"])
+    result = eval_precision.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "ckpt.pt"),
+            "--data-dir",
+            str(tmp_path),
+            "--limit",
+            "16",
+            "--batch",
+            "8",
+            "--units",
+            "pgd20:transfer,eot_pgd:eot",
+            "--eot-iter",
+            "2",
+            "--threads",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     _check_printed(out, "eval_precision", result)
-    assert set(result["timings"]) == {"fp32 pgd20:transfer", "bf16 pgd20:transfer", "fp32 eot_pgd:eot", "bf16 eot_pgd:eot"}
+    assert set(result["timings"]) == {
+        "fp32 pgd20:transfer",
+        "bf16 pgd20:transfer",
+        "fp32 eot_pgd:eot",
+        "bf16 eot_pgd:eot",
+    }
     assert all(len(t["seconds"]) == 2 for t in result["timings"].values())  # 2 batches each
-    assert "bf16 - fp32 = " in result["extra"]["accuracy pgd20:transfer"] and "on 16 images" in result["extra"]["accuracy eot_pgd:eot"]
+    assert (
+        "bf16 - fp32 = " in result["extra"]["accuracy pgd20:transfer"]
+        and "on 16 images" in result["extra"]["accuracy eot_pgd:eot"]
+    )
     assert set(result["headlines"]) == {"speed pgd20:transfer", "speed eot_pgd:eot"}
 
 
@@ -219,6 +278,11 @@ def test_norm_layout_tiny_times_both_ways(capsys):
     result = norm_layout.main(["--batch", "2", "--stages", "1", "--group-channels", "1,16", *TINY])
     out = capsys.readouterr().out
     _check_printed(out, "norm_layout", result)
-    assert set(result["timings"]) == {"gn C=64 D=1 channels_last", "gn C=64 D=1 via_contiguous", "gn C=64 D=16 channels_last",
-                                      "gn C=64 D=16 via_contiguous", "bn C=64 channels_last"}
+    assert set(result["timings"]) == {
+        "gn C=64 D=1 channels_last",
+        "gn C=64 D=1 via_contiguous",
+        "gn C=64 D=16 channels_last",
+        "gn C=64 D=16 via_contiguous",
+        "bn C=64 channels_last",
+    }
     assert "C=64 D=16: channels_last / via_contiguous" in result["extra"]

@@ -19,6 +19,7 @@ def no_ray_left():
         ray.shutdown()
 
 
+@pytest.mark.slow  # starts Ray
 def test_ray_overhead_tiny(tmp_path, capsys):
     out = tmp_path / "ro.json"
     result = ray_overhead.main(["--tiny", "--json", str(out)])
@@ -35,6 +36,7 @@ def test_ray_overhead_tiny(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+@pytest.mark.slow  # starts Ray
 def test_eval_fanout_tiny(capsys):
     result = eval_fanout.main(["--tiny"])
     text = capsys.readouterr().out
@@ -50,8 +52,11 @@ def test_eval_fanout_tiny(capsys):
         assert int(n) == 32 and 0 <= int(correct) <= 32
     assert not ray.is_initialized()
     assert result["ratio_name"] == "seq_1thread/fanout_2x1cpu (speedup)"
-    for key in ("speedup seq_2threads/fanout", "bound on seq_2threads/fanout with 2 cores",
-                "fan-out parallel efficiency (seq_1thread / cores / fanout)"):
+    for key in (
+        "speedup seq_2threads/fanout",
+        "bound on seq_2threads/fanout with 2 cores",
+        "fan-out parallel efficiency (seq_1thread / cores / fanout)",
+    ):
         assert float(extra[key]) > 0
 
 

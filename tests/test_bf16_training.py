@@ -70,12 +70,20 @@ def _data() -> tuple[ImageTensorDataset, ImageTensorDataset, str]:
     return train, test, "synthetic"
 
 
-def train_and_score(train: ImageTensorDataset, test: ImageTensorDataset, fast: bool, seed: int = 0, epochs: int = 4) -> dict[str, float]:
+def train_and_score(
+    train: ImageTensorDataset, test: ImageTensorDataset, fast: bool, seed: int = 0, epochs: int = 4
+) -> dict[str, float]:
     """Train small_cnn (RNA) from `seed` in fp32 or bf16 + channels_last; score it in fp32."""
     flag = "true" if fast else "false"
     cfg = TrainConfig(
-        mode="blackbox", lr=0.05, epochs=epochs, weight_decay=5e-4, schedule="constant",
-        attack=AttackConfig(steps=3, step_size=8 / 3), amp_bf16=flag, channels_last=flag,
+        mode="blackbox",
+        lr=0.05,
+        epochs=epochs,
+        weight_decay=5e-4,
+        schedule="constant",
+        attack=AttackConfig(steps=3, step_size=8 / 3),
+        amp_bf16=flag,
+        channels_last=flag,
     )
     torch.manual_seed(seed)
     model = rna_core.create_model("small_cnn", norm="bn,gns:1")

@@ -22,7 +22,9 @@ def test_round_trip_restores_everything(tmp_path):
     opt.step()
     sched.step()
     gen = torch.Generator().manual_seed(3)
-    path = save_checkpoint(tmp_path / "ck.pt", model, opt, sched, epoch=2, config=cfg, rng_state={"paths": gen.get_state()})
+    path = save_checkpoint(
+        tmp_path / "ck.pt", model, opt, sched, epoch=2, config=cfg, rng_state={"paths": gen.get_state()}
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left behind
     model2, _, opt2, sched2 = _setup()
     payload = load_checkpoint(path, model2, opt2, sched2)
@@ -46,6 +48,7 @@ def test_mismatching_model_is_refused(tmp_path, other):
     with pytest.raises(CheckpointMismatchError) as err:
         load_checkpoint(path, wrong)
     assert "does not match" in str(err.value) and "\n" not in str(err.value)
+    assert "build the model the checkpoint was trained with" in str(err.value)
     assert all(torch.equal(before[k], v) for k, v in wrong.state_dict().items())
 
 
@@ -77,7 +80,9 @@ def test_a_resumed_run_follows_the_new_config_not_the_saved_optimizer(tmp_path, 
     from rna_core.optim import apply_config_on_resume, lr_factor
 
     old = TrainConfig(epochs=4, lr=0.1)
-    new = {"none": old, "epochs": TrainConfig(epochs=8, lr=0.1), "lr": TrainConfig(epochs=4, lr=0.05, momentum=0.5)}[change]
+    new = {"none": old, "epochs": TrainConfig(epochs=8, lr=0.1), "lr": TrainConfig(epochs=4, lr=0.05, momentum=0.5)}[
+        change
+    ]
     model = create_model("small_cnn", norm="bn")
     opt = build_optimizer(model, old)
     sched = build_scheduler(opt, old)
@@ -95,3 +100,110 @@ def test_a_resumed_run_follows_the_new_config_not_the_saved_optimizer(tmp_path, 
     assert opt2.param_groups[0]["momentum"] == new.momentum
     if change == "none":  # an unchanged resume is exactly the uninterrupted schedule
         assert got == [0.1 * lr_factor(old, e) for e in range(2, 4)]
+
+
+# Identities exactly as the code before issue 13 wrote them (recorded from commit ad3741b), for
+# models whose layers changed: the WRN/PreAct final norm became plain BatchNorm, the PreAct
+# projection shortcut reads the raw block input, `in` became nn.InstanceNorm2d, `bgn`/`bgns` took
+# the official numerics. Each must be refused by name, before any weight is copied.
+OLD_IDENTITIES_OF_CHANGED_MODELS = [
+    (
+        {"model": "wrn16_2", "num_classes": 10, "method": "rna", "norm": "bn,gns:1"},
+        "final_norm: checkpoint None vs model 'bn'",
+    ),
+    (
+        {"model": "wrn16_2", "num_classes": 10, "method": "rna", "norm": "gn:8"},
+        "final_norm: checkpoint None vs model 'bn'",
+    ),
+    (
+        {"model": "preact_resnet18", "num_classes": 10, "method": "rna", "norm": "bn,gns:1"},
+        "shortcut: checkpoint None vs model 'block_input'",
+    ),
+    (
+        {
+            "model": "preact_resnet18",
+            "num_classes": 10,
+            "method": "rpt",
+            "norm": "bn",
+            "precisions": "4,8",
+            "quantizer": "dwq",
+        },
+        "shortcut: checkpoint None vs model 'block_input'",
+    ),
+    (
+        {"model": "small_cnn", "num_classes": 10, "method": "rna", "norm": "bn,in"},
+        "norm_versions: checkpoint None vs model 'in=2'",
+    ),
+    (
+        {"model": "small_cnn", "num_classes": 10, "method": "rna", "norm": "bn,bgn:8"},
+        "norm_versions: checkpoint None vs model 'bgn=2'",
+    ),
+    (
+        {"model": "small_cnn", "num_classes": 10, "method": "rna", "norm": "bgns:4"},
+        "norm_versions: checkpoint None vs model 'bgns=2'",
+    ),
+]
+# Models that did not change keep their identity: their checkpoints still load.
+OLD_IDENTITIES_OF_UNCHANGED_MODELS = [
+    {"model": "small_cnn", "num_classes": 10, "method": "rna", "norm": "bn,gns:1"},
+    {"model": "resnet18", "num_classes": 10, "method": "rna", "norm": "bn,gns:1"},
+    {"model": "wrn16_2", "num_classes": 10, "method": "rpt", "norm": "bn", "precisions": "4,8", "quantizer": "dwq"},
+]
+
+
+def _model_for(identity):
+    options = {"precisions": identity["precisions"]} if identity["method"] == "rpt" else {}
+    torch.manual_seed(0)
+    return create_model(
+        identity["model"],
+        num_classes=identity["num_classes"],
+        norm=identity["norm"],
+        method=identity["method"],
+        **options,
+    )
+
+
+def _with_identity(tmp_path, model, identity):
+    path = save_checkpoint(tmp_path / "new.pt", model)
+    payload = torch.load(path, weights_only=True)
+    payload["identity"] = identity
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    return old
+
+
+@pytest.mark.parametrize(
+    "identity, needle", OLD_IDENTITIES_OF_CHANGED_MODELS, ids=lambda v: v["norm"] if isinstance(v, dict) else None
+)
+def test_checkpoints_of_changed_models_are_refused_by_name(tmp_path, identity, needle):
+    written = _model_for(identity)
+    old = _with_identity(tmp_path, written, identity)
+    target = _model_for(identity)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_checkpoint(old, target)
+    msg = str(err.value)
+    assert (
+        needle in msg
+        and "\n" not in msg
+        and msg.endswith(
+            "written before this code changed the model, so its weights do not fit today's layers; retrain it"
+        )
+    ), msg
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+@pytest.mark.parametrize("identity", OLD_IDENTITIES_OF_UNCHANGED_MODELS, ids=lambda v: f"{v['model']}-{v['method']}")
+def test_checkpoints_of_unchanged_models_still_load(tmp_path, identity):
+    written = _model_for(identity)
+    assert written.rna_spec == identity
+    old = _with_identity(tmp_path, written, identity)
+    target = _model_for(identity)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(1.0)
+    load_checkpoint(old, target)
+    assert all(torch.equal(a, b) for a, b in zip(written.state_dict().values(), target.state_dict().values()))

@@ -1,5 +1,3 @@
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +20,14 @@ def test_defaults_are_the_paper_recipe():
 
 def test_flatten_round_trip_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump({"model": {"name": "small_cnn", "norm": "bn,in"}, "train": {"epochs": 3, "attack": {"steps": 2}}}))
-    cfg = load_config(str(p), ["train.lr=0.05", "train.milestones=[0.3,0.6]", "data.data_dir=null", "train.sampling=far:0.5"])
+    p.write_text(
+        yaml.safe_dump(
+            {"model": {"name": "small_cnn", "norm": "bn,in"}, "train": {"epochs": 3, "attack": {"steps": 2}}}
+        )
+    )
+    cfg = load_config(
+        str(p), ["train.lr=0.05", "train.milestones=[0.3,0.6]", "data.data_dir=null", "train.sampling=far:0.5"]
+    )
     assert cfg.model.name == "small_cnn" and cfg.train.epochs == 3 and cfg.train.attack.steps == 2
     assert cfg.train.lr == 0.05 and cfg.train.milestones == (0.3, 0.6) and cfg.train.sampling == "far:0.5"
     flat = flatten(cfg)
@@ -86,3 +90,16 @@ def test_every_preset_loads():
         if isinstance(data, dict) and "sweep" in data:
             continue  # sweep presets have their own loader
         load_config(str(preset))
+
+
+def test_a_file_that_is_not_a_mapping_and_an_empty_spec_are_one_line_config_errors(tmp_path):
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- model\n- data\n")
+    for path in ("/etc/passwd", str(listed)):
+        with pytest.raises(ConfigError, match=f"config file '{path}' does not hold a config") as info:
+            load_config(path)
+        assert "\n" not in str(info.value)
+    for space in ("bn,,in", "bn,in,", ",bn"):
+        with pytest.raises(ConfigError, match="has an empty spec between commas"):
+            load_config(None, [f"model.norm={space}"])
+    assert load_config(None, ["model.norm=bn, in"]).model.norm == "bn, in"  # spaces around specs are fine

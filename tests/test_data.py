@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -251,10 +250,14 @@ def test_load_dataset_resolution(tmp_path: Path) -> None:
 def _prepare(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(REPO / "jobs" / "prepare_data.py"), *args],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
 
 
+@pytest.mark.slow  # runs the job as a process (twice)
 def test_prepare_data_bad_dataset(tmp_path: Path) -> None:
     res = _prepare("--dataset", "mnist", "--out", str(tmp_path / "out"))
     assert res.returncode == 2

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import low_contrast, train_small_cnn
 
 import rna_core
 import rna_core.paths as paths_module
@@ -39,7 +40,6 @@ from rna_core.evaluation import (
     unit_seed,
     write_rows_parquet,
 )
-from helpers import low_contrast, train_small_cnn
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +112,21 @@ def test_the_scoring_path_never_depends_on_the_attack_path_even_under_far(random
     overlaps = []
     for seed in range(6):
         far = run_protocol(random_model, x, y, get_attack("pgd20", steps=2), "transfer", seed=seed, strategy="far:1.0")
-        uniform = run_protocol(random_model, x, y, get_attack("pgd20", steps=2), "transfer", seed=seed, strategy="uniform")
-        assert (far.attack_path, far.score_path, far.correct) == (uniform.attack_path, uniform.score_path, uniform.correct)
+        uniform = run_protocol(
+            random_model, x, y, get_attack("pgd20", steps=2), "transfer", seed=seed, strategy="uniform"
+        )
+        assert (far.attack_path, far.score_path, far.correct) == (
+            uniform.attack_path,
+            uniform.score_path,
+            uniform.correct,
+        )
         overlaps.append(len(far.score_path) - far.attack_path.differences(far.score_path))
     assert max(overlaps) > 0  # some scoring path shares a layer with its attack path: no complement
-    # evaluate_pgd (the per-epoch metric) follows the same rule.
+    # rna_core.training.evaluate_pgd (the in-process PGD evaluation of the training module) follows the same rule.
     batches = [xy(test_data, 8)]
-    assert rna_core.training.evaluate_pgd(random_model, batches, rna_core.PathSampler("far:1.0", seed=3), steps=2) == \
-        rna_core.training.evaluate_pgd(random_model, batches, rna_core.PathSampler("uniform", seed=3), steps=2)
+    assert rna_core.training.evaluate_pgd(
+        random_model, batches, rna_core.PathSampler("far:1.0", seed=3), steps=2
+    ) == rna_core.training.evaluate_pgd(random_model, batches, rna_core.PathSampler("uniform", seed=3), steps=2)
 
 
 def test_fixed_path_scores_on_the_attacked_path(random_model, test_data, count_draws):
@@ -209,7 +216,9 @@ def test_autoattack_leaves_no_example_unperturbed_when_another_path_scores():
         unperturbed[protocol] = int((distance == 0).sum())
         pgd = run_protocol(model, x, y, get_attack("pgd20"), protocol, seed=2, eot_iter=2)
         if protocol != "fixed-path":
-            assert out.correct <= pgd.correct + 2, f"{name} under {protocol}: {out.correct} correct vs PGD-20's {pgd.correct}"
+            assert out.correct <= pgd.correct + 2, (
+                f"{name} under {protocol}: {out.correct} correct vs PGD-20's {pgd.correct}"
+            )
     assert unperturbed["transfer"] == 0 and unperturbed["eot"] == 0
     assert unperturbed["fixed-path"] > 0  # AutoAttack's own rule: clean-misclassified examples stay clean
 
@@ -237,7 +246,10 @@ def test_protocols_coincide_for_a_model_without_random_layers(test_data):
     x, y = xy(test_data, 32)
     for name in ("fgsm", "pgd20"):
         attack = get_attack(name, steps=5) if name == "pgd20" else get_attack(name)
-        outs = {p: run_protocol(plain, x, y, attack, p, seed=2, eot_iter=3) for p in ("transfer", "fixed-path", "eot", "early-stop")}
+        outs = {
+            p: run_protocol(plain, x, y, attack, p, seed=2, eot_iter=3)
+            for p in ("transfer", "fixed-path", "eot", "early-stop")
+        }
         for p in ("fixed-path", "eot"):
             assert torch.equal(outs[p].x_adv, outs["transfer"].x_adv) and outs[p].correct == outs["transfer"].correct
         assert outs["early-stop"].correct == outs["transfer"].correct
@@ -254,7 +266,17 @@ def test_robust_accuracy_under_pgd20_is_below_clean_accuracy(test_data):
 
 
 def test_batch_seeds_make_a_sharded_run_equal_to_a_sequential_one(random_model, test_data):
-    rows = evaluate_model(random_model, test_data, attacks=["fgsm"], protocols=["transfer", "eot"], trials=2, seed=5, batch_size=16, eot_iter=2, progress=False)
+    rows = evaluate_model(
+        random_model,
+        test_data,
+        attacks=["fgsm"],
+        protocols=["transfer", "eot"],
+        trials=2,
+        seed=5,
+        batch_size=16,
+        eot_iter=2,
+        progress=False,
+    )
     batches = list(BatchIterator(test_data, 16, shuffle=False, seed=0))
     units = [(t, b, p) for t in range(2) for b in range(len(batches)) for p in ("transfer", "eot")]
     random.Random(0).shuffle(units)  # any worker, any order
@@ -273,7 +295,7 @@ def test_batch_seeds_make_a_sharded_run_equal_to_a_sequential_one(random_model, 
 
 def test_bad_evaluation_input_is_a_config_error(random_model, test_data):
     x, y = xy(test_data, 4)
-    with pytest.raises(ConfigError, match="valid protocols: transfer, early-stop, fixed-path, eot"):
+    with pytest.raises(ConfigError, match="valid protocols: transfer, transfer-raw, early-stop, fixed-path, eot"):
         run_protocol(random_model, x, y, "fgsm", "whitebox", seed=0)
     with pytest.raises(ConfigError, match="unknown meta field"):
         evaluate_model(random_model, test_data, attacks=["fgsm"], meta={"runid": "x"}, progress=False)
@@ -287,13 +309,32 @@ def test_bad_evaluation_input_is_a_config_error(random_model, test_data):
 def make_rows() -> list[ResultRow]:
     rows = []
     for method, base in (("rna", 0.8), ("natural", 0.9)):
-        for attack, eps, drop in (("natural", 0.0, 0.0), ("fgsm", 8.0, 0.3), ("pgd20", 8.0, 0.4), ("deepfool", None, 0.5), ("eot_pgd", 8.0, 0.6)):
+        for attack, eps, drop in (
+            ("natural", 0.0, 0.0),
+            ("fgsm", 8.0, 0.3),
+            ("pgd20", 8.0, 0.4),
+            ("deepfool", None, 0.5),
+            ("eot_pgd", 8.0, 0.6),
+        ):
             for protocol in ("transfer", "eot"):
                 for trial in range(3):
                     correct = int(round(1000 * (base - drop))) - 7 * trial
-                    rows.append(ResultRow.make(run_id="r1", model="resnet18", method=method, dataset="cifar10", attack=attack,
-                                               protocol=protocol, eps=eps, trial=trial, seed=10 + trial, n=1000,
-                                               correct=correct, seconds=1.5))
+                    rows.append(
+                        ResultRow.make(
+                            run_id="r1",
+                            model="resnet18",
+                            method=method,
+                            dataset="cifar10",
+                            attack=attack,
+                            protocol=protocol,
+                            eps=eps,
+                            trial=trial,
+                            seed=10 + trial,
+                            n=1000,
+                            correct=correct,
+                            seconds=1.5,
+                        )
+                    )
     return rows
 
 
@@ -304,7 +345,21 @@ def test_parquet_round_trip_and_merge_without_duplicates(tmp_path):
     back = read_rows_parquet(path)
     assert back == rows
     table = pq.read_table(path)
-    assert table.column_names == ["run_id", "model", "method", "dataset", "attack", "protocol", "eps", "trial", "seed", "n", "correct", "accuracy", "seconds"]
+    assert table.column_names == [
+        "run_id",
+        "model",
+        "method",
+        "dataset",
+        "attack",
+        "protocol",
+        "eps",
+        "trial",
+        "seed",
+        "n",
+        "correct",
+        "accuracy",
+        "seconds",
+    ]
     assert table.column("eps").null_count == 12  # deepfool: unbounded
     # merging: a re-run replaces rows with the same key, new rows are added
     changed = dataclasses.replace(rows[0], correct=1, accuracy=0.001)
@@ -327,7 +382,10 @@ def test_method_label_tells_plain_norms_spaces_and_precision_sets_apart():
     assert method_label(rna_core.create_model("small_cnn", norm="bn").rna_spec) == "bn"
     assert method_label(rna_core.create_model("small_cnn", norm="gn:2").rna_spec) == "gn:2"
     assert method_label(rna_core.create_model("small_cnn", norm="bn,gns:1").rna_spec) == "rna(bn,gns:1)"
-    assert method_label(rna_core.create_model("small_cnn", method="rpt", norm="bn", precisions="4-8").rna_spec) == "rpt(4-8)"
+    assert (
+        method_label(rna_core.create_model("small_cnn", method="rpt", norm="bn", precisions="4-8").rna_spec)
+        == "rpt(4-8)"
+    )
     assert method_label({}) == "none"
 
 
@@ -337,7 +395,9 @@ def test_a_bn_baseline_and_an_rna_model_get_their_own_table_rows(random_model, t
     bn_model = rna_core.create_model("small_cnn", norm="bn").eval()
     rows = []
     for model in (random_model, bn_model):
-        rows += evaluate_model(model, test_data, attacks=["fgsm"], protocols=["transfer"], batch_size=32, progress=False)
+        rows += evaluate_model(
+            model, test_data, attacks=["fgsm"], protocols=["transfer"], batch_size=32, progress=False
+        )
     assert {r.method for r in rows} == {"rna(bn,gns:1)", "bn"}
     body = paper_table(rows, "transfer").splitlines()[2:]
     assert sorted(line.split("|")[2].strip() for line in body) == ["bn", "rna(bn,gns:1)"]
@@ -349,7 +409,9 @@ def test_a_bn_baseline_and_an_rna_model_get_their_own_table_rows(random_model, t
 
 def test_two_runs_with_the_same_label_are_not_averaged_into_one_row():
     rows = [r for r in make_rows() if r.method == "rna"]
-    other = [dataclasses.replace(r, run_id="run-two-abcdef", correct=r.correct // 2, accuracy=r.accuracy / 2) for r in rows]
+    other = [
+        dataclasses.replace(r, run_id="run-two-abcdef", correct=r.correct // 2, accuracy=r.accuracy / 2) for r in rows
+    ]
     body = paper_table(rows + other, "transfer").splitlines()[2:]
     assert sorted(line.split("|")[2].strip() for line in body) == ["rna [r1]", "rna [run-two-]"]
     clean = {line.split("|")[2].strip(): line.split("|")[3].strip() for line in body}
@@ -362,7 +424,15 @@ def test_markdown_table_has_the_papers_columns_one_table_per_protocol():
     table = paper_table(rows, "transfer")
     lines = table.splitlines()
     assert lines[0] == "| Model | Method | Natural | FGSM | PGD20 | CW | MIFGSM | DeepFool | AutoAttack | EOT-PGD |"
-    assert [label for label, _ in PAPER_COLUMNS] == ["Natural", "FGSM", "PGD20", "CW", "MIFGSM", "DeepFool", "AutoAttack"]
+    assert [label for label, _ in PAPER_COLUMNS] == [
+        "Natural",
+        "FGSM",
+        "PGD20",
+        "CW",
+        "MIFGSM",
+        "DeepFool",
+        "AutoAttack",
+    ]
     by_method = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:-1]] for line in lines[2:]}
     # rna: natural 800, 793, 786 of 1000 over three trials -> mean 79.30 %; CW, MIFGSM, AutoAttack not run
     assert by_method["rna"] == ["79.30", "49.30", "39.30", "-", "-", "29.30", "-", "19.30"]
@@ -379,7 +449,16 @@ def test_markdown_table_has_the_papers_columns_one_table_per_protocol():
 
 
 def test_stability_statistics_are_computed_over_the_trials_rows(random_model, test_data):
-    rows = evaluate_model(random_model, test_data, attacks=["fgsm"], protocols=["transfer"], trials=3, seed=1, batch_size=32, progress=False)
+    rows = evaluate_model(
+        random_model,
+        test_data,
+        attacks=["fgsm"],
+        protocols=["transfer"],
+        trials=3,
+        seed=1,
+        batch_size=32,
+        progress=False,
+    )
     assert sorted({r.seed for r in rows}) == [1, 2, 3]  # distinct seeds per trial
     stats = {s.attack: s for s in stability(rows)}
     for attack, s in stats.items():
@@ -428,9 +507,74 @@ def test_path_analysis_saves_data_and_plots(random_model, test_data, tmp_path):
     assert len(set(matrix.paths)) == 3 and matrix.n == 32
     for i, path in enumerate(matrix.paths):  # the diagonal is the white-box (fixed-path) accuracy
         x, y = batches[0]
-        white = run_protocol(random_model, x, y, fgsm, "fixed-path", seed=unit_seed(0, "matrix", 0, i), strategy=f"fixed:{path}")
+        white = run_protocol(
+            random_model, x, y, fgsm, "fixed-path", seed=unit_seed(0, "matrix", 0, i), strategy=f"fixed:{path}"
+        )
         assert matrix.correct[i][i] == white.correct
     files = save_transfer_matrix(matrix, tmp_path / "matrix", attack="fgsm")
     assert len(pq.read_table(files["parquet"])) == 9
     for png in (tmp_path / "dist" / "accuracy_vs_distance.png", tmp_path / "matrix" / "transfer_matrix.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def _one_path_labels(n: int = 12):
+    """An untrained RNA model and labels taken from one of its paths: other paths misclassify many
+    examples, so attacks that judge on the attack path hand some back unperturbed."""
+    torch.manual_seed(0)
+    model = rna_core.create_model("small_cnn", norm="bn,gns:1").eval()
+    x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    rna_core.set_path(model, "0000")
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y
+
+
+def test_one_unperturbed_rule_for_every_attack_under_transfer_and_eot():
+    """torchattacks' CW returns the clean input for every example it never misclassified and DeepFool
+    for every example misclassified from the start (RNA's evaluate.py scores those outputs on a fresh
+    path). Under transfer and eot no example may be scored unperturbed, for any attack: each gets
+    APGD-CE's highest-loss point inside the attack's threat model (L2 radius fill_eps for unbounded
+    L2 attacks), and the examples the attack did perturb keep the attack's own point."""
+    model, x, y = _one_path_labels()
+    cases = [("cw_l2", dict(steps=5)), ("deepfool", dict(steps=3)), ("autoattack", {}), ("fgsm", {})]
+    for name, settings in cases:
+        attack = get_attack(name, **settings)
+        raw = run_protocol(model, x, y, attack, "transfer-raw", seed=2, eot_iter=2)
+        for protocol in ("transfer", "eot"):
+            out = run_protocol(model, x, y, attack, protocol, seed=2, eot_iter=2)
+            dist = attack.threat.distance(out.x_adv, x)
+            assert int((dist <= 1e-5).sum()) == 0, f"{name} under {protocol}: {int((dist <= 1e-5).sum())} unperturbed"
+            assert out.x_adv.min() >= 0 and out.x_adv.max() <= 1
+            bound = attack.eps if attack.eps is not None else attack.settings["fill_eps"]
+            left = attack.threat.distance(raw.x_adv, x) <= 1e-5
+            if bool(left.any()):
+                assert float(dist[left].max()) <= bound + 1e-5, name  # fills stay in the budget
+            if protocol == "transfer":  # same seeds: only the unperturbed examples changed
+                assert torch.equal(out.x_adv[~left], raw.x_adv[~left]), name
+                assert out.attack_path == raw.attack_path and out.score_path == raw.score_path
+        if name in ("cw_l2", "deepfool"):
+            assert int(left.sum()) > 0, f"the test needs {name} to hand back clean inputs under transfer-raw"
+
+
+def test_transfer_raw_is_transfer_for_attacks_that_perturb_every_example(random_model, test_data):
+    x, y = xy(test_data, 16)
+    pgd = get_attack("pgd20", steps=3)
+    a = run_protocol(random_model, x, y, pgd, "transfer", seed=5)
+    b = run_protocol(random_model, x, y, pgd, "transfer-raw", seed=5)
+    assert torch.equal(a.x_adv, b.x_adv) and a.correct == b.correct and a.score_path == b.score_path
+    natural = get_attack("natural")
+    assert torch.equal(run_protocol(random_model, x, y, natural, "transfer", seed=5).x_adv, x)  # natural stays clean
+
+
+def test_early_stop_is_attributed_to_double_win_quant_not_to_the_rna_code():
+    """Double-Win Quant's CIFAR/utils.py attack_pgd stops attacking an example once it is
+    misclassified; RNA's utils.py attack_pgd attacks every example every step. The docs must say so."""
+    from pathlib import Path
+
+    import rna_core.evaluation.protocols as protocols
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for text in (protocols.__doc__, readme):
+        line = next(line for line in text.splitlines() if "early-stop" in line and "(" in line)
+        assert "the paper's adaptive setting" not in text and "(its adaptive setting)" not in text
+        assert "Double-Win Quant" in text[text.index(line) : text.index(line) + 400], line

@@ -106,25 +106,68 @@ def test_ray_job_submit_runs_smoke_preset_to_succeeded():
         )
         with open(tmp / "head.log", "w") as log:
             head = subprocess.Popen(
-                [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                 f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client_port}",
-                 f"--dashboard-agent-listen-port={agent}", "--num-cpus=2", f"--temp-dir={tmp}/ray"],
-                env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    RAY,
+                    "start",
+                    "--head",
+                    "--block",
+                    "--node-ip-address=127.0.0.1",
+                    f"--port={gcs}",
+                    f"--dashboard-port={dash}",
+                    "--dashboard-host=127.0.0.1",
+                    f"--ray-client-server-port={client_port}",
+                    f"--dashboard-agent-listen-port={agent}",
+                    "--num-cpus=2",
+                    f"--temp-dir={tmp}/ray",
+                ],
+                env=env,
+                cwd=tmp,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         _wait_for_dashboard(dash, head)
 
         sid = f"rna-test-{uuid.uuid4().hex[:8]}"
         submit = subprocess.run(
-            [RAY, "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--submission-id={sid}", "--working-dir", ".",
-             "--", "python", "jobs/train.py", "--config", "configs/smoke.yaml",
-             "--set", f"data.data_dir={tmp}/data", "--set", "data.eval_limit=64", "--set", "train.attack.steps=1",
-             "--set", "train.eval_pgd_steps=2", "--set", "mlflow.run_name=submitted"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=420,
+            [
+                RAY,
+                "job",
+                "submit",
+                f"--address=http://127.0.0.1:{dash}",
+                f"--submission-id={sid}",
+                "--working-dir",
+                ".",
+                "--",
+                "python",
+                "jobs/train.py",
+                "--config",
+                "configs/smoke.yaml",
+                "--set",
+                f"data.data_dir={tmp}/data",
+                "--set",
+                "data.eval_limit=64",
+                "--set",
+                "train.attack.steps=1",
+                "--set",
+                "train.eval_pgd_steps=2",
+                "--set",
+                "mlflow.run_name=submitted",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=420,
         )
         out = submit.stdout + submit.stderr
         status = subprocess.run(
             [RAY, "job", "status", f"--address=http://127.0.0.1:{dash}", sid],
-            cwd=tmp, env=env, capture_output=True, text=True, timeout=60,
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert "succeeded" in (status.stdout + status.stderr).lower(), (status.stdout, status.stderr, out[-4000:])
         assert submit.returncode == 0, out[-4000:]
@@ -138,7 +181,8 @@ def test_ray_job_submit_runs_smoke_preset_to_succeeded():
         runs = client.search_runs([exp.experiment_id])
         assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_name == "submitted"
         assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")) == [1, 2]
-        assert 0.0 <= runs[0].data.metrics["final_eot_pgd_acc"] <= 1.0
+        assert 0.0 <= runs[0].data.metrics["acc_eot_pgd_steps2_eot"] <= 1.0  # eval_pgd_steps=2 is in the name
+        assert "pgd2_acc" in runs[0].data.metrics and "pgd20_acc" not in runs[0].data.metrics
         assert runs[0].data.params["data.data_dir"] == f"{tmp}/data"
     finally:
         if head is not None:

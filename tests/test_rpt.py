@@ -10,10 +10,19 @@ import torch
 import torch.nn.functional as F
 
 import rna_core
-from rna_core import ConfigError, CheckpointMismatchError, Path, count_paths, create_model, get_path, random_layers, set_path
+from rna_core import (
+    CheckpointMismatchError,
+    ConfigError,
+    Path,
+    count_paths,
+    create_model,
+    get_path,
+    random_layers,
+    set_path,
+)
 from rna_core.builders import effective_train_config, model_from_config
 from rna_core.checkpoint import load_checkpoint, save_checkpoint
-from rna_core.config import AttackConfig, TrainConfig, flatten, load_config
+from rna_core.config import AttackConfig, flatten, load_config
 from rna_core.data import BatchIterator, make_synthetic
 from rna_core.optim import build_optimizer
 from rna_core.paths import PathSampler
@@ -171,15 +180,22 @@ def test_running_range_updates_in_train_mode_only_first_batch_sets_it(gen):
         # train mode quantizes with the batch's own range, not the running one
         wq = quantize_values(conv.weight, 8, *channel_range(conv.weight))
         torch.testing.assert_close(trained, F.conv2d(quantize_values(x2, 8), wq, None, 1, 1))
-        assert not torch.allclose(trained, F.conv2d(quantize_values(x2, 8, rr.running_min, rr.running_max), wq, None, 1, 1))
+        assert not torch.allclose(
+            trained, F.conv2d(quantize_values(x2, 8, rr.running_min, rr.running_max), wq, None, 1, 1)
+        )
         torch.testing.assert_close(rr.running_min, 0.1 * x1.min() + 0.9 * x2.min())
         torch.testing.assert_close(rr.running_max, 0.1 * x1.max() + 0.9 * x2.max())
         frozen = {k: v.clone() for k, v in conv.state_dict().items()}
         conv.eval()
         out = conv(x1)
         assert all(torch.equal(v, frozen[k]) for k, v in conv.state_dict().items())  # eval moves nothing
-        expected = F.conv2d(quantize_values(x1, 8, rr.running_min, rr.running_max),
-                            quantize_values(conv.weight, 8, *channel_range(conv.weight)), None, 1, 1)
+        expected = F.conv2d(
+            quantize_values(x1, 8, rr.running_min, rr.running_max),
+            quantize_values(conv.weight, 8, *channel_range(conv.weight)),
+            None,
+            1,
+            1,
+        )
         torch.testing.assert_close(out, expected)
     # A whole model measures in train-mode forwards (training and attack crafting), not in eval.
     model = _rpt(precisions="4,8")
@@ -343,8 +359,17 @@ def test_paper_models_build_with_rpt(name):
     plain = [m for m in model.modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)]
     assert len(plain) == 1 + 3 + 1  # stem, 3 shortcut projections, head: full precision
     assert count_paths(model) == 2
-    assert model.rna_spec == {"model": name, "num_classes": 10, "method": "rpt", "norm": "bn", "precisions": "4,8",
-                              "quantizer": "dwq"}
+    # PreActResNet-18 also names its shortcut wiring (Double-Win Quant's: the raw block input).
+    wiring = {"shortcut": "block_input"} if name == "preact_resnet18" else {}
+    assert model.rna_spec == {
+        "model": name,
+        "num_classes": 10,
+        "method": "rpt",
+        "norm": "bn",
+        "precisions": "4,8",
+        "quantizer": "dwq",
+        **wiring,
+    }
 
 
 # ---------------------------------------------------------------- configuration
@@ -378,7 +403,9 @@ def test_model_and_train_mode_from_config():
     model = model_from_config(cfg)
     assert model.rna_spec["precisions"] == "4,6" and count_paths(model) == 2
     assert effective_train_config(cfg).mode == "whitebox"  # per_iteration: attack path = update path
-    both = load_config(None, ["model.name=small_cnn", "model.method=rpt", "model.norm=bn", "model.rpt_draws=attack_and_update"])
+    both = load_config(
+        None, ["model.name=small_cnn", "model.method=rpt", "model.norm=bn", "model.rpt_draws=attack_and_update"]
+    )
     assert effective_train_config(both).mode == "blackbox"
     assert effective_train_config(replace(both, train=replace(both.train, mode="eot"))).mode == "eot"
     with pytest.raises(ConfigError, match="contradict"):
@@ -435,8 +462,17 @@ def _precision_spy(model):
 
 @pytest.mark.parametrize("draws", ["per_iteration", "attack_and_update"])
 def test_rpt_draws_decide_whether_attack_and_update_share_a_precision(draws, gen):
-    cfg = load_config(None, ["model.name=small_cnn", "model.method=rpt", "model.norm=bn", "model.precisions=4-16",
-                             f"model.rpt_draws={draws}", "train.attack.steps=2"])
+    cfg = load_config(
+        None,
+        [
+            "model.name=small_cnn",
+            "model.method=rpt",
+            "model.norm=bn",
+            "model.precisions=4-16",
+            f"model.rpt_draws={draws}",
+            "train.attack.steps=2",
+        ],
+    )
     model = model_from_config(cfg)
     train = effective_train_config(cfg)
     opt = build_optimizer(model, train)
@@ -470,8 +506,18 @@ def _adv_loss_per_precision(model, x, y, bits_list, seed):
 
 def test_rpt_steps_on_synthetic_data_lower_the_adversarial_loss():
     data = make_synthetic(192, seed=0)
-    cfg = load_config(None, ["model.name=small_cnn", "model.method=rpt", "model.norm=bn", "model.precisions=4-8",
-                             "train.lr=0.05", "train.schedule=constant", "train.attack.steps=3"])
+    cfg = load_config(
+        None,
+        [
+            "model.name=small_cnn",
+            "model.method=rpt",
+            "model.norm=bn",
+            "model.precisions=4-8",
+            "train.lr=0.05",
+            "train.schedule=constant",
+            "train.attack.steps=3",
+        ],
+    )
     model = model_from_config(cfg)
     train = effective_train_config(cfg)
     x_eval, y_eval = data.images[:96].float() / 255, data.labels[:96]
@@ -532,9 +578,18 @@ def test_evaluation_package_runs_its_protocols_on_an_rpt_model():
     assert out.path_draws >= 1 + 3 + 1 and len(set(seen)) >= 2  # EOT averaged over several precisions
     assert (out.x_adv - x).abs().max() <= 8 / 255 + 1e-6
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    rows = evaluate_model(model, data, attacks=["fgsm"], protocols=["transfer", "eot"], batch_size=16, eot_iter=2, progress=False)
-    again = evaluate_model(model, data, attacks=["fgsm"], protocols=["transfer", "eot"], batch_size=16, eot_iter=2, progress=False)
-    assert {(r.attack, r.protocol) for r in rows} == {("natural", "transfer"), ("natural", "eot"), ("fgsm", "transfer"), ("fgsm", "eot")}
+    rows = evaluate_model(
+        model, data, attacks=["fgsm"], protocols=["transfer", "eot"], batch_size=16, eot_iter=2, progress=False
+    )
+    again = evaluate_model(
+        model, data, attacks=["fgsm"], protocols=["transfer", "eot"], batch_size=16, eot_iter=2, progress=False
+    )
+    assert {(r.attack, r.protocol) for r in rows} == {
+        ("natural", "transfer"),
+        ("natural", "eot"),
+        ("fgsm", "transfer"),
+        ("fgsm", "eot"),
+    }
     assert all(r.method == "rpt(4-16)" and r.n == 32 for r in rows)  # the precision set names the row
     moved = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
     assert not moved, f"evaluation changed BatchNorm statistics (a forward ran in train mode): {moved[:2]}"

@@ -23,17 +23,11 @@ import torch.nn.functional as F
 import rna_core.attacks.pgd as pgd_module
 from rna_core import create_model, get_path, speed
 from rna_core.attacks.pgd import pgd_linf
-from rna_core.config import AttackConfig, TrainConfig, load_config
+from rna_core.config import AttackConfig, TrainConfig, flatten, load_config, unflatten
 from rna_core.errors import ConfigError
 from rna_core.optim import build_optimizer
 from rna_core.paths import PathSampler, fresh_path_every_forward
-from rna_core.speed import (
-    AutocastForward,
-    prepare_model,
-    resolve_speed,
-    to_device_async,
-    use_channels_last,
-)
+from rna_core.speed import AutocastForward, resolve_speed, to_device_async, use_channels_last
 from rna_core.training import train_step
 
 EPS, STEP = 8 / 255, 2 / 255
@@ -108,9 +102,22 @@ def test_pgd_with_mask_and_eot_is_bit_identical_to_the_plain_formula():
         sampler = PathSampler("uniform", seed=4)
         with fresh_path_every_forward(m, sampler):
             if fn is pgd_linf:
-                out = pgd_linf(m, x, y, EPS, STEP, 2, True, torch.Generator().manual_seed(2), grad_repeats=2, active_mask_fn=mask_fn)
+                out = pgd_linf(
+                    m,
+                    x,
+                    y,
+                    EPS,
+                    STEP,
+                    2,
+                    True,
+                    torch.Generator().manual_seed(2),
+                    grad_repeats=2,
+                    active_mask_fn=mask_fn,
+                )
             else:
-                out = plain_pgd(m, x, y, EPS, STEP, 2, torch.Generator().manual_seed(2), grad_repeats=2, active_mask_fn=mask_fn)
+                out = plain_pgd(
+                    m, x, y, EPS, STEP, 2, torch.Generator().manual_seed(2), grad_repeats=2, active_mask_fn=mask_fn
+                )
         results.append((out, m.state_dict(), sampler.draws))
     (a, sa, da), (b, sb, db) = results
     assert torch.equal(a, b) and da == db == 4
@@ -153,7 +160,7 @@ def test_channels_last_gives_the_same_step_within_rounding():
 def test_use_channels_last_is_idempotent():
     model = _model()
     assert use_channels_last(model) is model and use_channels_last(model) is model
-    assert getattr(model, "_rna_channels_last")
+    assert model._rna_channels_last
 
 
 def test_bf16_autocast_runs_convs_in_bf16_in_attack_and_update():
@@ -183,9 +190,9 @@ def test_autocast_forward_returns_float32_and_reaches_random_layers():
 
 
 def test_speed_flags_are_config_keys_auto_by_default():
-    cfg = load_config(None, ["train.channels_last=true", "train.amp_bf16=false", "train.compile=false"])
-    assert (cfg.train.channels_last, cfg.train.amp_bf16, cfg.train.compile) == ("true", "false", False)
-    assert (TrainConfig().channels_last, TrainConfig().amp_bf16, TrainConfig().compile) == ("auto", "auto", False)
+    cfg = load_config(None, ["train.channels_last=true", "train.amp_bf16=false"])
+    assert (cfg.train.channels_last, cfg.train.amp_bf16) == ("true", "false")
+    assert (TrainConfig().channels_last, TrainConfig().amp_bf16) == ("auto", "auto")
     # Python booleans and YAML spellings (old checkpoints' flattened configs hold booleans) normalise.
     assert TrainConfig(channels_last=True, amp_bf16=False).channels_last == "true"
     assert load_config(None, ["train.amp_bf16=no", "train.channels_last=AUTO"]).train.amp_bf16 == "false"
@@ -273,7 +280,11 @@ def _bf16_casts_of(shapes):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16 and tuple(args[0].shape) in shapes:
+            if (
+                func is torch.ops.aten._to_copy.default
+                and kwargs.get("dtype") == torch.bfloat16
+                and tuple(args[0].shape) in shapes
+            ):
                 Count.n += 1
             return func(*args, **kwargs)
 
@@ -325,21 +336,10 @@ def test_batch_keeps_channels_last_through_the_attack_and_the_norms():
     assert layouts["gn_kernel_in"] == [False] * 8
 
 
-@pytest.mark.parametrize("norm", ["bn", "bn,gns:1"])
-def test_prepare_model_compile_keeps_the_step(norm):
-    """Compiled (dynamo graph capture, eager backend: fast on CPU) vs plain: same step, same paths."""
-    torch._dynamo.reset()
-    x, y = _batch(4)
-    base = _model(norm)
-    cfg = _cfg(2, compile=True)
-    plain = copy.deepcopy(base)
-    compiled = prepare_model(copy.deepcopy(base), cfg, backend="eager")
-    assert compiled is not base and isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
-    for seed in (0, 1):
-        out_p, adv_p, state_p, _ = _one_step(plain, cfg, x, y, seed)
-        out_c, adv_c, _, _ = _one_step(compiled, cfg, x, y, seed)
-        assert str(get_path(plain)) == str(get_path(compiled))
-        assert torch.allclose(adv_p, adv_c, atol=1e-6) and torch.allclose(out_p.loss_sum, out_c.loss_sum, rtol=1e-5)
-    state_c = compiled._orig_mod.state_dict()
-    assert all(torch.allclose(state_p[k].float(), state_c[k].float(), atol=1e-5) for k in state_p)
-    assert prepare_model(base, _cfg()) is base  # flags off: untouched
+def test_compile_is_not_a_flag_but_old_stored_configs_still_load():
+    """`train.compile` was accepted and never applied (docs/benchmarks.md: it cannot pay with random
+    paths); it is refused in new configs and dropped from the flattened configs older runs stored."""
+    with pytest.raises(ConfigError, match="unknown config key 'train.compile'"):
+        load_config(None, ["train.compile=true"])
+    stored = {**flatten(load_config(None, ["train.lr=0.05"])), "train.compile": False}
+    assert unflatten(stored).train.lr == 0.05

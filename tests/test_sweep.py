@@ -17,21 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines.sweep import (
-    ASHA_TIME_ATTR,
-    INTERRUPT_ENV,
-    SWEEP_FILE,
-    _identity,
-    load_sweep_config,
-    plan_sweep,
-    plot_summary,
-    render_leaderboard,
-    saved_trial_statuses,
-    sweep_config_from_dict,
-    tag_epoch_report,
-    validate_sweep,
-    write_trials_table,
-)
+from pipelines.sweep.driver import SWEEP_FILE, build_scheduler, plan_sweep, saved_trial_statuses, to_tune
+from pipelines.sweep.spec import base_config, identity, load_sweep_config, sweep_config_from_dict, validate_sweep
+from pipelines.sweep.summary import plot_summary, render_leaderboard, write_trials_table
+from pipelines.sweep.trial import ASHA_TIME_ATTR, INTERRUPT_ENV, tag_epoch_report
 from rna_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,12 +40,18 @@ def test_smoke_preset_parses_and_validates():
     sc = load_sweep_config(str(SMOKE))
     validate_sweep(sc)
     s = sc.sweep
-    assert (s.search, s.metric, s.mode, s.scheduler, s.max_concurrent_trials) == ("grid", "pgd20_acc", "max", "asha", 2)
+    # the metric is named by the PGD steps the trials' per-epoch evaluation runs (eval_pgd_steps: 2)
+    assert (s.search, s.metric, s.mode, s.scheduler, s.max_concurrent_trials) == ("grid", "pgd2_acc", "max", "asha", 2)
     assert s.num_trials() == 2 and [d.key for d in s.space] == ["model.norm"]
     assert s.space[0].values == ("bn,gns:1", "bn,in,bgn:8")
-    assert s.space[0].to_tune() == {"grid_search": ["bn,gns:1", "bn,in,bgn:8"]}
-    b = sc.base
-    assert (b.model.name, b.data.dataset, b.ray.num_workers, b.ray.cpus_per_worker) == ("small_cnn", "synthetic", 1, 0.5)
+    assert to_tune(s.space[0]) == {"grid_search": ["bn,gns:1", "bn,in,bgn:8"]}
+    b = base_config(sc)
+    assert (b.model.name, b.data.dataset, b.ray.num_workers, b.ray.cpus_per_worker) == (
+        "small_cnn",
+        "synthetic",
+        1,
+        0.5,
+    )
     assert 2 * (b.ray.num_workers * b.ray.cpus_per_worker + s.trial_cpus) <= 2  # both trials fit 2 CPUs at once
 
 
@@ -68,15 +63,23 @@ def test_ablation_preset_is_the_papers_random_space_study():
     assert {"bn,in", "bn,gn:8", "bn,gns:1", "bn,ln", "bn,in,ln,gns:1"} <= set(norms)
     assert dims["train.sampling"].values == ("uniform", "shared")
     assert sc.sweep.num_trials() == 2 * len(norms)
-    b = sc.base
-    assert (b.model.name, b.data.dataset, b.train.epochs, b.train.attack.steps, b.train.lr) == ("resnet18", "cifar10", 200, 10, 0.1)
+    b = base_config(sc)
+    assert (b.model.name, b.data.dataset, b.train.epochs, b.train.attack.steps, b.train.lr) == (
+        "resnet18",
+        "cifar10",
+        200,
+        10,
+        0.1,
+    )
     assert 1 <= b.ray.num_workers <= 2 and b.ray.use_gpu == "true" and b.train.eval_every == 1
 
 
 def test_space_forms_domains_and_overrides():
     data = _smoke_dict()
     data["sweep"] = {
-        "search": "random", "num_samples": 3, "seed": 7,
+        "search": "random",
+        "num_samples": 3,
+        "seed": 7,
         "space": {
             "model": {"norm": ["bn,gns:1", "bn,gn:8,gn:16"]},  # nested section + list shorthand (choice under random)
             "train.sampling": {"choice": ["uniform", "shared", "far:0.5"]},
@@ -89,14 +92,14 @@ def test_space_forms_domains_and_overrides():
     validate_sweep(sc)
     dims = {d.key: d for d in sc.sweep.space}
     assert dims["model.norm"].kind == "choice" and dims["train.mode"].kind == "grid"
-    assert sc.sweep.max_concurrent_trials == 1 and sc.base.train.epochs == 3 and sc.sweep.seed == 7
+    assert sc.sweep.max_concurrent_trials == 1 and base_config(sc).train.epochs == 3 and sc.sweep.seed == 7
     assert sc.sweep.num_trials() == 3 * 2  # num_samples x the grid
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    assert isinstance(dims["train.lr"].to_tune(), Float) and dims["train.lr"].to_tune().lower == 0.01
-    seed = dims["train.seed"].to_tune()
+    assert isinstance(to_tune(dims["train.lr"]), Float) and to_tune(dims["train.lr"]).lower == 0.01
+    seed = to_tune(dims["train.seed"])
     assert isinstance(seed, Integer) and (seed.lower, seed.upper) == (0, 4)  # ours inclusive, Tune's exclusive
-    assert isinstance(dims["train.sampling"].to_tune(), Categorical)
+    assert isinstance(to_tune(dims["train.sampling"]), Categorical)
     # under grid search a plain list is a grid, and sampled domains are refused
     data["sweep"] = {"search": "grid", "space": {"model.norm": ["bn", "bn,in"]}}
     assert sweep_config_from_dict(data).sweep.space[0].kind == "grid"
@@ -111,6 +114,7 @@ def test_space_forms_domains_and_overrides():
         ({"train.lrr": {"grid": [0.1]}}, {}, "'train.lrr' is not a config key (did you mean train.lr?)"),
         ({"model.norm": {"grid": ["bn,gns:1", "bn,zz"]}}, {}, "zz"),
         ({"model.norm": {"grid": ["bn,gn:3"]}}, {}, "3 groups do not divide"),  # small_cnn has 16 channels
+        ({"model.norm": {"grid": ["bn,gns:1", "gns:1,gn:16"]}}, {}, "two identical candidates at layer 'norm1'"),
         ({"train.sampling": {"grid": ["uniform", "far:2"]}}, {}, "far:2"),
         ({"train.lr": {"grid": [0.1, -1]}}, {}, "train.lr must be positive"),
         ({"mlflow.experiment": {"grid": ["a", "b"]}}, {}, "cannot be swept"),
@@ -120,14 +124,34 @@ def test_space_forms_domains_and_overrides():
         ({"train.lr": {"loguniform": [0, 0.1]}}, {"search": "random"}, "low > 0"),
         ({"train.epochs": {"uniform": [1, 3]}}, {"search": "random"}, "integer; use randint"),
         ({"model.norm": {"sample": ["bn"]}}, {}, "'model.norm.sample' is not a config key (did you mean model.norm?)"),
-        ({"model.norm": {"grid": ["bn"]}}, {"metric": "final_eot_pgd_acc"}, "not reported every epoch"),
+        ({"model.norm": {"grid": ["bn"]}}, {"metric": "acc_eot_pgd_eot"}, "not reported every epoch"),
+        ({"model.norm": {"grid": ["bn"]}}, {"metric": "pgd20_acc"}, "pgd<k>_acc names the PGD steps"),  # 2 steps run
+        ({"train.eval_pgd_steps": {"grid": [2, 3]}}, {"metric": "pgd2_acc"}, "cannot then be swept"),
         ({"model.norm": {"grid": ["bn"]}}, {"scheduler": "hyperband"}, "sweep.scheduler"),
-        ({"model.norm": {"grid": ["bn"]}}, {"searcher": "grid"}, "unknown key 'sweep.searcher'"),
-        ({"train.eval_every": {"grid": [1, 2]}}, {}, "needs train.eval_every: 1"),
+        ({"model.norm": {"grid": ["bn"]}}, {"searcher": "grid"}, "unknown config key 'sweep.searcher'"),
+        ({"train.eval_every": {"grid": [1, 2]}}, {"metric": "pgd2_acc"}, "needs train.eval_every: 1"),
     ],
-    ids=["unknown key", "unknown norm", "groups do not divide", "bad strategy", "bad lr", "unsweepable",
-         "duplicate", "scalar", "two domains", "log low", "float range on int", "unknown domain",
-         "final metric", "bad scheduler", "bad sweep key", "metric needs eval every epoch"],
+    ids=[
+        "unknown key",
+        "unknown norm",
+        "groups do not divide",
+        "identical candidates",
+        "bad strategy",
+        "bad lr",
+        "unsweepable",
+        "duplicate",
+        "scalar",
+        "two domains",
+        "log low",
+        "float range on int",
+        "unknown domain",
+        "final metric",
+        "steps the trials do not run",
+        "metric named by a swept key",
+        "bad scheduler",
+        "bad sweep key",
+        "metric needs eval every epoch",
+    ],
 )
 def test_bad_sweeps_are_one_line_config_errors(space, extra, needle):
     data = _smoke_dict()
@@ -149,9 +173,9 @@ def test_no_sweep_section_or_space():
 
 def test_tune_sees_the_asha_time_only_before_the_last_epoch():
     """A trial at its last epoch must not be stopped while it runs its final evaluation."""
-    reports = [tag_epoch_report({"epoch": float(e), "pgd20_acc": 0.1}, epochs=3) for e in (1, 2, 3)]
+    reports = [tag_epoch_report({"epoch": float(e), "pgd2_acc": 0.1}, epochs=3) for e in (1, 2, 3)]
     assert [r.get(ASHA_TIME_ATTR) for r in reports] == [1, 2, None]
-    assert all(r["pgd20_acc"] == 0.1 for r in reports)
+    assert all(r["pgd2_acc"] == 0.1 for r in reports)
 
 
 def test_asha_stops_a_weak_trial_between_epochs_but_never_in_its_last_epoch():
@@ -160,28 +184,26 @@ def test_asha_stops_a_weak_trial_between_epochs_but_never_in_its_last_epoch():
 
     from ray.tune.schedulers import TrialScheduler
 
-    from pipelines.sweep import build_scheduler
-
     sc = load_sweep_config(str(SMOKE), ["train.epochs=3", "sweep.asha.reduction_factor=2"])
-    sched = build_scheduler(sc.sweep, sc.base)
+    sched = build_scheduler(sc.sweep, base_config(sc))
     assert sched.set_search_properties(sc.sweep.metric, sc.sweep.mode)  # what TuneConfig does
     trials = {n: SimpleNamespace(trial_id=n) for n in ("good", "bad", "worst_at_end")}
     for t in trials.values():
         sched.on_trial_add(None, t)
 
     def report(name: str, epoch: int, acc: float) -> str:
-        return sched.on_trial_result(None, trials[name], tag_epoch_report({"epoch": float(epoch), "pgd20_acc": acc}, 3))
+        return sched.on_trial_result(None, trials[name], tag_epoch_report({"epoch": float(epoch), "pgd2_acc": acc}, 3))
 
     assert report("good", 1, 0.5) == TrialScheduler.CONTINUE
     assert report("bad", 1, 0.1) == TrialScheduler.STOP  # below the rung's median after epoch 1
     assert report("good", 2, 0.6) == TrialScheduler.CONTINUE
     assert report("worst_at_end", 1, 0.5) == TrialScheduler.CONTINUE
     assert report("worst_at_end", 3, 0.0) == TrialScheduler.CONTINUE  # last epoch: its final evaluation runs
-    assert build_scheduler(load_sweep_config(str(SMOKE), ["sweep.scheduler=none"]).sweep, sc.base) is None
+    assert build_scheduler(load_sweep_config(str(SMOKE), ["sweep.scheduler=none"]).sweep, base_config(sc)) is None
 
 
 def test_plan_refuses_foreign_folders_and_changed_sweeps(tmp_path, monkeypatch):
-    from pipelines.trainer import write_job_file
+    from pipelines.run_folder import write_job_file
 
     monkeypatch.setenv("RNA_BASE_DIR", str(tmp_path))
     sc = load_sweep_config(str(SMOKE), [f"ray.storage_path={tmp_path}/runs"])
@@ -193,7 +215,7 @@ def test_plan_refuses_foreign_folders_and_changed_sweeps(tmp_path, monkeypatch):
     (tmp_path / "runs" / "other").mkdir(parents=True)
     with pytest.raises(ConfigError, match="not written by jobs/sweep.py"):
         plan_sweep(load_sweep_config(str(SMOKE), [f"ray.storage_path={tmp_path}/runs", "sweep.name=other"]))
-    write_job_file(fresh.sweep_dir, {"identity": _identity(fresh.sc), "mlflow": {}}, name=SWEEP_FILE)
+    write_job_file(fresh.sweep_dir, {"identity": identity(fresh.cfg), "mlflow": {}}, name=SWEEP_FILE)
     again = plan_sweep(sc, str(SMOKE))  # the folder exists: a resume, without --resume
     assert again.stored is not None
     changed = load_sweep_config(str(SMOKE), [f"ray.storage_path={tmp_path}/runs", "train.lr=0.2"])
@@ -206,9 +228,9 @@ def test_plan_refuses_foreign_folders_and_changed_sweeps(tmp_path, monkeypatch):
 
 def test_a_sweep_stopped_before_its_file_is_written_leaves_no_orphan_parent_run(tmp_path, monkeypatch):
     """Ctrl+C between creating the parent MLflow run and writing rna_sweep.json: the next start adopts it."""
-    import pipelines.sweep as sweep
+    import pipelines.sweep.driver as sweep
     from pipelines import tracking
-    from pipelines.trainer import JOB_FILE_TAG
+    from pipelines.train import JOB_FILE_TAG
 
     monkeypatch.setenv("RNA_BASE_DIR", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
@@ -222,17 +244,19 @@ def test_a_sweep_stopped_before_its_file_is_written_leaves_no_orphan_parent_run(
         with pytest.raises(KeyboardInterrupt):
             sweep.run_sweep(sc, config_path=str(SMOKE), echo=lambda s: None)
     client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = client.get_experiment_by_name(sc.base.mlflow.experiment)
+    exp = client.get_experiment_by_name(base_config(sc).mlflow.experiment)
     (orphan,) = client.search_runs([exp.experiment_id])
     assert orphan.info.status == "KILLED" and orphan.data.tags[JOB_FILE_TAG] == "pending"
     plan = plan_sweep(sc, str(SMOKE))
     assert plan.stored is None  # nothing on disk names that run
 
     lines: list[str] = []
-    _, ref = sweep._open_parent(plan, "sweep: {}", lines.append)
+    _, ref = sweep.open_parent(plan, "sweep: {}", lines.append)
     assert ref.run_id == orphan.info.run_id and len(client.search_runs([exp.experiment_id])) == 1
     assert client.get_run(ref.run_id).info.status == "RUNNING"
-    assert lines == [f"reusing MLflow parent run {ref.run_id} of an earlier attempt stopped before {SWEEP_FILE} was written"]
+    assert lines == [
+        f"reusing MLflow parent run {ref.run_id} of an earlier attempt stopped before {SWEEP_FILE} was written"
+    ]
     tracking.end_run(client, ref.run_id, "KILLED")
 
 
@@ -240,16 +264,41 @@ def test_a_sweep_stopped_before_its_file_is_written_leaves_no_orphan_parent_run(
 
 
 def _rows():
-    base = {"status": "completed", "train_mode": "blackbox", "seed": 0, "epochs_done": 2, "best_pgd20_acc": None,
-            "final_clean_acc": 0.5, "final_pgd20_transfer_acc": 0.3, "final_eot_pgd_acc": 0.1, "seconds": 12.5}
-    specs = [("t0", "bn,gns:1", 2, "uniform", 0.31), ("t1", "bn,in,ln", 3, "uniform", 0.42),
-             ("t2", "bn,gns:1", 2, "shared", 0.12), ("t3", "bn,in,ln", 3, "shared", None)]
+    base = {
+        "status": "completed",
+        "train_mode": "blackbox",
+        "seed": 0,
+        "epochs_done": 2,
+        "best_pgd2_acc": None,
+        "acc_natural_transfer": 0.5,
+        "acc_pgd20_steps2_transfer": 0.3,
+        "acc_eot_pgd_steps2_eot": 0.1,
+        "seconds": 12.5,
+    }
+    specs = [
+        ("t0", "bn,gns:1", 2, "uniform", 0.31),
+        ("t1", "bn,in,ln", 3, "uniform", 0.42),
+        ("t2", "bn,gns:1", 2, "shared", 0.12),
+        ("t3", "bn,in,ln", 3, "shared", None),
+    ]
     rows = []
     for tid, norm, k, s, acc in specs:
-        rows.append({**base, "trial_id": tid, "mlflow_run_id": f"run-{tid}", "model.norm": norm, "train.sampling": s,
-                     "norm": norm, "space_size": k, "num_paths": float(k ** 4), "sampling": s, "pgd20_acc": acc,
-                     "status": "completed" if acc is not None else "error"})
-    rows.sort(key=lambda r: (r["pgd20_acc"] is None, -(r["pgd20_acc"] or 0)))
+        rows.append(
+            {
+                **base,
+                "trial_id": tid,
+                "mlflow_run_id": f"run-{tid}",
+                "model.norm": norm,
+                "train.sampling": s,
+                "norm": norm,
+                "space_size": k,
+                "num_paths": float(k**4),
+                "sampling": s,
+                "pgd2_acc": acc,
+                "status": "completed" if acc is not None else "error",
+            }
+        )
+    rows.sort(key=lambda r: (r["pgd2_acc"] is None, -(r["pgd2_acc"] or 0)))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
     return rows
@@ -258,40 +307,64 @@ def _rows():
 def test_summary_table_leaderboard_and_plots(tmp_path):
     sc = load_sweep_config(str(SMOKE))
     data = _smoke_dict()
-    data["sweep"]["space"] = {"model.norm": {"grid": ["bn,gns:1", "bn,in,ln"]}, "train.sampling": {"grid": ["uniform", "shared"]}}
+    data["sweep"]["space"] = {
+        "model.norm": {"grid": ["bn,gns:1", "bn,in,ln"]},
+        "train.sampling": {"grid": ["uniform", "shared"]},
+    }
     spec = sweep_config_from_dict(data).sweep
     rows = _rows()
     write_trials_table(rows, str(tmp_path / "trials.parquet"))
     table = pq.read_table(tmp_path / "trials.parquet")
     assert table.column("trial_id").to_pylist() == ["t1", "t0", "t2", "t3"]
-    assert str(table.schema.field("space_size").type) == "int64" and str(table.schema.field("pgd20_acc").type) == "double"
-    assert table.column("pgd20_acc").to_pylist()[-1] is None and table.column("status").to_pylist()[-1] == "error"
+    assert (
+        str(table.schema.field("space_size").type) == "int64" and str(table.schema.field("pgd2_acc").type) == "double"
+    )
+    assert table.column("pgd2_acc").to_pylist()[-1] is None and table.column("status").to_pylist()[-1] == "error"
 
-    board = render_leaderboard(rows, spec, "demo", "parent123")
+    board = render_leaderboard(rows, spec, "demo", "parent123", base_config(sc))
     lines = [ln for ln in board.splitlines() if ln.startswith("| ")]
     assert lines[0].split(" | ")[:4] == ["| rank", "trial_id", "model.norm", "train.sampling"]
-    assert [ln.split(" | ")[1] for ln in lines[1:]] == ["t1", "t0", "t2", "t3"]  # ranked by pgd20_acc, failures last
+    assert [ln.split(" | ")[1] for ln in lines[1:]] == ["t1", "t0", "t2", "t3"]  # ranked by pgd2_acc, failures last
     assert "| 1 | t1 | bn,in,ln | uniform |" in board and "0.4200" in board
-    assert "3 completed" in board and "1 failed" in board and "`parent123`" in board
+    assert (
+        "3 completed" in board and "1 failed" in board and "`parent123`" in board and "on the held-out slice" in board
+    )
+    assert lines[0].split(" | ")[8:11] == [
+        "acc_natural_transfer",
+        "acc_pgd20_steps2_transfer",
+        "acc_eot_pgd_steps2_eot",
+    ]
 
-    files = plot_summary(rows, "pgd20_acc", str(tmp_path))
+    files = plot_summary(rows, "pgd2_acc", str(tmp_path))
     assert [Path(f).name for f in files] == ["robust_acc_vs_space_size.png", "robust_acc_by_strategy.png"]
     for f in files:
         blob = Path(f).read_bytes()
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000
-    assert sc.sweep.metric == "pgd20_acc"
+    assert sc.sweep.metric == "pgd2_acc"
 
 
 # ----------------------------------------------------------------------------- CLI errors
 
 
+@pytest.mark.slow  # runs the job as a process; the in-process checks below stay fast
 def test_cli_bad_input_exits_2_with_one_line_and_nothing_started(tmp_path):
     """The real process: exit 2, one stderr line, no traceback, no Ray, nothing written."""
     env = {**os.environ, "RNA_BASE_DIR": str(tmp_path), "MLFLOW_TRACKING_URI": ""}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
-        [PY, str(REPO / "jobs" / "sweep.py"), "--config", str(SMOKE), "--set", "sweep.space.train.lr={grid: [0.1, -1]}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        [
+            PY,
+            str(REPO / "jobs" / "sweep.py"),
+            "--config",
+            str(SMOKE),
+            "--set",
+            "sweep.space.train.lr={grid: [0.1, -1]}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr
@@ -308,7 +381,10 @@ def test_cli_bad_input_exits_2_with_one_line_and_nothing_started(tmp_path):
         (["--config", str(REPO / "configs" / "smoke.yaml")], "no sweep: section"),
         (["--config", str(SMOKE), "--set", "sweep.space.model.norm={grid: [bn, 'bn,gn:3']}"], "3 groups do not divide"),
         (["--config", str(SMOKE), "--resume"], "nothing to resume"),
-        (["--config", str(SMOKE), "--set", "data.dataset=cifar10", "--set", "data.data_dir=nodata"], "cifar10 data not found"),
+        (
+            ["--config", str(SMOKE), "--set", "data.dataset=cifar10", "--set", "data.data_dir=nodata"],
+            "cifar10 data not found",
+        ),
     ],
     ids=["no config", "missing file", "not a sweep", "bad value", "nothing to resume", "no data"],
 )
@@ -339,8 +415,12 @@ def _children(client, parent_run_id: str, experiment_id: str) -> dict[str, dict]
         tid = r.data.tags["rna.trial_id"]
         assert tid not in out, f"two child runs for trial {tid}"
         out[tid] = {
-            "run_id": r.info.run_id, "status": r.info.status, "start": r.info.start_time, "end": r.info.end_time,
-            "params": r.data.params, "tags": r.data.tags,
+            "run_id": r.info.run_id,
+            "status": r.info.status,
+            "start": r.info.start_time,
+            "end": r.info.end_time,
+            "params": r.data.params,
+            "tags": r.data.tags,
             "loss_steps": sorted(m.step for m in client.get_metric_history(r.info.run_id, "train_loss")),
         }
     return out
@@ -364,6 +444,7 @@ def sweep_env(tmp_path, monkeypatch):
     ray.shutdown()
 
 
+@pytest.mark.slow  # starts Ray and runs two training trials
 def test_smoke_sweep_runs_trials_side_by_side_and_resumes_without_rerunning(sweep_env, monkeypatch, capsys):
     sys.path.insert(0, str(REPO))
     from jobs.sweep import main
@@ -420,15 +501,20 @@ def test_smoke_sweep_runs_trials_side_by_side_and_resumes_without_rerunning(swee
     # 3. The parent holds the summary: both trials in the table and the leaderboard, the plots.
     run = client.get_run(parent.run_id)
     assert run.info.status == "FINISHED" and run.data.params["model.norm"] == "<swept>"
-    assert run.data.metrics["num_trials"] == 2 and 0 <= run.data.metrics["best_pgd20_acc"] <= 1
+    assert run.data.metrics["num_trials"] == 2 and 0 <= run.data.metrics["best_pgd2_acc"] <= 1
     names = {a.path for a in client.list_artifacts(parent.run_id, "summary")}
-    assert names == {f"summary/{n}" for n in ("trials.parquet", "leaderboard.md", "robust_acc_vs_space_size.png",
-                                               "robust_acc_by_strategy.png")}
+    assert names == {
+        f"summary/{n}"
+        for n in ("trials.parquet", "leaderboard.md", "robust_acc_vs_space_size.png", "robust_acc_by_strategy.png")
+    }
     table = pq.read_table(client.download_artifacts(parent.run_id, "summary/trials.parquet")).to_pylist()
     assert {r["trial_id"] for r in table} == set(after)
     assert {r["mlflow_run_id"] for r in table} == {c["run_id"] for c in after.values()}
-    assert sorted((r["model.norm"], r["space_size"], r["num_paths"]) for r in table) == [("bn,gns:1", 2, 16.0), ("bn,in,bgn:8", 3, 81.0)]
-    assert [r["rank"] for r in table] == [1, 2] and table[0]["pgd20_acc"] >= table[1]["pgd20_acc"]
+    assert sorted((r["model.norm"], r["space_size"], r["num_paths"]) for r in table) == [
+        ("bn,gns:1", 2, 16.0),
+        ("bn,in,bgn:8", 3, 81.0),
+    ]
+    assert [r["rank"] for r in table] == [1, 2] and table[0]["pgd2_acc"] >= table[1]["pgd2_acc"]
     board = Path(client.download_artifacts(parent.run_id, "summary/leaderboard.md")).read_text()
     assert all(t in board for t in after) and "2 trials" in board
     assert run.data.tags["rna.best_trial"] == table[0]["trial_id"]

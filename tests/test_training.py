@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import rna_core
 from rna_core import create_model, get_path
 from rna_core.attacks.pgd import pgd_linf
 from rna_core.config import AttackConfig, TrainConfig
@@ -111,7 +112,9 @@ def test_other_modes_take_a_step(mode, gen):
     opt = build_optimizer(model, cfg)
     before = [p.detach().clone() for p in model.parameters()]
     sampler = PathSampler("uniform", seed=0)
-    out = train_step(model, torch.rand(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen), opt, cfg, sampler)
+    out = train_step(
+        model, torch.rand(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen), opt, cfg, sampler
+    )
     assert out.n == 8 and torch.isfinite(out.loss_sum)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     expected_draws = {"whitebox": 1, "natural": 1, "eot": 2 * 2 + 1}[mode]
@@ -149,3 +152,66 @@ def test_short_runs_start_at_the_base_lr():
     assert lr_factor(TrainConfig(epochs=1), 0) == 1
     two = TrainConfig(epochs=2)
     assert [lr_factor(two, e) for e in (0, 1)] == pytest.approx([1, 0.1])
+
+
+class ScriptedSampler(PathSampler):
+    """Hands out a fixed sequence of paths (attack, update, attack, update, ...)."""
+
+    def __init__(self, paths):
+        super().__init__("uniform", seed=0)
+        self.script = [rna_core.Path.parse(p) for p in paths]
+
+    def sample(self, model, relative_to=None):
+        self.draws += 1
+        return self.script.pop(0)
+
+
+def _inactive_candidate_run(policy: str):
+    """Two blackbox steps: attack path all-gns ("1111"), update path all-bn ("0000")."""
+    model = _model()
+    with torch.no_grad():  # non-trivial affine values, so decay is visible on weights and biases
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    cfg = TrainConfig(lr=0.1, momentum=0.9, weight_decay=0.05, attack=AttackConfig(steps=2), inactive_candidates=policy)
+    opt = build_optimizer(model, cfg)
+    gns = {n: p for n, p in model.named_parameters() if ".candidates.1." in n}
+    bn = {n: p for n, p in model.named_parameters() if ".candidates.0." in n}
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sampler = ScriptedSampler(["1111", "0000", "1111", "0000"])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        train_step(
+            model, torch.rand(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen), opt, cfg, sampler
+        )
+    return model, opt, cfg, gns, bn, start
+
+
+def test_inactive_candidates_decay_and_carry_momentum_every_step_as_the_official_loop():
+    """The official loops (RNA / Double-Win Quant train.py on torch 1.7/1.8) craft with loss.backward()
+    and clear with an in-place opt.zero_grad(): a candidate off the update path keeps a zero .grad, so
+    torch.optim.SGD (weight decay wd, momentum m, lr) does to it, over two steps:
+        d1 = 0 + wd * p0;  buf1 = d1;              p1 = p0 - lr * buf1
+        d2 = 0 + wd * p1;  buf2 = m * buf1 + d2;   p2 = p1 - lr * buf2
+    """
+    model, opt, cfg, gns, bn, start = _inactive_candidate_run("decay")
+    lr, wd, m = cfg.lr, cfg.weight_decay, cfg.momentum
+    assert len(gns) == 8  # 4 GroupNorm candidates (weight, bias), on the attack path only
+    for name, p in gns.items():
+        p0 = start[name]
+        buf1 = wd * p0
+        p1 = p0 - lr * buf1
+        buf2 = m * buf1 + wd * p1
+        p2 = p1 - lr * buf2
+        torch.testing.assert_close(p.detach(), p2, rtol=0, atol=1e-7, msg=name)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], buf2, rtol=0, atol=1e-7, msg=name)
+        assert not torch.equal(p.detach(), p0)
+    for name, p in bn.items():  # the update path's candidates moved by their gradients as well
+        assert not torch.allclose(p.detach(), start[name] * (1 - lr * wd) ** 2, atol=1e-6), name
+
+
+def test_inactive_candidates_skip_leaves_them_untouched():
+    model, opt, cfg, gns, bn, start = _inactive_candidate_run("skip")
+    for name, p in gns.items():
+        assert torch.equal(p.detach(), start[name]), name
+        assert "momentum_buffer" not in opt.state.get(p, {})
+    assert all(not torch.equal(p.detach(), start[n]) for n, p in bn.items())

@@ -3,6 +3,11 @@
 Which library runs which registered attack is listed in ``library_attacks.py`` and ``own_attacks.py``.
 """
 
+# Registration order is the registry's order (natural first, then the paper's columns): keep it.
+from . import own_attacks  # noqa: F401
+
+# isort: split
+from . import library_attacks  # noqa: F401
 from .pgd import input_gradient, pgd_linf, random_start
 from .registry import (
     Attack,
@@ -14,7 +19,6 @@ from .registry import (
     register_attack,
     resolve_attack,
 )
-from . import own_attacks, library_attacks  # noqa: E402,F401  (registers the attacks; natural first)
 
 __all__ = [
     "Attack",

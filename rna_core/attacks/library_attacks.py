@@ -18,7 +18,6 @@ parameter, puts the model in eval mode for the call and back in train mode if it
 
 from __future__ import annotations
 
-import copy
 import importlib
 import sys
 from typing import Any
@@ -26,7 +25,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .registry import Attack, register_attack
+from ..units import to_unit
+from .registry import DEFAULT_L2_FILL_EPS, Attack, register_attack
 
 
 class _LazyModule:
@@ -43,8 +43,8 @@ class _LazyModule:
 torchattacks = _LazyModule("torchattacks")
 _pyautoattack = _LazyModule("pyautoattack")
 
-EPS = 8 / 255
-STEP = 2 / 255
+EPS = to_unit(8)
+STEP = to_unit(2)
 
 
 class _Torchattacks(Attack):
@@ -74,14 +74,19 @@ class PGD(_Torchattacks):
 
     def build(self, model: nn.Module) -> torchattacks.Attack:
         s = self.settings
-        return torchattacks.PGD(model, eps=s["eps"], alpha=s["step_size"], steps=s["steps"], random_start=s["random_start"])
+        return torchattacks.PGD(
+            model, eps=s["eps"], alpha=s["step_size"], steps=s["steps"], random_start=s["random_start"]
+        )
 
 
-@register_attack("cw_l2", c=1e-4, kappa=0.0, steps=1000, lr=0.01)
+@register_attack("cw_l2", c=1e-4, kappa=0.0, steps=1000, lr=0.01, fill_eps=DEFAULT_L2_FILL_EPS)
 class CWL2(_Torchattacks):
     """Carlini-Wagner L2 (unbounded; no binary search over c), the paper's "CW" column. Runs: torchattacks.CW.
 
-    Settings as the paper's script ran it: c=1e-4, kappa=0, 1000 Adam steps, lr 0.01.
+    Settings as the paper's script ran it: c=1e-4, kappa=0, 1000 Adam steps, lr 0.01. It returns
+    the clean input for every example it never misclassified; under ``transfer`` and ``eot`` those
+    get APGD-CE's highest-loss point at L2 radius ``fill_eps`` (the unperturbed rule, registry.py);
+    ``transfer-raw`` scores its output as the paper's script did.
     """
 
     norm = "l2"
@@ -100,12 +105,14 @@ class MIFGSM(_Torchattacks):
         return torchattacks.MIFGSM(model, eps=s["eps"], alpha=s["step_size"], steps=s["steps"], decay=s["decay"])
 
 
-@register_attack("deepfool", steps=50, overshoot=0.02)
+@register_attack("deepfool", steps=50, overshoot=0.02, fill_eps=DEFAULT_L2_FILL_EPS)
 class DeepFool(_Torchattacks):
     """DeepFool (Moosavi-Dezfooli et al. 2016), unbounded L2: 50 steps, overshoot 0.02. Runs: torchattacks.DeepFool.
 
     It attacks example by example and stops each one as soon as it is misclassified, so it is
-    its own early-stop attack.
+    its own early-stop attack. An example misclassified on the attack path from the start comes
+    back clean; under ``transfer`` and ``eot`` it gets APGD-CE's highest-loss point at L2 radius
+    ``fill_eps`` (the unperturbed rule, registry.py).
     """
 
     norm = "l2"
@@ -131,7 +138,12 @@ class EOTPGD(_Torchattacks):
     def build(self, model: nn.Module) -> torchattacks.Attack:
         s = self.settings
         return torchattacks.EOTPGD(
-            model, eps=s["eps"], alpha=s["step_size"], steps=s["steps"], eot_iter=s["eot_iter"], random_start=s["random_start"]
+            model,
+            eps=s["eps"],
+            alpha=s["step_size"],
+            steps=s["steps"],
+            eot_iter=s["eot_iter"],
+            random_start=s["random_start"],
         )
 
 
@@ -146,24 +158,19 @@ class _AutoAttack(Attack):
     That rule is exact for a deterministic model, but under ``transfer`` and ``eot`` the score is
     taken on another path: an example AutoAttack skipped (misclassified on its own forward) or
     could not fool would be scored *unperturbed*, which inflates robust accuracy (measured: 18/128
-    correct under AutoAttack against 0/128 under PGD-20). There (:meth:`scored_on_another_path`)
-    every example AutoAttack hands back unperturbed gets APGD-CE's highest-loss point instead
-    (pyautoattack's ``best_loss=True``, same model, same EOT setting), so every example is attacked.
-    ``fixed-path`` and ``early-stop`` keep AutoAttack's own output.
+    correct under AutoAttack against 0/128 under PGD-20). There the unperturbed rule of every
+    attack applies (registry.py): those examples get APGD-CE's highest-loss point (same model,
+    same EOT setting). ``transfer-raw``, ``fixed-path`` and ``early-stop`` keep AutoAttack's own output.
     """
 
     library = "pyautoattack"
     version = "standard"
-    fill_unperturbed = False
-
-    def scored_on_another_path(self) -> "_AutoAttack":
-        variant = copy.copy(self)
-        variant.fill_unperturbed = True
-        return variant
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
-        aa = _pyautoattack.AutoAttack(model, device=x.device, eps=float(self.settings["eps"]), norm="Linf", seed=seed, version=self.version)
+        aa = _pyautoattack.AutoAttack(
+            model, device=x.device, eps=float(self.settings["eps"]), norm="Linf", seed=seed, version=self.version
+        )
         if "eot_iter" in self.settings:
             aa.apgd.eot_iter = int(self.settings["eot_iter"])
         tracer = sys.gettrace()  # its dynamic-defense check ends with sys.settrace(None)
@@ -171,20 +178,6 @@ class _AutoAttack(Attack):
             x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=max(len(x), 1))
         finally:
             sys.settrace(tracer)  # give coverage tools and debuggers their tracer back
-        if self.fill_unperturbed:
-            x_adv = self._attack_the_unperturbed(aa, x, y, x_adv)
-        return x_adv
-
-    @staticmethod
-    def _attack_the_unperturbed(aa: Any, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
-        """APGD-CE's highest-loss point for every example AutoAttack returned unchanged."""
-        left = (x_adv == x).flatten(1).all(1)
-        if not bool(left.any()):
-            return x_adv
-        aa.apgd.loss = "ce"
-        aa.apgd.seed = aa.get_seed()
-        x_adv = x_adv.clone()
-        x_adv[left] = aa.apgd.perturb(x[left], y[left], best_loss=True).to(x_adv.dtype)
         return x_adv
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..units import to_unit
 from .pgd import pgd_linf
 from .registry import Attack, register_attack
 
@@ -18,6 +19,8 @@ from .registry import Attack, register_attack
 @register_attack("natural")
 class Natural(Attack):
     """No perturbation: clean accuracy, scored by the same protocols as every attack. Runs: rna_core."""
+
+    perturbs = False  # exempt from the unperturbed rule: clean inputs are the point
 
     def __init__(self, name: str, settings: dict):
         super().__init__(name, {**settings, "eps": 0.0})
@@ -41,7 +44,7 @@ def cw_margin_loss(kappa: float):
     return loss
 
 
-@register_attack("cw_inf", eps=8 / 255, step_size=2 / 255, steps=20, kappa=50.0, random_start=True)
+@register_attack("cw_inf", eps=to_unit(8), step_size=to_unit(2), steps=20, kappa=50.0, random_start=True)
 class CWInf(Attack):
     """PGD-20 (L-inf, step 2/255, random start) on the CW margin loss. Runs: rna_core (pgd_linf)."""
 

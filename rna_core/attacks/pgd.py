@@ -14,7 +14,7 @@ autocast casts each weight to bf16 once per attack rather than once per step.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,9 @@ def random_start(x: torch.Tensor, eps: float, generator: torch.Generator | None)
     return (x + (noise * 2 - 1) * eps).clamp_(0, 1)
 
 
-def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, repeats: int = 1) -> torch.Tensor:
+def input_gradient(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, repeats: int = 1
+) -> torch.Tensor:
     """d loss / d x summed over `repeats` forwards (each may run a fresh path), input only."""
     grad: torch.Tensor | None = None
     for _ in range(repeats):

@@ -14,9 +14,11 @@ generator seeded with it, and library attacks (which draw from the global torch 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn as nn
@@ -24,6 +26,9 @@ import torch.nn as nn
 from ..errors import ConfigError
 
 NORMS = ("linf", "l2", "none")
+# L2 radius of the unperturbed rule's APGD-CE for unbounded L2 attacks (CW-L2, DeepFool): the
+# standard CIFAR L2 budget (AutoAttack, RobustBench), in [0, 1] pixel units. Setting `fill_eps`.
+DEFAULT_L2_FILL_EPS = 0.5
 
 
 @dataclass(frozen=True)
@@ -90,23 +95,43 @@ def input_gradients_only(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+# An example counts as handed back unperturbed when it moved by at most this much in the attack's
+# norm: float rounding (CW-L2's tanh round trip of the clean input moves it by ~1e-7), not an attack.
+UNPERTURBED_TOL = 1e-5
+# APGD-CE of the unperturbed rule: pyautoattack's own settings for it in AutoAttack (100 iterations,
+# one restart, rho 0.75), returning each example's highest-loss point.
+FILL_ITERATIONS = 100
+
+
 class Attack:
     """Base class of registered attacks. Subclasses implement :meth:`run`.
 
     Class attributes: ``norm`` (threat model), ``library`` (who runs it: ``torchattacks``,
     ``pyautoattack`` or ``rna_core``), ``native_eot`` (the attack itself averages gradients over
     repeated forwards, so under the ``eot`` protocol each repeat is simply given a fresh path),
-    ``stops_when_fooled`` (the attack already stops per example once misclassified, as DeepFool does).
+    ``stops_when_fooled`` (the attack already stops per example once misclassified, as DeepFool does),
+    ``perturbs`` (False only for ``natural``, which is clean accuracy by definition).
+
+    The unperturbed rule (README, "The method in this code"): an attack run by the ``transfer`` or
+    ``eot`` protocol (:meth:`scored_on_another_path`) never hands back an example unperturbed. Where
+    its own output leaves an example within ``UNPERTURBED_TOL`` of the clean input (AutoAttack skips
+    examples its forward already misclassifies and returns those it cannot fool; CW-L2 returns those
+    it never fooled; DeepFool those misclassified from the start), that example gets APGD-CE's
+    highest-loss point instead, in the attack's threat model (L-inf at its eps; an unbounded L2
+    attack at L2 radius ``fill_eps``), on the same model with the same EOT setting. The judgement
+    "already fooled" or "cannot be fooled" was made on the attack path; another path scores.
     """
 
     norm: ClassVar[str] = "linf"
     library: ClassVar[str] = "rna_core"
     native_eot: ClassVar[bool] = False
     stops_when_fooled: ClassVar[bool] = False
+    perturbs: ClassVar[bool] = True
 
     def __init__(self, name: str, settings: dict[str, Any]):
         self.name = name
         self.settings = dict(settings)
+        self.fill_unperturbed = False
 
     @property
     def eps(self) -> float | None:
@@ -120,7 +145,9 @@ class Attack:
     def threat(self) -> ThreatModel:
         return ThreatModel(self.norm, self.eps)
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Adversarial examples for (x, y) on `model`'s current path; x in [0, 1].
 
         The model runs in eval mode during the attack (as torchattacks does) and gets its mode back.
@@ -132,7 +159,11 @@ class Attack:
         model.eval()
         try:
             with input_gradients_only(model), seeded_global_rng(seed, x.device):
-                x_adv = self.run(model, x, y, own_gen)
+                x_adv = self.run(model, x, y, own_gen).detach().to(x.dtype)
+                if self.fill_unperturbed:
+                    fill_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=own_gen).item())
+                    with seeded_global_rng(fill_seed, x.device):
+                        x_adv = self.attack_the_unperturbed(model, x, y, x_adv, fill_seed)
         finally:
             model.train(was_training)
         return x_adv.detach().to(x.dtype)
@@ -140,15 +171,57 @@ class Attack:
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
-    def scored_on_another_path(self) -> "Attack":
-        """This attack as run when the scored forward uses another path than the attack's forwards.
+    def scored_on_another_path(self) -> Attack:
+        """This attack as the ``transfer`` and ``eot`` protocols run it: under the unperturbed rule.
 
-        The ``transfer`` and ``eot`` protocols call it. Most attacks return an adversarial input for
-        every example and need no change. An attack that gives up on examples it judges already
-        fooled, or cannot fool (AutoAttack), overrides this: an example it hands back unperturbed
-        would be scored clean on a path the attack never saw.
+        An example handed back unperturbed would be scored clean on a path the attack never saw
+        (its verdict "already fooled" or "cannot fool" was taken on the attack path), so there it
+        gets APGD-CE's highest-loss point instead (see the class docstring). ``transfer-raw``,
+        ``fixed-path`` and ``early-stop`` run the attack as it is.
         """
-        return self
+        if not self.perturbs:
+            return self
+        variant = copy.copy(self)
+        variant.fill_unperturbed = True
+        return variant
+
+    def unperturbed(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per-example boolean: moved by at most UNPERTURBED_TOL in the attack's norm."""
+        return self.threat.distance(x_adv, x) <= UNPERTURBED_TOL
+
+    def fill_budget(self) -> tuple[str, float]:
+        """(pyautoattack norm, radius) of the APGD-CE that replaces unperturbed examples."""
+        if self.norm == "l2":
+            eps = self.settings.get("eps") if self.eps is not None else self.settings.get("fill_eps")
+            return "L2", float(eps if eps is not None else DEFAULT_L2_FILL_EPS)
+        return "Linf", float(self.settings.get("eps") or 0.0)
+
+    def attack_the_unperturbed(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, seed: int
+    ) -> torch.Tensor:
+        """APGD-CE's highest-loss point for every example `x_adv` leaves unperturbed. Runs: pyautoattack."""
+        left = self.unperturbed(x_adv, x)
+        norm, eps = self.fill_budget()
+        if not bool(left.any()) or eps <= 0:
+            return x_adv
+        from pyautoattack.autopgd_base import APGDAttack
+
+        eot_iter = int(self.settings.get("eot_iter", 1)) if self.native_eot else 1
+        apgd = APGDAttack(
+            model,
+            n_iter=FILL_ITERATIONS,
+            norm=norm,
+            n_restarts=1,
+            eps=eps,
+            seed=seed,
+            loss="ce",
+            eot_iter=eot_iter,
+            rho=0.75,
+            device=x.device,
+        )
+        x_adv = x_adv.clone()
+        x_adv[left] = apgd.perturb(x[left], y[left], best_loss=True).to(x_adv.dtype)
+        return x_adv
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())

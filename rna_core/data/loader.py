@@ -9,7 +9,7 @@ float per batch there, so host memory traffic stays 4x smaller than with float s
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -4,7 +4,7 @@ Why Parquet: one file per split travels through object stores and Ray's working 
 reads it from ``s3://``/``gs://``/local paths alike, and the class names ride along in the
 schema metadata, so a file is self-describing.
 
-Format (DESIGN.md section 4): columns ``image`` (binary, encoded image file), ``label``
+Format: columns ``image`` (binary, encoded image file), ``label``
 (int16), optional ``index_in_class`` (int32); schema metadata key ``dataset`` holds JSON with
 at least ``classes``.
 """
@@ -16,9 +16,10 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -203,6 +204,13 @@ def check_parquet_dataset(uri: str) -> None:
     _read_metadata(schema, uri)
 
 
+def dataset_rows(uri: str) -> int:
+    """Number of examples in a dataset file, from the Parquet footer (no image is read)."""
+    fs, path = _resolve(uri)
+    with fs.open_input_file(path) as f:
+        return int(pq.ParquetFile(f).metadata.num_rows)
+
+
 def _open_dataset(uri: str, read: bool) -> tuple[pa.Table | None, pa.Schema, str]:
     """(the image and label columns if `read`, the schema, the path), or one-line errors."""
     fs, path = _resolve(uri)
@@ -245,9 +253,7 @@ def _to_nhwc(images: torch.Tensor | np.ndarray) -> np.ndarray:
     """uint8 NHWC numpy array; NCHW input (channels at dim 1) is transposed."""
     arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if arr.dtype != np.uint8 or arr.ndim != 4:
-        raise ConfigError(
-            f"images must be a uint8 array of shape (N,H,W,3) or (N,3,H,W), got {arr.dtype} {arr.shape}"
-        )
+        raise ConfigError(f"images must be a uint8 array of shape (N,H,W,3) or (N,3,H,W), got {arr.dtype} {arr.shape}")
     if arr.shape[1] == 3:  # NCHW wins ties (N,3,H,3): it is this project's layout
         arr = arr.transpose(0, 2, 3, 1)
     elif arr.shape[3] != 3:

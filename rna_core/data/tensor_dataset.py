@@ -7,8 +7,8 @@ Python work and no DataLoader worker processes to start inside Ray workers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -25,13 +25,9 @@ class ImageTensorDataset:
     def __post_init__(self) -> None:
         # Catch shape mistakes at construction, where the cause is obvious, not in a batch later.
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
-            raise ValueError(
-                f"images must be uint8 (N,3,H,W), got {self.images.dtype} {tuple(self.images.shape)}"
-            )
+            raise ValueError(f"images must be uint8 (N,3,H,W), got {self.images.dtype} {tuple(self.images.shape)}")
         if self.labels.dim() != 1 or self.labels.shape[0] != self.images.shape[0]:
-            raise ValueError(
-                f"labels must be (N,) with N={self.images.shape[0]}, got {tuple(self.labels.shape)}"
-            )
+            raise ValueError(f"labels must be (N,) with N={self.images.shape[0]}, got {tuple(self.labels.shape)}")
         if self.labels.dtype != torch.int64:
             self.labels = self.labels.to(torch.int64)
 

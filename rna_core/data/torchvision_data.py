@@ -16,7 +16,7 @@ import torch
 from rna_core.data.tensor_dataset import ImageTensorDataset
 from rna_core.errors import ConfigError, DatasetNotFoundError
 
-_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
 def load_torchvision_cifar(
@@ -30,7 +30,7 @@ def load_torchvision_cifar(
         raise ConfigError(f"unknown torchvision dataset {name!r}; use one of {', '.join(classes_by_name)}")
     root = os.path.abspath(os.path.expanduser(root))
     split = "train" if train else "test"
-    where = os.path.join(root, _FOLDERS[name])
+    where = os.path.join(root, TORCHVISION_FOLDERS[name])
     try:
         ds = classes_by_name[name](root=root, train=train, download=download)
     except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"

@@ -7,6 +7,7 @@
 Pure PyTorch (no Ray, no MLflow); a fan-out calls :func:`evaluate_batch` with :func:`batch_seed`.
 """
 
+from .naming import CLEAN_METRIC, pgd_metric, result_metric
 from .path_analysis import (
     DistanceRecord,
     TransferMatrix,
@@ -27,13 +28,40 @@ from .protocols import (
     list_protocols,
     run_protocol,
 )
-from .results import ResultRow, merge_rows, method_label, read_rows_parquet, rows_to_table, table_to_rows, write_rows_parquet
+from .results import (
+    ResultRow,
+    merge_rows,
+    method_label,
+    read_rows_parquet,
+    rows_to_table,
+    table_to_rows,
+    write_rows_parquet,
+)
 from .runner import evaluate_model, make_batches
 from .seeds import batch_seed, trial_seed, unit_seed
 from .stability import StabilityStats, stability, stability_table
 from .tables import EXTRA_COLUMNS, PAPER_COLUMNS, paper_table, paper_tables, render_markdown
+from .training_metrics import (
+    FINAL_SEED,
+    Measure,
+    epoch_measures,
+    epoch_metric_names,
+    evaluate_measures,
+    final_measures,
+    final_metric_names,
+)
 
 __all__ = [
+    "CLEAN_METRIC",
+    "FINAL_SEED",
+    "Measure",
+    "epoch_measures",
+    "epoch_metric_names",
+    "evaluate_measures",
+    "final_measures",
+    "final_metric_names",
+    "pgd_metric",
+    "result_metric",
     "DEFAULT_EOT_ITER",
     "EXTRA_COLUMNS",
     "PAPER_COLUMNS",

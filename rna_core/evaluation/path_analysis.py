@@ -10,9 +10,9 @@ a notebook's pyplot backend is left alone).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path as FsPath
-from typing import Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -53,7 +53,9 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path: Path) -> 
         return int((model(x).argmax(1) == y).sum().item())
 
 
-def attack_on_path(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, path: Path, seed: int) -> torch.Tensor:
+def attack_on_path(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, path: Path, seed: int
+) -> torch.Tensor:
     """Adversarial examples crafted with the model held on `path` (the transfer protocol's attack)."""
     set_path(model, path)
     return attack(model, x, y, torch.Generator().manual_seed(unit_seed(seed, "attack")))
@@ -190,12 +192,20 @@ def _figure():
     return fig
 
 
-def save_distance_analysis(records: Sequence[DistanceRecord], out_dir: str | os.PathLike, attack: str = "", stem: str = "accuracy_vs_distance") -> dict[str, str]:
+def save_distance_analysis(
+    records: Sequence[DistanceRecord], out_dir: str | os.PathLike, attack: str = "", stem: str = "accuracy_vs_distance"
+) -> dict[str, str]:
     """Write the records as Parquet, CSV and a PNG line plot; returns {kind: path}."""
     out = FsPath(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [
-        {"distance": r.distance, "layers_differ": r.layers_differ, "n": r.n, "correct": r.correct, "accuracy": r.accuracy}
+        {
+            "distance": r.distance,
+            "layers_differ": r.layers_differ,
+            "n": r.n,
+            "correct": r.correct,
+            "accuracy": r.accuracy,
+        }
         for r in records
     ]
     files = _write_table(rows, out, stem)
@@ -213,7 +223,9 @@ def save_distance_analysis(records: Sequence[DistanceRecord], out_dir: str | os.
     return files
 
 
-def save_transfer_matrix(result: TransferMatrix, out_dir: str | os.PathLike, attack: str = "", stem: str = "transfer_matrix") -> dict[str, str]:
+def save_transfer_matrix(
+    result: TransferMatrix, out_dir: str | os.PathLike, attack: str = "", stem: str = "transfer_matrix"
+) -> dict[str, str]:
     """Write the matrix (long format) as Parquet, CSV and a PNG heatmap; returns {kind: path}."""
     out = FsPath(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,21 @@
-"""Evaluation protocols for randomized models (DESIGN.md section 2): who draws which path, when.
+"""Evaluation protocols for randomized models: who draws which path, when.
 
 The protocol, not the attack, decides the paths:
 - ``transfer`` (the paper's setting): one attack path per batch, held for the whole attack (every
   forward inside the attack runs it), then a fresh path, drawn without knowing the attack path,
   scores the result (so `far:<f>` scores like `uniform`: a defender who steered the scoring path
-  away from the attacked one would be using the attacker's secret).
-- ``early-stop`` (the paper's adaptive setting): as ``transfer``, but an example is no longer
-  perturbed once it is misclassified on the attack path.
+  away from the attacked one would be using the attacker's secret). The attack runs under the
+  unperturbed rule (`Attack.scored_on_another_path`): no example is scored unperturbed.
+- ``transfer-raw`` (paper-comparable): as ``transfer``, with the same seeds, but each attack's own
+  output is scored as the library returns it, clean inputs handed back included, as the RNA
+  paper's `evaluate.py` scores torchattacks' outputs. It differs from ``transfer`` only on the
+  examples an attack hands back unperturbed.
+- ``early-stop`` (Double-Win Quant's evaluation, `CIFAR/utils.py` `attack_pgd`, the seed's adaptive
+  setting in its Table 3; the RNA code attacks every example every step): as ``transfer``, but an
+  example is no longer perturbed once it is misclassified on the attack path.
 - ``fixed-path``: the attacked path also scores (a white-box bound).
 - ``eot``: every forward inside the attack draws a fresh path, and gradients are averaged over
-  ``eot_iter`` draws; a fresh path scores.
+  ``eot_iter`` draws; a fresh path scores. The unperturbed rule applies, as under ``transfer``.
 
 Batch evaluation is a pure function of (model state, batch, attack, protocol, seed): all path draws
 and attack randomness come from generators seeded from ``seed``, so a fan-out that evaluates
@@ -33,8 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -44,7 +50,7 @@ from ..errors import ConfigError
 from ..paths import Path, PathSampler, count_paths, fresh_path_every_forward, set_path
 from .seeds import batch_seed, unit_seed
 
-PROTOCOLS = ("transfer", "early-stop", "fixed-path", "eot")
+PROTOCOLS = ("transfer", "transfer-raw", "early-stop", "fixed-path", "eot")
 DEFAULT_EOT_ITER = 10
 
 
@@ -96,7 +102,7 @@ class FirstFooled:
         self.points = self.x.clone()
         self._handle: torch.utils.hooks.RemovableHandle | None = None
 
-    def __enter__(self) -> "FirstFooled":
+    def __enter__(self) -> FirstFooled:
         self._handle = self.model.register_forward_hook(self._hook)
         return self
 
@@ -111,7 +117,9 @@ class FirstFooled:
         if len(q) == n:
             idx = torch.arange(n, device=q.device)
         elif self.threat.norm == "none" or self.threat.eps is None:
-            return torch.zeros(len(q), dtype=torch.long, device=q.device), torch.zeros(len(q), dtype=torch.bool, device=q.device)
+            return torch.zeros(len(q), dtype=torch.long, device=q.device), torch.zeros(
+                len(q), dtype=torch.bool, device=q.device
+            )
         else:
             p = 2.0 if self.threat.norm == "l2" else float("inf")
             flat_x = self.x.flatten(1)
@@ -184,7 +192,7 @@ def run_protocol(
     attack = resolve_attack(attack)
     if eot_iter < 1:
         raise ConfigError(f"eot_iter must be a positive integer, got {eot_iter}")
-    if protocol in ("transfer", "eot"):  # the score runs a path the attack's forwards did not
+    if protocol in ("transfer", "eot"):  # the score runs a path the attack's forwards did not: no clean inputs
         attack = attack.scored_on_another_path()
     start = time.perf_counter()
     attack_sampler = _sampler(strategy, seed, "attack-path")
@@ -217,7 +225,9 @@ def run_protocol(
         with torch.no_grad():
             correct = int((model(x_adv).argmax(1) == y).sum().item())
     draws_total = attack_sampler.draws + score_sampler.draws + eot_sampler.draws
-    return ProtocolOutcome(x_adv, correct, int(y.shape[0]), attack_path, score_path, draws_total, time.perf_counter() - start)
+    return ProtocolOutcome(
+        x_adv, correct, int(y.shape[0]), attack_path, score_path, draws_total, time.perf_counter() - start
+    )
 
 
 def evaluate_batch(

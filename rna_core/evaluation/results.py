@@ -1,4 +1,4 @@
-"""Result rows (DESIGN.md section 2) and their Parquet file.
+"""Result rows (one per model, attack, protocol, trial) and their Parquet file.
 
 One row per (model, attack, protocol, trial): run_id, model, method, dataset, attack, protocol,
 eps, trial, seed, n, correct, accuracy, seconds. ``eps`` is in pixels/255 like every eps a user
@@ -13,15 +13,17 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path as FsPath
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..errors import ConfigError, DatasetNotFoundError
+from ..methods import method_row_label
 
 SCHEMA_TAG = {"kind": "rna-evaluation-results", "version": 1}
 
@@ -49,17 +51,11 @@ def method_label(spec: Mapping[str, Any]) -> str:
     """The `method` a result row carries: what tells two evaluated models apart in a paper table.
 
     Tables group rows by (model, method), so the label names the randomness, not only the
-    builder: a plain single-norm model is its norm ("bn", "gn:32", as the paper's BN/GN rows),
-    an RNA model carries its space ("rna(bn,gns:1)"), RPI+RPT its precision set ("rpt(4-16)").
-    A BN baseline and an RNA model, or two random spaces, never share a table row.
+    builder; each method says how (`Method.row_label`): a plain single-norm model is its norm
+    ("bn", "gn:32", as the paper's BN/GN rows), an RNA model carries its space ("rna(bn,gns:1)"),
+    RPI+RPT its precision set ("rpt(4-16)"). A BN baseline and an RNA model never share a row.
     """
-    method = str(spec.get("method", "none"))
-    norm = str(spec.get("norm", ""))
-    if method == "rna" and norm:
-        return f"rna({norm})" if "," in norm else norm
-    if method == "rpt" and spec.get("precisions"):
-        return f"rpt({spec['precisions']})"
-    return method
+    return method_row_label(spec)
 
 
 @dataclass(frozen=True)
@@ -79,7 +75,7 @@ class ResultRow:
     seconds: float
 
     @classmethod
-    def make(cls, *, n: int, correct: int, **rest: object) -> "ResultRow":
+    def make(cls, *, n: int, correct: int, **rest: object) -> ResultRow:
         """A row with accuracy = correct / n (NaN for an empty evaluation)."""
         return cls(n=int(n), correct=int(correct), accuracy=correct / n if n else math.nan, **rest)  # type: ignore[arg-type]
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,7 @@ from ..attacks.registry import Attack, resolve_attack
 from ..data.loader import BatchIterator
 from ..data.tensor_dataset import ImageTensorDataset
 from ..errors import ConfigError
+from ..units import to_pixels
 from .protocols import DEFAULT_EOT_ITER, check_protocol, evaluate_batch
 from .results import ResultRow, method_label
 from .seeds import batch_seed, trial_seed
@@ -113,7 +115,13 @@ def evaluate_model(
     info = _meta(model, data, meta)
     batches = make_batches(data, batch_size, limit, _device_of(model))
     totals: dict[tuple[str, str, int], list[float]] = defaultdict(lambda: [0, 0, 0.0])
-    bar = tqdm(total=trials * len(batches), desc=f"evaluate {info['model']}", unit="batch", disable=not _show_progress(progress), file=sys.stderr)
+    bar = tqdm(
+        total=trials * len(batches),
+        desc=f"evaluate {info['model']}",
+        unit="batch",
+        disable=not _show_progress(progress),
+        file=sys.stderr,
+    )
     try:
         for t in range(trials):
             tseed = trial_seed(seed, t)
@@ -133,13 +141,20 @@ def evaluate_model(
     rows = []
     for t in range(trials):
         for attack in resolved:
-            eps = None if attack.eps is None else round(attack.eps * 255, 6)
+            eps = to_pixels(attack.eps)
             for protocol in protocols:
                 correct, n, seconds = totals[(attack.name, protocol, t)]
                 rows.append(
                     ResultRow.make(
-                        **info, attack=attack.name, protocol=protocol, eps=eps, trial=t,
-                        seed=trial_seed(seed, t), n=int(n), correct=int(correct), seconds=float(seconds),
+                        **info,
+                        attack=attack.name,
+                        protocol=protocol,
+                        eps=eps,
+                        trial=t,
+                        seed=trial_seed(seed, t),
+                        n=int(n),
+                        correct=int(correct),
+                        seconds=float(seconds),
                     )
                 )
     return rows

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from .results import ResultRow
 
@@ -53,7 +53,9 @@ def stability(rows: Iterable[ResultRow]) -> list[StabilityStats]:
         mean = sum(accs) / len(accs)
         std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
         seeds = tuple(r.seed for r in sorted(members, key=lambda r: r.trial))
-        out.append(StabilityStats(*key, trials=len(accs), seeds=seeds, mean=mean, std=std, min=min(accs), max=max(accs)))
+        out.append(
+            StabilityStats(*key, trials=len(accs), seeds=seeds, mean=mean, std=std, min=min(accs), max=max(accs))
+        )
     return out
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 from ..attacks.registry import attack_spec
 from ..errors import ConfigError
+from ..units import to_pixels
 from .protocols import PROTOCOLS
 from .results import ResultRow
 
@@ -41,7 +42,7 @@ def _default_eps(attack: str) -> float | None:
         eps = attack_spec(attack).defaults.get("eps")
     except ConfigError:  # an attack no longer (or not yet) registered in this process
         return None
-    return None if eps is None else round(eps * 255, 6)
+    return to_pixels(eps)
 
 
 def _eps_key(eps: float | None) -> float | None:
@@ -119,5 +120,12 @@ def render_markdown(rows: Iterable[ResultRow], title: str | None = None) -> str:
         subset = [r for r in rows if r.dataset == dataset]
         for protocol in paper_tables(subset):
             heading = f"## {dataset}: protocol `{protocol}`" if len(datasets) > 1 else f"## Protocol `{protocol}`"
-            parts += [heading, "", "Accuracy (%) under attack; rows model x method.", "", paper_table(subset, protocol), ""]
+            parts += [
+                heading,
+                "",
+                "Accuracy (%) under attack; rows model x method.",
+                "",
+                paper_table(subset, protocol),
+                "",
+            ]
     return "\n".join(parts).rstrip() + "\n"

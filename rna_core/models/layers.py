@@ -9,12 +9,12 @@ build only the classifier head with `linear`, so a factory can treat those layer
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..norms import build_norm, parse_space
+from ..norms import build_norm, norm_versions, parse_space
 from ..random_layer import RandomNorm
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -56,6 +56,16 @@ class LayerFactory:
             return build_norm(self.space[0], channels, where)
         return RandomNorm(self.space, channels, where)
 
+    def final_norm(self, channels: int, where: str) -> nn.Module:
+        """The norm between the last pre-activation block and global pooling (WRN, PreActResNet).
+
+        A plain BatchNorm2d whatever the space, never random: RNA's WideResNet builds it with
+        `nn.BatchNorm2d` directly (`model/wide_resnet.py`), so with `bn,gns:1` no path standardises
+        each image per channel right before pooling. The `rpt` factory puts its switchable
+        BatchNorm here instead, as Double-Win Quant does.
+        """
+        return nn.BatchNorm2d(channels)
+
     def conv(
         self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, *, role: str = "body"
     ) -> nn.Module:
@@ -71,15 +81,34 @@ class LayerFactory:
         return nn.Linear(in_features, out_features)
 
     def describe(self) -> dict[str, str]:
-        """What the factory builds, for checkpoints and model cards."""
-        return {"norm": ",".join(map(str, self.space))}
+        """What the factory builds, for checkpoints and model cards.
+
+        `norm_versions` (only when the space holds a norm whose numerics changed, e.g. `in=2`)
+        makes a checkpoint of the earlier layer fail the identity check by name.
+        """
+        versions = norm_versions(self.space)
+        return {"norm": ",".join(map(str, self.space)), **({"norm_versions": versions} if versions else {})}
+
+
+def final_norm_identity(norm: nn.Module) -> dict[str, str]:
+    """Checkpoint-identity entry of a model whose final norm is a plain BatchNorm (not random).
+
+    Such models made that norm a RandomNorm before; the entry makes their older checkpoints fail
+    the identity check instead of loading into the plain layer.
+    """
+    return {} if isinstance(norm, RandomNorm) else {"final_norm": "bn"}
 
 
 BlockBuilder = Callable[[LayerFactory, int, int, int, str], nn.Module]
 
 
 def build_stages(
-    f: LayerFactory, block: BlockBuilder, blocks_per_stage: Sequence[int], widths: Sequence[int], in_ch: int, prefix: str
+    f: LayerFactory,
+    block: BlockBuilder,
+    blocks_per_stage: Sequence[int],
+    widths: Sequence[int],
+    in_ch: int,
+    prefix: str,
 ) -> tuple[list[nn.Sequential], int]:
     """The residual stages of a CIFAR ResNet/WRN: each stage but the first halves the resolution.
 

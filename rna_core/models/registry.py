@@ -1,13 +1,12 @@
-"""Model registry and `create_model`, the one way every job and notebook builds a network.
+"""The model registry: architectures by name, each a builder that takes a layer factory.
 
-A model builder takes a :class:`LayerFactory`; the *method* (`rna`: norms from a random space;
-`rpt`: quantized layers with switchable BatchNorm) decides which factory, so every model works with
-every method.
+`rna_core.create_model` (rna_core/builders.py) pairs a registered architecture with a method's
+layer factory (`rna_core.methods`), so every model works with every method.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable
 
 import torch.nn as nn
 
@@ -15,10 +14,9 @@ from ..errors import ConfigError
 from .layers import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, LayerFactory, Standardize
 
 ModelBuilder = Callable[[LayerFactory, int, Standardize], nn.Module]
-FactoryBuilder = Callable[..., LayerFactory]
 
 _MODELS: dict[str, ModelBuilder] = {}
-_METHODS: dict[str, FactoryBuilder] = {}
+_STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
@@ -29,55 +27,17 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     return deco
 
 
-def register_method(name: str) -> Callable[[FactoryBuilder], FactoryBuilder]:
-    """Register `fn(norm: str, **options) -> LayerFactory` as a randomization method."""
-
-    def deco(fn: FactoryBuilder) -> FactoryBuilder:
-        _METHODS[name] = fn
-        return fn
-
-    return deco
-
-
 def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def list_methods() -> list[str]:
-    return sorted(_METHODS)
-
-
-@register_method("rna")
-def _rna_factory(norm: str = "bn", **options: Any) -> LayerFactory:
-    if options:
-        raise ConfigError(f"method 'rna' takes no options besides norm; got {sorted(options)}")
-    return LayerFactory(norm)
-
-
-_STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
-
-
-def create_model(
-    name: str,
-    num_classes: int = 10,
-    norm: str = "bn",
-    method: str = "rna",
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    dataset: str = "cifar10",
-    **method_options: Any,
-) -> nn.Module:
-    """Build model `name` with norm spec or random space `norm` (e.g. `"bn,gns:1"`).
-
-    Input standardisation uses `mean`/`std` if given, else the statistics of `dataset`.
-    """
+def model_builder(name: str) -> ModelBuilder:
+    """The builder registered as `name`; an unknown name is one ConfigError listing the valid ones."""
     if name not in _MODELS:
         raise ConfigError(f"unknown model '{name}'; valid models: {', '.join(list_models())}")
-    if method not in _METHODS:
-        raise ConfigError(f"unknown method '{method}'; valid methods: {', '.join(list_methods())}")
-    default_mean, default_std = _STATS.get(dataset, _STATS["cifar10"])
-    standardize = Standardize(mean or default_mean, std or default_std)
-    factory = _METHODS[method](norm=norm, **method_options)
-    model = _MODELS[name](factory, num_classes, standardize)
-    model.rna_spec = {"model": name, "num_classes": num_classes, "method": method, **factory.describe()}  # type: ignore[attr-defined]
-    return model
+    return _MODELS[name]
+
+
+def dataset_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the input standardisation for `dataset` (CIFAR-10's for others, e.g. synthetic)."""
+    return _STATS.get(dataset, _STATS["cifar10"])

@@ -1,4 +1,8 @@
-"""ResNet-18, CIFAR variant (3x3 stem, no max-pool), with every norm from the layer factory."""
+"""ResNet-18, CIFAR variant (3x3 stem, no max-pool), with every norm from the layer factory.
+
+As RNA's `model/resnet.py`: 20 norm layers (two per block, one per projection shortcut, one after the
+stem), convs Kaiming-normal over fan-out, the classifier N(0, 0.001^2), zero biases.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .init import init_resnet_style
 from .layers import LayerFactory, Standardize, build_stages
 from .registry import register_model
 
@@ -19,7 +24,9 @@ class BasicBlock(nn.Module):
         self.bn2 = f.norm(out_ch, f"{where}.bn2")
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(f.conv(in_ch, out_ch, 1, stride, 0, role="shortcut"), f.norm(out_ch, f"{where}.shortcut"))
+            self.shortcut = nn.Sequential(
+                f.conv(in_ch, out_ch, 1, stride, 0, role="shortcut"), f.norm(out_ch, f"{where}.shortcut")
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -36,6 +43,7 @@ class ResNet(nn.Module):
         stages, _ = build_stages(f, BasicBlock, blocks, (64, 128, 256, 512), 64, "layer")
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.linear = f.linear(512, num_classes)
+        init_resnet_style(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(self.standardize(x))))

@@ -1,10 +1,10 @@
 """Shared command-line plumbing for every job (train, sweep, evaluate, ...).
 
-Why one module: every job must treat user mistakes the same way (DESIGN.md 4): one line on
+Why one module: every job must treat user mistakes the same way: one line on
 stderr naming what is wrong and what to do, exit code 2, no traceback, and nothing started
 (no Ray cluster, no MLflow run) before the configuration has been validated.
 
-    from jobs._cli import OneLineParser, add_config_arguments, config_from_args, run_main
+    from jobs.cli import OneLineParser, add_config_arguments, config_from_args, run_main
 
 Jobs run as `python jobs/<job>.py` from the repository root without installing the project,
 so each job puts the repository root on `sys.path` before importing this module.
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -97,7 +97,12 @@ def find_user_error(exc: BaseException, depth: int = 6) -> RnaError | None:
         cause = getattr(current, "cause", None)
         if isinstance(current, RnaError) and not isinstance(cause, BaseException):
             return current
-        nested: list[object] = [cause, getattr(current, "controller_failure", None), current.__cause__, current.__context__]
+        nested: list[object] = [
+            cause,
+            getattr(current, "controller_failure", None),
+            current.__cause__,
+            current.__context__,
+        ]
         failures = getattr(current, "worker_failures", None)
         if isinstance(failures, dict):
             nested.extend(failures.values())

@@ -1,0 +1,254 @@
+"""The Ray tasks of an evaluation (one unit's counts, the path analysis) and their fan-out.
+
+The weights and the test images are put in the object store once; a task receives their
+references (nested, so Ray does not fetch them for it) and fetches and builds them only when its
+worker process has not done so already. A unit evaluates its batches with the seeds the
+sequential `rna_core.evaluation.evaluate_model` gives them, so its counts do not depend on where
+it ran. Each task asks for `eval.cpus_per_task` CPUs and, when the cluster has GPUs,
+`eval.gpus_per_task` of a GPU; the driver keeps at most `eval.max_in_flight` tasks in flight
+(`ray.wait`), and Ray retries a failed task (`eval.max_retries`, `retry_exceptions=True`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ray
+import torch
+
+from rna_core.attacks.registry import get_attack
+from rna_core.builders import model_from_config
+from rna_core.config import EvalConfig, flatten, unflatten
+from rna_core.data import BatchIterator, ImageTensorDataset
+from rna_core.errors import ConfigError
+from rna_core.evaluation import accuracy_vs_distance, batch_seed, evaluate_batch, transfer_matrix, trial_seed
+from rna_core.units import settings_to_unit
+
+from ..cluster import cluster_resources, resolve_use_gpu
+from .plan import EvalPlan, settings_hash
+from .store import Unit, paths_settings, save_paths, write_unit
+
+Echo = Callable[[str], None]
+
+_WORKER_CACHE: dict[str, tuple[str, Any]] = {}
+
+
+class InjectedFailure(RuntimeError):
+    """Raised once by the test hook `fail_once_marker` (never in normal use)."""
+
+
+def fail_once(marker: str | None, unit_id: str) -> None:
+    """Test hook: the first caller to create `marker` raises; every later call passes.
+
+    `O_EXCL` makes the creation atomic across processes, so exactly one unit fails once, and
+    only Ray's own retry can bring its result back.
+    """
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as fh:
+        fh.write(unit_id)
+    raise InjectedFailure(f"injected failure of unit {unit_id} (fail_once_marker test hook)")
+
+
+def _cached(slot: str, key: str, box: list, build: Callable[[Any], Any]) -> Any:
+    """The value of `slot` in this worker process, fetched from the object store only when `key` changed."""
+    hit = _WORKER_CACHE.get(slot)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    _WORKER_CACHE.pop(slot, None)  # free the old one before fetching the new one
+    value = build(ray.get(box[0]))
+    _WORKER_CACHE[slot] = (key, value)
+    return value
+
+
+def _build_model(payload: Mapping[str, Any], device: torch.device) -> torch.nn.Module:
+    model = model_from_config(unflatten(payload["config"]))
+    model.load_state_dict(payload["state"])
+    return model.to(device).eval()
+
+
+def _build_data(payload: Mapping[str, Any]) -> ImageTensorDataset:
+    return ImageTensorDataset(payload["images"], payload["labels"], list(payload["classes"]), payload["name"])
+
+
+def _task_context(
+    task: Mapping[str, Any], model_box: list, data_box: list
+) -> tuple[torch.nn.Module, ImageTensorDataset, torch.device]:
+    torch.set_num_threads(max(1, int(task["threads"])))
+    use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+    device = torch.device("cuda" if use_cuda else "cpu")
+    model = _cached("model", f"{task['weights']}@{device}", model_box, lambda p: _build_model(p, device))
+    data = _cached("data", task["data"], data_box, _build_data)
+    return model, data, device
+
+
+def evaluate_unit(model_box: list, data_box: list, task: dict[str, Any]) -> dict[str, Any]:
+    """Ray task: correct predictions of one unit, batch by batch with the sequential run's seeds."""
+    fail_once(task.get("fail_once_marker"), task["unit_id"])
+    model, data, device = _task_context(task, model_box, data_box)
+    attack = get_attack(task["attack"], **task["settings"])
+    if settings_hash(attack) != task["settings_hash"]:  # a worker running other code than the driver
+        raise ConfigError(
+            f"attack {attack.name} has other settings on this worker than on the driver ({attack.settings}); "
+            "update the cluster's code"
+        )
+    bs, first = int(task["batch_size"]), int(task["first"])
+    shard = data.subset(torch.arange(first, int(task["stop"])))
+    tseed = trial_seed(int(task["seed"]), int(task["trial"]))
+    correct = n = 0
+    start = time.perf_counter()
+    for i, (x, y) in enumerate(BatchIterator(shard, bs, shuffle=False, seed=0, device=device)):
+        bseed = batch_seed(tseed, first // bs + i)
+        correct += evaluate_batch(model, x, y, attack, task["protocol"], bseed, int(task["eot_iter"]), task["strategy"])
+        n += int(y.shape[0])
+    return {"unit_id": task["unit_id"], "correct": correct, "n": n, "seconds": time.perf_counter() - start}
+
+
+def analyze_paths(model_box: list, data_box: list, task: dict[str, Any]) -> dict[str, Any]:
+    """Ray task: accuracy vs. attack/inference path distance, and the transfer matrix."""
+    model, data, device = _task_context(task, model_box, data_box)
+    subset = data.head(int(task["limit"]))
+    batches = list(BatchIterator(subset, int(task["batch_size"]), shuffle=False, seed=0, device=device))
+    attack = get_attack(task["attack"])
+    return {
+        "distance": accuracy_vs_distance(model, batches, attack, seed=int(task["seed"])),
+        "matrix": transfer_matrix(model, batches, attack, num_paths=4, seed=int(task["seed"])),
+    }
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """Units done / total, elapsed and ETA, as a line at most every `every` seconds (and at the end)."""
+
+    def __init__(self, total: int, already: int, echo: Echo, every: float):
+        self.total, self.done, self.already = total, already, already
+        self.echo, self.every = echo, every
+        self.start = time.monotonic()
+        self.last = -float("inf")
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        ran = self.done - self.already
+        left = self.total - self.done
+        eta = _clock(elapsed / ran * left) if ran else "?"
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return f"[evaluate] {self.done}/{self.total} units ({pct:.0f}%)  elapsed {_clock(elapsed)}  eta {eta}"
+
+    def advance(self, k: int = 1) -> None:
+        self.done += k
+        self.maybe_print(force=self.done == self.total)
+
+    def maybe_print(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= self.every:
+            self.last = now
+            self.echo(self.line())
+
+
+def _task_resources(options: EvalConfig, use_gpu: bool) -> dict[str, Any]:
+    res: dict[str, Any] = {
+        "num_cpus": options.cpus_per_task,
+        "max_retries": options.max_retries,
+        "retry_exceptions": True,
+    }
+    if use_gpu and options.gpus_per_task > 0:
+        res["num_gpus"] = options.gpus_per_task
+    return res
+
+
+def _max_in_flight(options: EvalConfig, use_gpu: bool) -> int:
+    """Twice what the cluster runs at once: enough queued to keep it busy, bounded memory."""
+    if options.max_in_flight:
+        return options.max_in_flight
+    res = cluster_resources()
+    slots = res.get("CPU", 1.0) / options.cpus_per_task
+    if use_gpu and options.gpus_per_task > 0:
+        slots = min(slots, res.get("GPU", 0.0) / options.gpus_per_task)
+    return max(1, int(slots)) * 2
+
+
+def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail_once_marker: str | None = None) -> int:
+    """Run `todo` (and the path analysis) as Ray tasks; each finished unit is stored at once.
+
+    Returns the number of units run. On a task that fails after its retries the tasks in flight
+    are cancelled and the error propagates; the units stored so far stay (a re-run resumes).
+    """
+    o = plan.options
+    use_gpu = resolve_use_gpu(plan.source.cfg)
+    resources = _task_resources(o, use_gpu)
+    limit = _max_in_flight(o, use_gpu)
+    model_box = [ray.put({"config": flatten(plan.source.cfg), "state": plan.source.state})]
+    ds = plan.dataset
+    data_box = [ray.put({"images": ds.images, "labels": ds.labels, "classes": list(ds.classes), "name": ds.name})]
+    common = {
+        "weights": plan.source.weights_digest,
+        "data": plan.data_digest,
+        "threads": max(1, int(o.cpus_per_task)),
+        "batch_size": o.batch_size,
+        "seed": o.seed,
+        "eot_iter": o.eot_iter,
+        "strategy": o.strategy,
+    }
+    by_name = {a.name: a for a in plan.attacks}
+    unit_task = ray.remote(evaluate_unit).options(**resources)
+    gpu_note = f" + {o.gpus_per_task:g} GPU" if "num_gpus" in resources else ""
+    echo(
+        f"[evaluate] {len(todo)} unit(s) to run as Ray tasks ({o.cpus_per_task:g} CPU{gpu_note} each, "
+        f"at most {limit} in flight, {o.max_retries} retries)"
+    )
+
+    progress = Progress(len(plan.units) + int(with_paths), len(plan.units) - len(todo), echo, o.progress_every)
+    in_flight: dict[Any, Unit | None] = {}
+    if with_paths:
+        paths_task = ray.remote(analyze_paths).options(**resources)
+        in_flight[paths_task.remote(model_box, data_box, {**common, **paths_settings(plan)})] = None
+    queue = list(reversed(todo))
+    ran = 0
+    try:
+        while queue or in_flight:
+            while queue and len(in_flight) < limit:
+                u = queue.pop()
+                task = {
+                    **common,
+                    "unit_id": u.unit_id,
+                    "attack": u.attack,
+                    "settings": settings_to_unit(o.attack_settings.get(u.attack, {})),
+                    "settings_hash": u.settings_hash,
+                    "protocol": u.protocol,
+                    "trial": u.trial,
+                    "first": u.first,
+                    "stop": u.stop,
+                    "fail_once_marker": fail_once_marker,
+                }
+                in_flight[unit_task.remote(model_box, data_box, task)] = u
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=o.progress_every)
+            for ref in ready:
+                u = in_flight.pop(ref)
+                result = ray.get(ref)  # a task that failed after its retries raises here
+                if u is None:
+                    save_paths(plan, result)
+                else:
+                    write_unit(plan.out_dir, u, by_name[u.attack], result, o.seed)
+                    ran += 1
+                progress.advance()
+            if not ready:
+                progress.maybe_print()
+    except BaseException:
+        for ref in in_flight:
+            ray.cancel(ref, force=False)
+        raise
+    return ran
+
+
+__all__ = ["InjectedFailure", "Progress", "analyze_paths", "evaluate_unit", "fail_once", "fan_out"]

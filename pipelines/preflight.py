@@ -1,0 +1,158 @@
+"""Every check that runs before Ray starts or an MLflow run is created.
+
+A mistake in a job's input (config, data location, a model that cannot be built, a run folder or
+store that cannot be written, a tracking server that does not answer) costs one line and leaves
+nothing behind. The checks create nothing: a folder is checked on its nearest existing ancestor.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rna_core.builders import effective_train_config, model_structure
+from rna_core.config import Config, flatten
+from rna_core.data.parquet import check_parquet_dataset, dataset_exists, dataset_rows
+from rna_core.data.torchvision_data import TORCHVISION_FOLDERS, load_torchvision_cifar
+from rna_core.errors import ConfigError, DatasetNotFoundError
+from rna_core.paths import check_strategy
+
+from .run_folder import is_uri, join
+
+# What a resumed run must share with the run it continues (the network it trains).
+MODEL_IDENTITY_KEYS = ("model.name", "model.method", "model.norm", "model.precisions", "data.dataset")
+CIFAR_TRAIN_ROWS = 50_000  # CIFAR-10 and CIFAR-100 both have 50,000 training images
+
+Echo = Callable[[str], None]
+
+
+def check_writable_folder(path: str, what: str) -> None:
+    """ConfigError unless the local folder `path` exists or can be created, and can be written.
+
+    URIs (s3://, gs://, http://) are left to their clients.
+    """
+    if is_uri(path) and not path.startswith("file://"):
+        return
+    target = Path(path[len("file://") :] if path.startswith("file://") else path).expanduser()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{what} {target} cannot be created: {probe} is a file, not a folder; choose another place")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {target} is not writable (no write permission on {probe}); choose another place")
+
+
+def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
+    """The MLflow store must be usable: a local one creatable, a tracking server answering.
+
+    An unreachable server otherwise hangs in MLflow's own retries for minutes before the first
+    run is created; here it is one line after `timeout_s`.
+    """
+    if uri.startswith("sqlite:///"):
+        check_writable_folder(str(Path(uri[len("sqlite:///") :]).parent), "the MLflow store's folder")
+    elif uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+        except urllib.error.HTTPError:
+            pass  # the server answered (a proxy may not route /health): reachable
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ConfigError(
+                f"the MLflow tracking server {uri} is not reachable ({reason}); start it or fix MLFLOW_TRACKING_URI"
+            ) from None
+    elif not is_uri(uri):
+        check_writable_folder(uri, "the MLflow store")
+
+
+def check_compatible(stored_flat: dict[str, Any], cfg: Config, run_dir: str) -> None:
+    """A resumed run must train the same network; refuse a different model before Ray starts."""
+    flat = flatten(cfg)
+    for key in MODEL_IDENTITY_KEYS:
+        if key in stored_flat and str(stored_flat[key]) != str(flat.get(key)):
+            raise ConfigError(
+                f"cannot resume {run_dir}: it trains {key}={stored_flat[key]} but the config says {flat.get(key)}; "
+                "resume with the run's own config (omit --config) or pick a new mlflow.run_name"
+            )
+
+
+def check_val_size(cfg: Config, train_rows: int) -> None:
+    """The validation split must leave every worker training rows (one line before Ray, not in a worker)."""
+    d = cfg.data
+    if d.val_size and train_rows - d.val_size < cfg.ray.num_workers:
+        raise ConfigError(
+            f"data.val_size ({d.val_size}) leaves {max(train_rows - d.val_size, 0)} of the {train_rows} "
+            "training images "
+            f"for {cfg.ray.num_workers} worker(s); lower data.val_size"
+        )
+
+
+def check_data(cfg: Config, echo: Echo | None = None) -> None:
+    """Fail fast (one line) when the dataset is not where the config says; download once if asked.
+
+    Downloading here, on the driver, keeps N workers from racing to download into one folder.
+    """
+    d = cfg.data
+    if d.dataset == "synthetic":
+        return
+    root = d.data_dir or "./data"
+    for split in ("train", "test"):
+        if dataset_exists(join(root, f"{split}.parquet")):
+            check_parquet_dataset(join(root, f"{split}.parquet"))  # corrupt or foreign: one line, before Ray
+            if split == "train":
+                check_val_size(cfg, dataset_rows(join(root, "train.parquet")))
+            continue
+        if is_uri(root):
+            raise DatasetNotFoundError(
+                f"no {split}.parquet under {root}; upload the files written by "
+                f"`python jobs/prepare_data.py --dataset {d.dataset} --out DIR` there"
+            )
+        if (Path(root) / TORCHVISION_FOLDERS[d.dataset]).is_dir():
+            if split == "train":
+                check_val_size(cfg, CIFAR_TRAIN_ROWS)
+            continue
+        if d.download:
+            if echo:
+                echo(f"downloading {d.dataset} ({split}) to {root} ...")
+            load_torchvision_cifar(d.dataset, root=root, train=split == "train", download=True)
+            if split == "train":
+                check_val_size(cfg, CIFAR_TRAIN_ROWS)
+            continue
+        raise DatasetNotFoundError(
+            f"{d.dataset} data not found in {root} (neither {split}.parquet nor torchvision files); "
+            f"run `python jobs/prepare_data.py --dataset {d.dataset} --out DIR` and set data.data_dir=DIR, "
+            "or set data.download=true"
+        )
+
+
+def check_training_config(cfg: Config) -> None:
+    """Checks that need no data and no cluster: the model builds, the batch fits the workers."""
+    effective_train_config(cfg)  # method-specific training choices can contradict each other
+    structure = model_structure(cfg)  # groups that do not divide a layer's channels, etc.
+    check_strategy(structure, cfg.train.sampling)  # e.g. a fixed: path of the wrong length
+    check_writable_folder(cfg.ray.storage_path, "ray.storage_path")
+    if cfg.data.batch_size < cfg.ray.num_workers:
+        raise ConfigError(
+            f"data.batch_size ({cfg.data.batch_size}) is the global batch and must be >= ray.num_workers "
+            f"({cfg.ray.num_workers}); raise the batch or use fewer workers"
+        )
+    if cfg.data.dataset == "synthetic":
+        n = cfg.data.train_limit or cfg.data.synthetic_size
+        if min(n, cfg.data.synthetic_size) < cfg.ray.num_workers:
+            raise ConfigError(f"the training set ({n} images) is smaller than ray.num_workers ({cfg.ray.num_workers})")
+        check_val_size(cfg, cfg.data.synthetic_size)
+
+
+__all__ = [
+    "MODEL_IDENTITY_KEYS",
+    "check_compatible",
+    "check_data",
+    "check_tracking_store",
+    "check_training_config",
+    "check_val_size",
+    "check_writable_folder",
+]

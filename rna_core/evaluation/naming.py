@@ -1,0 +1,43 @@
+"""Metric names, one function per kind, so a name means one computation wherever it is logged.
+
+- Per-epoch (training): `clean_acc` (natural under `transfer`) and `pgd<k>_acc`, k the PGD steps
+  that ran (`train.eval_pgd_steps`), under `transfer` on the held-out slice.
+- Results (the evaluation job, and training's final evaluation): `acc_<attack><tags>_<protocol>`,
+  mean over trials. Tags name every setting that differs from the attack's registered default
+  (`acc_pgd20_steps3_transfer` is a 3-step PGD; eps in pixels/255: `acc_fgsm_eps4_transfer`) and,
+  under `eot`, an `eot_iter` other than the default for attacks that do not average themselves.
+"""
+
+from __future__ import annotations
+
+from ..attacks.registry import Attack, attack_spec
+from ..units import settings_to_pixels
+from .protocols import DEFAULT_EOT_ITER
+
+CLEAN_METRIC = "clean_acc"
+
+
+def pgd_metric(steps: int) -> str:
+    """The per-epoch PGD accuracy of a run whose evaluation PGD runs `steps` steps."""
+    return f"pgd{int(steps)}_acc"
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def result_metric(attack: Attack, protocol: str, eot_iter: int = DEFAULT_EOT_ITER) -> str:
+    """The name of the accuracy of `attack` under `protocol` (see the module docstring)."""
+    defaults = settings_to_pixels(attack_spec(attack.name).defaults)
+    settings = settings_to_pixels(attack.settings)
+    tags = "".join(f"_{k}{_text(v)}" for k, v in settings.items() if k in defaults and v != defaults[k])
+    if protocol == "eot" and attack.perturbs and not attack.native_eot and int(eot_iter) != DEFAULT_EOT_ITER:
+        tags += f"_eot_iter{int(eot_iter)}"
+    return f"acc_{attack.name}{tags}_{protocol}"
+
+
+__all__ = ["CLEAN_METRIC", "pgd_metric", "result_metric"]
