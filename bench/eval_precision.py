@@ -2,8 +2,9 @@
 
 Same trained checkpoint, same images, same seeds: every (attack, protocol) unit of
 `rna_core.evaluation.evaluate_batch` runs once with the model in fp32 and once with its forward
-under bf16 autocast (`AutocastForward`, the weights in channels_last; losses, input gradients
-and the attack's steps stay fp32), interleaved batch by batch (A B, B A, ...). Reported per
+under bf16 autocast (`rna_core.speed.evaluation_forward`, what `eval.forward_precision=bf16` runs:
+the weights in channels_last; losses, input gradients and the attack's steps stay fp32),
+interleaved batch by batch (A B, B A, ...). Reported per
 unit: the speed ratio time(fp32) / time(bf16) (median of the per-batch ratios, with CPU time)
 and the accuracy difference in points.
 
@@ -37,7 +38,7 @@ from rna_core.data import load_dataset
 from rna_core.evaluation.protocols import evaluate_batch
 from rna_core.evaluation.runner import make_batches
 from rna_core.evaluation.seeds import batch_seed
-from rna_core.speed import AutocastForward, as_channels_last, use_channels_last
+from rna_core.speed import evaluation_forward
 
 MAX_POINTS = 0.5  # the line for letting evaluations run bf16 forwards
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = model_from_config(cfg)
     load_checkpoint(args.checkpoint, model)
     model.eval()
-    fast = AutocastForward(use_channels_last(copy.deepcopy(model))).eval()
+    fast = evaluation_forward(copy.deepcopy(model), "bf16").eval()
     test = load_dataset(cfg.data.dataset, "test", data_dir=args.data_dir)
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(0x5E1EC7))
     test = test.subset(perm[: args.limit].sort().values)  # the Parquet rows are sorted by class
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         c = counts[key] = {"fp32": 0, "bf16": 0, "n": 0}
         for b, (x, y) in enumerate(batches):
             seed = batch_seed(args.seed, b)
-            order = [("fp32", model, x, t32), ("bf16", fast, as_channels_last(x), t16)]
+            order = [("fp32", model, x, t32), ("bf16", fast, x, t16)]
             for name, m, xb, timing in order if b % 2 == 0 else order[::-1]:
                 start, cpu = time.perf_counter(), time.process_time()
                 c[name] += evaluate_batch(

@@ -272,7 +272,27 @@ class AutocastForward(nn.Module):
         return out.float()
 
 
+# ----------------------------------------------------------------------------- evaluation
+
+# Precision of the model's forward inside evaluation attacks and scoring (`eval.forward_precision`).
+# fp32 by default: measured on a trained checkpoint (docs/benchmarks.md, bench/eval_precision.py).
+FORWARD_PRECISIONS = ("fp32", "bf16")
+
+
+def evaluation_forward(model: nn.Module, precision: str) -> nn.Module:
+    """The module an evaluation attacks and scores: `model` itself in fp32; in bf16 the model in
+    channels_last with its forward under bf16 autocast (:class:`AutocastForward`: logits, losses and
+    the attacks' input gradients stay fp32). Random layers and `resample` are reached through
+    `modules()`, so the protocols draw the same paths either way."""
+    if precision not in FORWARD_PRECISIONS:
+        raise ConfigError(f"forward precision must be one of {', '.join(FORWARD_PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return model
+    return AutocastForward(use_channels_last(model)).train(model.training)
+
+
 __all__ = [
+    "FORWARD_PRECISIONS",
     "SPEED_CHOICES",
     "AutocastForward",
     "SpeedFlags",
@@ -281,6 +301,7 @@ __all__ = [
     "bf16_fast_path",
     "bf16_weight_cache",
     "cpu_bf16_features",
+    "evaluation_forward",
     "resolve_speed",
     "speed_choice",
     "to_device_async",
