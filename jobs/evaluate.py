@@ -40,6 +40,7 @@ FLAGS = (
     ("--batch-size", "batch_size", "default: the checkpoint's data.eval_batch_size"),
     ("--seed", "seed", "base seed of the path draws and attacks"),
     ("--eot-iter", "eot_iter", "path draws averaged per gradient under eot"),
+    ("--forward-precision", "forward_precision", "the model's forward in attacks and scoring: fp32 or bf16"),
     ("--strategy", "strategy", "path sampling strategy of the protocols (default: the checkpoint's train.sampling)"),
     ("--shard-size", "shard_size", "test images per Ray task, rounded up to whole batches"),
     ("--path-analysis", "path_analysis", "images for accuracy-vs-path-distance and the transfer matrix; 0 = skip"),

@@ -17,6 +17,7 @@ from .attacks.registry import Attack, attack_spec, get_attack
 from .errors import ConfigError
 from .evaluation.protocols import DEFAULT_EOT_ITER, check_protocol
 from .evaluation.tables import PAPER_COLUMNS
+from .speed import FORWARD_PRECISIONS
 from .units import settings_to_unit
 
 DEFAULT_ATTACKS: tuple[str, ...] = tuple(a for _, a in PAPER_COLUMNS) + ("eot_pgd", "autoattack_rand")
@@ -56,6 +57,9 @@ class EvalConfig:
     seed: int = 0
     eot_iter: int = DEFAULT_EOT_ITER
     strategy: str | None = None  # path strategy of the protocols; None: train.sampling
+    # The model's forward in attacks and scoring: fp32 (default) | bf16 (autocast, channels_last;
+    # metric names tagged _bf16). fp32 by default: see docs/benchmarks.md, `eval_precision`.
+    forward_precision: str = "fp32"
     shard_size: int = 1024  # examples per unit, rounded up to whole batches
     # {attack: {setting: value}}; eps and step_size in pixels/255, as everywhere in configs
     attack_settings: Mapping[str, Mapping[str, Any]] = field(
@@ -127,6 +131,10 @@ class EvalConfig:
             raise ConfigError(f"protocols must be unique, got {', '.join(self.protocols)}")
         if self.path_analysis:
             attack_spec(self.path_attack)
+        if self.forward_precision not in FORWARD_PRECISIONS:
+            raise ConfigError(
+                f"eval.forward_precision '{self.forward_precision}' is unknown; valid: {', '.join(FORWARD_PRECISIONS)}"
+            )
 
 
 __all__ = ["DEFAULT_ATTACKS", "DEFAULT_PROTOCOLS", "EvalConfig", "parse_attack_settings", "settings_text"]

@@ -28,16 +28,17 @@ from pipelines.evaluation.job import run_evaluation
 from pipelines.evaluation.plan import plan_evaluation
 from pipelines.evaluation.source import load_source
 from pipelines.evaluation.store import done_units
-from pipelines.evaluation.tasks import InjectedFailure
+from pipelines.evaluation.tasks import InjectedFailure, _build_model
 from rna_core.attacks import get_attack
 from rna_core.builders import model_from_config as build_model
 from rna_core.checkpoint import read_checkpoint, save_checkpoint
-from rna_core.config import EvalConfig, TrainConfig, load_config
+from rna_core.config import EvalConfig, TrainConfig, flatten, load_config
 from rna_core.data import BatchIterator, make_synthetic, write_parquet_dataset
 from rna_core.errors import CheckpointMismatchError, ConfigError
 from rna_core.eval_config import DEFAULT_ATTACKS
-from rna_core.evaluation import evaluate_model, read_rows_parquet
+from rna_core.evaluation import evaluate_model, read_rows_parquet, result_metric
 from rna_core.optim import build_optimizer
+from rna_core.speed import AutocastForward, evaluation_forward
 from rna_core.training import train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +122,9 @@ def env(store):
     model = build_model(cfg)
     model.load_state_dict(store["model"].state_dict())
     train = low_contrast(make_synthetic(384, seed=0, split="train"))
-    tcfg = TrainConfig(mode="natural", lr=0.1, epochs=1, weight_decay=0.0)
+    tcfg = TrainConfig(
+        mode="natural", lr=0.1, epochs=1, weight_decay=0.0, amp_bf16="false", channels_last="false"
+    )  # same model on every CPU
     opt = build_optimizer(model, tcfg)
     sampler = rna_core.PathSampler("uniform", seed=0)
     for epoch in range(2):
@@ -154,7 +157,7 @@ def _sequential(env, plan) -> dict:
     o = plan.options
     attacks = [get_attack(a, **o.attack_settings.get(a, {})) for a in o.attacks]
     rows = evaluate_model(
-        model.eval(),
+        evaluation_forward(model.eval(), o.forward_precision),
         plan.dataset,
         attacks=attacks,
         protocols=o.protocols,
@@ -200,6 +203,36 @@ def test_units_align_with_batches_and_name_their_attack_settings(store):
         "eot_pgd",
         "autoattack_rand",
     )
+
+
+def test_a_bf16_forward_is_its_own_evaluation_with_tagged_names(store):
+    """eval.forward_precision=bf16: other folder and table row, names tagged _bf16, and the task's
+    model really runs its convolutions in bf16 (logits fp32, the same paths)."""
+    plan = _plan(store, "plan-fp32")
+    bf16 = _plan(store, "plan-bf16", forward_precision="bf16")
+    assert plan.options.forward_precision == "fp32" and EvalConfig().forward_precision == "fp32"
+    assert bf16.fingerprint != plan.fingerprint
+    assert bf16.row_meta["method"] == "rna(bn,gns:1) [bf16 forward]" and plan.row_meta["method"] == "rna(bn,gns:1)"
+    assert result_metric(get_attack("pgd20"), "transfer") == "acc_pgd20_transfer"
+    assert result_metric(get_attack("pgd20"), "transfer", precision="bf16") == "acc_pgd20_bf16_transfer"
+    assert result_metric(get_attack("pgd20", steps=3), "eot", 2, "bf16") == "acc_pgd20_steps3_eot_iter2_bf16_eot"
+    with pytest.raises(ConfigError, match="eval.forward_precision 'fp16' is unknown; valid: fp32, bf16"):
+        _plan(store, "plan-fp16", forward_precision="fp16")
+
+    payload = {"config": flatten(plan.source.cfg), "state": plan.source.state}
+    m32, m16 = (_build_model(payload, torch.device("cpu"), p) for p in ("fp32", "bf16"))
+    assert not isinstance(m32, AutocastForward) and isinstance(m16, AutocastForward) and not m16.training
+    conv_dtypes = []
+    for m in m16.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, a, out: conv_dtypes.append(out.dtype))
+    x = make_synthetic(16, seed=1, split="test").images.float() / 255
+    rna_core.set_path(m32, rna_core.Path.parse(FIXED_PATH))
+    rna_core.set_path(m16, rna_core.Path.parse(FIXED_PATH))
+    with torch.no_grad():
+        out32, out16 = m32(x), m16(x)
+    assert out16.dtype == torch.float32 and conv_dtypes and set(conv_dtypes) == {torch.bfloat16}
+    assert (out16 - out32).abs().max() < 0.1 * out32.abs().max() and not torch.equal(out16, out32)
 
 
 def test_a_fixed_path_of_the_wrong_length_is_refused_before_any_data_or_cluster(store):
@@ -318,6 +351,17 @@ def test_fan_out_equals_the_sequential_evaluation(env, strategy):
     assert acc[("fgsm", "transfer", 0)] < acc[("natural", "transfer", 0)]  # the attacks really ran
     if strategy.startswith("fixed"):  # one path: the protocols coincide, and trials differ only by attack noise
         assert all(acc[(a, "transfer", t)] == acc[(a, "eot", t)] for a in ("natural", "fgsm") for t in (0, 1))
+
+
+@pytest.mark.slow  # starts Ray
+def test_a_bf16_forward_fan_out_equals_its_sequential_evaluation(env):
+    plan = _plan(env, "equal-bf16", forward_precision="bf16", trials=1, protocols=("transfer",))
+    out = _run(plan)
+    assert _by_key(out.rows) == _sequential(env, plan)  # the tasks ran evaluation_forward(model, "bf16")
+    assert {r.method for r in out.rows} == {"rna(bn,gns:1) [bf16 forward]"}
+    assert "acc_pgd20_steps3_bf16_transfer" in out.metrics and not any(
+        k.startswith("acc_") and "_bf16" not in k for k in out.metrics
+    )
 
 
 @pytest.mark.slow  # starts Ray

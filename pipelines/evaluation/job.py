@@ -84,7 +84,7 @@ def summary_metrics(rows: Sequence[ResultRow], plan: EvalPlan) -> dict[str, floa
         if attack is None:  # a row of an earlier command in this folder: its settings are the defaults but eps
             eps = {"eps": to_unit(s.eps)} if s.eps is not None and "eps" in attack_spec(s.attack).defaults else {}
             attack = get_attack(s.attack, **eps)
-        name = result_metric(attack, s.protocol, plan.options.eot_iter)
+        name = result_metric(attack, s.protocol, plan.options.eot_iter, plan.options.forward_precision)
         out[name] = s.mean
         out[f"{name}_std"] = s.std
     return out
@@ -108,6 +108,7 @@ def eval_params(plan: EvalPlan) -> dict[str, Any]:
             "eval.seed": o.seed,
             "eval.eot_iter": o.eot_iter,
             "eval.strategy": o.strategy,
+            "eval.forward_precision": o.forward_precision,
             "eval.shard_size": o.shard_size,
             "eval.weights_digest": plan.source.weights_digest,
             "eval.data_digest": plan.data_digest,

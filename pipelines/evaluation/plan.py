@@ -102,6 +102,8 @@ def plan_evaluation(source: ModelSource, options: EvalConfig | None = None) -> E
             "seed": o.seed,
             "eot_iter": o.eot_iter,
             "strategy": o.strategy,
+            # only when not fp32, so that fp32 evaluations keep the folders they always had
+            **({"forward_precision": o.forward_precision} if o.forward_precision != "fp32" else {}),
         },
         10,
     )
@@ -127,6 +129,8 @@ def plan_evaluation(source: ModelSource, options: EvalConfig | None = None) -> E
         source.selection is not None
     ):  # a selected epoch's weights: its own table row, never blended with the last epoch's
         method += f" [{source.checkpoint_label}, epoch {source.selected_epoch}]"
+    if o.forward_precision != "fp32":  # its own table row, never blended with fp32 rows
+        method += f" [{o.forward_precision} forward]"
     meta = {"model": str(spec.get("model", cfg.model.name)), "method": method, "dataset": dataset.name}
     return EvalPlan(source, o, attacks, dataset, digest, fingerprint, out_dir, units, meta)
 

@@ -25,6 +25,7 @@ from rna_core.config import EvalConfig, flatten, unflatten
 from rna_core.data import BatchIterator, ImageTensorDataset
 from rna_core.errors import ConfigError
 from rna_core.evaluation import accuracy_vs_distance, batch_seed, evaluate_batch, transfer_matrix, trial_seed
+from rna_core.speed import evaluation_forward
 from rna_core.units import settings_to_unit
 
 from ..cluster import cluster_resources, resolve_use_gpu
@@ -68,10 +69,10 @@ def _cached(slot: str, key: str, box: list, build: Callable[[Any], Any]) -> Any:
     return value
 
 
-def _build_model(payload: Mapping[str, Any], device: torch.device) -> torch.nn.Module:
+def _build_model(payload: Mapping[str, Any], device: torch.device, precision: str = "fp32") -> torch.nn.Module:
     model = model_from_config(unflatten(payload["config"]))
     model.load_state_dict(payload["state"])
-    return model.to(device).eval()
+    return evaluation_forward(model.to(device).eval(), precision)
 
 
 def _build_data(payload: Mapping[str, Any]) -> ImageTensorDataset:
@@ -84,7 +85,9 @@ def _task_context(
     torch.set_num_threads(max(1, int(task["threads"])))
     use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
     device = torch.device("cuda" if use_cuda else "cpu")
-    model = _cached("model", f"{task['weights']}@{device}", model_box, lambda p: _build_model(p, device))
+    precision = task.get("forward_precision", "fp32")
+    key = f"{task['weights']}@{device}/{precision}"
+    model = _cached("model", key, model_box, lambda p: _build_model(p, device, precision))
     data = _cached("data", task["data"], data_box, _build_data)
     return model, data, device
 
@@ -199,6 +202,7 @@ def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail
         "seed": o.seed,
         "eot_iter": o.eot_iter,
         "strategy": o.strategy,
+        "forward_precision": o.forward_precision,
     }
     by_name = {a.name: a for a in plan.attacks}
     unit_task = ray.remote(evaluate_unit).options(**resources)

@@ -5,7 +5,8 @@
 - Results (the evaluation job, and training's final evaluation): `acc_<attack><tags>_<protocol>`,
   mean over trials. Tags name every setting that differs from the attack's registered default
   (`acc_pgd20_steps3_transfer` is a 3-step PGD; eps in pixels/255: `acc_fgsm_eps4_transfer`) and,
-  under `eot`, an `eot_iter` other than the default for attacks that do not average themselves.
+  under `eot`, an `eot_iter` other than the default for attacks that do not average themselves,
+  and `_bf16` when the model's forward ran in bf16 (`eval.forward_precision`; fp32 is untagged).
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ def _text(value: object) -> str:
     return str(value)
 
 
-def result_metric(attack: Attack, protocol: str, eot_iter: int = DEFAULT_EOT_ITER) -> str:
+def result_metric(attack: Attack, protocol: str, eot_iter: int = DEFAULT_EOT_ITER, precision: str = "fp32") -> str:
     """The name of the accuracy of `attack` under `protocol` (see the module docstring)."""
     defaults = settings_to_pixels(attack_spec(attack.name).defaults)
     settings = settings_to_pixels(attack.settings)
     tags = "".join(f"_{k}{_text(v)}" for k, v in settings.items() if k in defaults and v != defaults[k])
     if protocol == "eot" and attack.perturbs and not attack.native_eot and int(eot_iter) != DEFAULT_EOT_ITER:
         tags += f"_eot_iter{int(eot_iter)}"
+    if precision != "fp32":
+        tags += f"_{precision}"
     return f"acc_{attack.name}{tags}_{protocol}"
 
 
