@@ -578,3 +578,15 @@ def test_smoke_sweep_runs_trials_side_by_side_and_resumes_without_rerunning(swee
     board = Path(client.download_artifacts(parent.run_id, "summary/leaderboard.md")).read_text()
     assert all(t in board for t in after) and "2 trials" in board
     assert run.data.tags["rna.best_trial"] == table[0]["trial_id"]
+
+
+def test_a_local_ray_has_room_for_a_trial_driver_beside_a_worker_that_takes_every_core():
+    from pipelines.cluster import local_cpus
+
+    sc = load_sweep_config(str(REPO / "configs" / "reproduction_cpu.yaml"), ["data.data_dir=/nonexistent"])
+    b, s = base_config(sc), sc.sweep
+    cores = os.cpu_count() or 1
+    assert b.ray.num_workers * b.ray.cpus_per_worker == 2 and s.max_concurrent_trials == 1
+    assert local_cpus(b) == max(cores, 2)  # the worker alone
+    assert local_cpus(b, s.trial_cpus) == max(cores, 3)  # 2.01 CPUs asked: 3 logical CPUs, not 2
+    assert local_cpus(b, 0.0) == local_cpus(b, 1e-12)  # no rounding noise

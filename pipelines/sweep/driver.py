@@ -320,7 +320,8 @@ def run_sweep(
             name=SWEEP_FILE,
         )
         tracking.set_tags(client, parent.run_id, {JOB_FILE_TAG: "written"})
-        ensure_ray(plan.base, echo)
+        spec = plan.spec  # a local Ray has room for the trial drivers beside their workers
+        ensure_ray(plan.base, echo, extra_cpus=spec.trial_cpus * (spec.max_concurrent_trials or 1))
         tuner, restored = _build_tuner(plan, parent, resolve_use_gpu(plan.base), echo)
         grid = tuner.fit()
         last = {str((r.metrics or {}).get("trial_id")): (r.metrics or {}) for r in grid}
