@@ -150,6 +150,42 @@ def median_interval(values: list[float], confidence: float = 0.9) -> tuple[float
     return ordered[best_k - 1], ordered[n - best_k], best_coverage
 
 
+@dataclass
+class Headline:
+    """A further headline ratio of a benchmark (e.g. `bf16_step` beside `at_step`'s RNA/BN ratio)."""
+
+    name: str
+    numerator: Timing
+    denominator: Timing
+    target: str
+    check: Callable[[float], bool]
+
+    @property
+    def value(self) -> float:
+        return paired_ratio(self.numerator, self.denominator)
+
+    def as_dict(self) -> dict[str, Any]:
+        low, high, coverage = median_interval(paired_ratios(self.numerator, self.denominator))
+        cpu = (
+            cpu_time_ratio(self.numerator, self.denominator)
+            if _has_cpu_times(self.numerator, self.denominator)
+            else None
+        )
+        return {
+            "ratio_name": f"time({self.numerator.name}) / time({self.denominator.name})",
+            "ratio": self.value,
+            "ratio_interval": {"low": low, "high": high, "coverage": coverage},
+            "ratio_of_medians": ratio(self.numerator, self.denominator),
+            "cpu_time_ratio": cpu,
+            "target": self.target,
+            "passed": bool(self.check(self.value)),
+        }
+
+
+def _has_cpu_times(a: Timing, b: Timing) -> bool:
+    return bool(a.cpu_seconds and b.cpu_seconds and min(b.cpu_seconds) > 0)
+
+
 def command_line(script: str, args: list[str]) -> str:
     """The exact command that reproduces this run from the repository root (`script` relative to it)."""
     return "PYTHONPATH=. python " + shlex.join([script, *args])
@@ -165,6 +201,8 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "processor": platform.processor() or platform.machine(),
     }
+    if hasattr(os, "getloadavg"):  # at report time: the 1/5/15-minute averages cover the run
+        info["load_average"] = "/".join(f"{v:.2f}" for v in os.getloadavg())
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -201,12 +239,14 @@ def report(
     extra: dict[str, Any] | None = None,
     json_path: str | None = None,
     rounds: list[float] | None = None,
+    headlines: list[Headline] | None = None,
 ) -> dict[str, Any]:
     """Print the benchmark's result (timings, ratio, target, exact command) and return it as a dict.
 
     `rounds`: the per-round ratios whose median is the headline; with them the report adds the
     headline's interval (:func:`median_interval`), which says whether a result near its target
-    is a tie at this machine's resolution.
+    is a tie at this machine's resolution. `headlines`: further named ratios, each printed with
+    its interval, CPU-time ratio and verdict, and stored under "headlines" in the JSON.
     """
     cmd = command_line(f"bench/{bench}.py", sys.argv[1:] if argv is None else list(argv))
     print(f"== bench {bench}")
@@ -239,6 +279,16 @@ def report(
             f"  interval for the headline (median of {len(rounds)} per-round ratios): [{low:.3f}, "
             f"{high:.3f}], coverage {coverage:.1%}"
         )
+    more: dict[str, dict[str, Any]] = {}
+    for h in headlines or []:
+        d = more[h.name] = h.as_dict()
+        iv = d["ratio_interval"]
+        cpu = f", CPU-time ratio {d['cpu_time_ratio']:.3f}" if d["cpu_time_ratio"] is not None else ""
+        print(
+            f"headline {h.name}: ratio {d['ratio_name']} = {d['ratio']:.3f} "
+            f"[{iv['low']:.3f}, {iv['high']:.3f} at {iv['coverage']:.1%}]"
+            f"{cpu} (target {h.target}): {'PASS' if d['passed'] else 'MISS'}"
+        )
     verdict = "PASS" if passed else "MISS"
     print(f"ratio {ratio_name} = {ratio_value:.3f} (target {target}): {verdict}")
     result = {
@@ -259,6 +309,7 @@ def report(
         "ratio_interval": interval,
         "target": target,
         "passed": passed,
+        "headlines": more,
         "extra": extra or {},
     }
     if json_path:

@@ -36,6 +36,7 @@ from rna_core.config import AttackConfig, TrainConfig
 from rna_core.data import BatchIterator, make_synthetic
 from rna_core.optim import build_optimizer
 from rna_core.paths import PathSampler
+from rna_core.speed import AutocastForward, as_channels_last, use_channels_last
 from rna_core.training import evaluate_pgd, train_step
 
 CIFAR_TRAIN_IMAGES = 50_000
@@ -44,7 +45,7 @@ CIFAR_TRAIN_IMAGES = 50_000
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12}
 
 VARIANTS = {
-    # name: (norm, channels_last, amp_bf16)
+    # name: (norm, channels_last, amp_bf16), explicit (never `auto`)
     "fp32": ("bn,gns:1", False, False),
     "bf16_cl": ("bn,gns:1", True, True),
     "bn_fp32": ("bn", False, False),
@@ -152,16 +153,26 @@ def eval_batch(variant: Variant, sizes: Sizes) -> tuple[torch.Tensor, torch.Tens
     return x.repeat(reps, 1, 1, 1), y.repeat(reps)
 
 
-def eval_images_per_second(variant: Variant, sizes: Sizes, device: torch.device, sync) -> float:
-    """PGD-20 evaluation (transfer protocol, eval mode, fp32) throughput on one eval batch."""
+def eval_images_per_second(
+    variant: Variant, sizes: Sizes, device: torch.device, sync, bf16: bool = False
+) -> tuple[float, float]:
+    """PGD-20 evaluation (transfer protocol, eval mode) throughput and accuracy on one eval batch.
+
+    fp32 by default (what evaluations run); `bf16`: the same weights in channels_last with the
+    forward under bf16 autocast (`AutocastForward`; loss, gradient and the attack's steps fp32).
+    """
     x, y = eval_batch(variant, sizes)
-    sampler = PathSampler("uniform", seed=1)
-    evaluate_pgd(variant.model, [(x, y)], sampler, steps=20)  # warm-up
+    model: torch.nn.Module = variant.model
+    if bf16:
+        model = AutocastForward(use_channels_last(copy.deepcopy(variant.model)))
+        x = as_channels_last(x)
+    evaluate_pgd(model, [(x, y)], PathSampler("uniform", seed=1), steps=20)  # warm-up
     sync()
     start = time.perf_counter()
-    evaluate_pgd(variant.model, [(x, y)], sampler, steps=20)
+    correct, n = evaluate_pgd(model, [(x, y)], PathSampler("uniform", seed=2), steps=20)
     sync()
-    return x.shape[0] / (time.perf_counter() - start)
+    variant.model.train()
+    return x.shape[0] / (time.perf_counter() - start), correct / max(n, 1)
 
 
 def vs_torchattacks(variant: Variant, sizes: Sizes, sync, repeats: int) -> str:
@@ -246,7 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
     timings = measure_interleaved(
         {n: v.call for n, v in variants.items()}, sizes.batch * sizes.steps_per_call, sizes.repeats, sizes.warmup, sync
     )
-    eval_ips = eval_images_per_second(first, sizes, device, sync)
+    eval_ips, eval_acc = eval_images_per_second(first, sizes, device, sync)
+    eval16_ips, eval16_acc = eval_images_per_second(first, sizes, device, sync, bf16=True)
     peak = peak_flops(device, args.peak_tflops)
     best = max(timings.values(), key=lambda t: t.items_per_second if t.name in ("fp32", "bf16_cl") else 0.0)
     extra: dict[str, object] = {
@@ -263,6 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
     train_s = args.epochs * CIFAR_TRAIN_IMAGES / best.items_per_second
     eval_s = args.epochs * args.eval_images / eval_ips
     extra["PGD-20 eval (fp32)"] = f"{eval_ips:.1f} images/s"
+    extra["PGD-20 eval (bf16 forward)"] = (
+        f"{eval16_ips:.1f} images/s, {eval16_ips / eval_ips:.2f}x fp32; accuracy on the eval batch "
+        f"{eval16_acc:.3f} vs fp32 {eval_acc:.3f} (same weights and seeds; one batch, untrained model: speed only)"
+    )
     extra["vs_torchattacks on this device"] = vs_torchattacks(first, sizes, sync, sizes.repeats)
     extra[f"projected {args.epochs}-epoch recipe ({best.name})"] = (
         f"{(train_s + eval_s) / 3600:.2f} h (training {train_s / 3600:.2f} h + per-epoch PGD-20 eval of "

@@ -11,7 +11,13 @@ autograd for the input gradient only. Both draw the same paths and the same rand
 the same generator, so for a fixed seed they must produce the same adversarial batch and the same
 updated weights; that is asserted before anything is timed. Target: ours >= 1.3x faster on CPU.
 
+Reported both ways: ours in fp32 (the bit-identical comparison, the headline) and ours in bf16 +
+channels_last (`ours_bf16`, headline `vs_reference_loop_bf16`, target >= 4.5x), each against the
+same fp32 reference loop. The bf16 step cannot be bit-identical; before timing it is checked to
+draw the same paths, to stay inside the eps ball, and to reach a loss within 5% of the reference's.
+
     PYTHONPATH=. python bench/vs_reference_loop.py            # ResNet-18, bn,gns:1, batch 32
+    PYTHONPATH=. python bench/vs_reference_loop.py --batch 128 --threads 2
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `bench` and `rna_core` importable
@@ -29,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.common import (
+    Headline,
     add_common_args,
     apply_threads,
     measure_interleaved,
@@ -45,6 +53,7 @@ from rna_core.paths import PathSampler
 from rna_core.training import train_step
 
 TARGET = 1.3
+BF16_TARGET = 4.5
 
 
 def reference_step(
@@ -121,6 +130,33 @@ def check_identical(
     return {"max_abs_diff_adversarial": adv_diff, "max_abs_diff_state": state_diff}
 
 
+def check_bf16_close(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    fast: TrainConfig,
+    seed: int,
+    rtol: float = 0.05,
+) -> dict[str, float]:
+    """The bf16 step against the fp32 reference from the same state and seed: same paths, an
+    adversarial batch inside the eps ball and [0, 1], a loss within `rtol`; raise AssertionError otherwise."""
+    ours, ref = copy.deepcopy(model), copy.deepcopy(model)
+    rec_ours = _LastInput(ours)
+    s_ours, s_ref = PathSampler(fast.sampling, seed=seed), PathSampler(cfg.sampling, seed=seed)
+    out = train_step(ours, x, y, build_optimizer(ours, fast), fast, s_ours)
+    ref_loss = reference_step(ref, x, y, build_optimizer(ref, cfg), cfg, s_ref)
+    rec_ours.handle.remove()
+    assert str(get_path(ours)) == str(get_path(ref)), "the bf16 step ended on another update path than the reference"
+    adv = rec_ours.value.float()
+    outside = ((adv - x).abs().max().item() - cfg.attack.eps / 255, -adv.min().item(), adv.max().item() - 1)
+    assert max(outside) <= 1e-6, f"bf16 adversarial batch leaves the eps ball or [0, 1] by {max(outside):.3g}"
+    loss, ref_value = (out.loss_sum / out.n).item(), ref_loss.item()
+    rel = abs(loss - ref_value) / max(abs(ref_value), 1e-12)
+    assert rel <= rtol, f"bf16 step loss {loss:.4f} is {rel:.1%} from the reference's {ref_value:.4f} (> {rtol:.0%})"
+    return {"loss_rel_diff_bf16": rel}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet18")
@@ -129,6 +165,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pgd-steps", type=int, default=10)
     p.add_argument("--device", default="cpu")
     p.add_argument("--atol", type=float, default=1e-5, help="tolerance of the equality check")
+    p.add_argument("--no-bf16", action="store_true", help="skip the ours_bf16 case (bf16 autocast + channels_last)")
     add_common_args(p, repeats=7, warmup=1)
     return p.parse_args(argv)
 
@@ -138,24 +175,47 @@ def main(argv: list[str] | None = None) -> dict:
     apply_threads(args.threads)
     device = torch.device(args.device)
     x, y = random_batch(args.batch, args.seed, device)
-    cfg = TrainConfig(mode="blackbox", attack=AttackConfig(steps=args.pgd_steps))
+    # Explicit fp32 (not `auto`): the equality check and the headline compare fp32 with fp32.
+    cfg = TrainConfig(
+        mode="blackbox", attack=AttackConfig(steps=args.pgd_steps), amp_bf16="false", channels_last="false"
+    )
+    fast = replace(cfg, amp_bf16="true", channels_last="true")
     torch.manual_seed(args.seed)
     model = create_model(args.model, norm=args.norm).to(device)
     diffs = check_identical(model, x, y, cfg, args.seed, args.atol)
+    close = None if args.no_bf16 else check_bf16_close(model, x, y, cfg, fast, args.seed)
 
-    ours, ref = copy.deepcopy(model), official_steady_state(copy.deepcopy(model))
-    opt_ours, opt_ref = build_optimizer(ours, cfg), build_optimizer(ref, cfg)
-    s_ours, s_ref = PathSampler(cfg.sampling, seed=args.seed), PathSampler(cfg.sampling, seed=args.seed)
+    ours, ref, ours16 = copy.deepcopy(model), official_steady_state(copy.deepcopy(model)), copy.deepcopy(model)
+    opt_ours, opt_ref, opt16 = build_optimizer(ours, cfg), build_optimizer(ref, cfg), build_optimizer(ours16, fast)
+    s_ours, s_ref, s16 = (PathSampler(cfg.sampling, seed=args.seed) for _ in range(3))
     cases = {
         "reference": lambda: reference_step(ref, x, y, opt_ref, cfg, s_ref),
         "ours": lambda: train_step(ours, x, y, opt_ours, cfg, s_ours),
     }
+    if not args.no_bf16:
+        cases["ours_bf16"] = lambda: train_step(ours16, x, y, opt16, fast, s16)
     timings = measure_interleaved(cases, args.batch, args.repeats, args.warmup, synchronizer(device))
     value = paired_ratio(timings["reference"], timings["ours"])
     extra = {
         "sizes": f"model={args.model} norm={args.norm} batch={args.batch} PGD-{args.pgd_steps} device={device}",
         "equality check": "passed (" + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()) + f", atol={args.atol})",
     }
+    if close is not None:
+        extra["bf16 check"] = (
+            f"passed (ours_bf16: same paths as the reference, inside the eps ball, loss "
+            f"{close['loss_rel_diff_bf16']:.2%} from the reference's, limit 5%)"
+        )
+    headlines = []
+    if not args.no_bf16:
+        headlines.append(
+            Headline(
+                "vs_reference_loop_bf16",
+                timings["reference"],
+                timings["ours_bf16"],
+                f">= {BF16_TARGET}",
+                lambda v: v >= BF16_TARGET,
+            )
+        )
     return report(
         "vs_reference_loop",
         argv,
@@ -167,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         extra,
         args.json,
         rounds=paired_ratios(timings["reference"], timings["ours"]),
+        headlines=headlines,
     )
 
 

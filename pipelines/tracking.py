@@ -175,6 +175,28 @@ def reopen_run(client: Any, run_id: str, params: Mapping[str, Any]) -> dict[str,
     return changed
 
 
+def log_new_params(client: Any, run_id: str, params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """Log params a running run does not have yet (e.g. values a worker decides, like `auto`).
+
+    A key already logged with another value (a resumed run on other hardware) is recorded as tag
+    `resume.changed.<key>` = "old -> new", since MLflow refuses to change a param. Returns those keys.
+    """
+    from mlflow.entities import Param, RunTag
+
+    old = client.get_run(run_id).data.params
+    new_params, tags, changed = [], [], {}
+    for key, value in params.items():
+        text = _param_value(value)
+        if key not in old:
+            new_params.append(Param(key, text))
+        elif old[key] != text:
+            changed[key] = (old[key], text)
+            tags.append(RunTag(f"resume.changed.{key}", f"{old[key]} -> {text}"[:5000]))
+    if new_params or tags:
+        client.log_batch(run_id, params=new_params, tags=tags)
+    return changed
+
+
 def log_metrics(client: Any, run_id: str, metrics: Mapping[str, float], step: int) -> None:
     """Log numeric `metrics` at `step` in one request (non-numbers are skipped)."""
     from mlflow.entities import Metric

@@ -49,7 +49,7 @@ from rna_core.evaluation import FINAL_SEED, Measure, epoch_measures, evaluate_me
 from rna_core.evaluation.training_metrics import pgd_attack
 from rna_core.optim import apply_config_on_resume, build_optimizer, build_scheduler
 from rna_core.selection import BestEpoch, Criterion, selection_criterion, selections_of, split_metric
-from rna_core.speed import use_channels_last
+from rna_core.speed import SpeedFlags, resolve_speed, use_channels_last
 from rna_core.training import train_epoch
 
 from . import tracking
@@ -66,6 +66,14 @@ def say(line: str) -> None:
     stream = sys.__stdout__ or sys.stdout
     stream.write(line + "\n")
     stream.flush()
+
+
+def speed_line(cfg: Config, speed: SpeedFlags) -> str:
+    """What `auto` became on this worker's device, e.g. `speed: train.amp_bf16=auto -> true, ...`."""
+    return (
+        f"speed: train.amp_bf16={cfg.train.amp_bf16} -> {str(speed.amp_bf16).lower()}, "
+        f"train.channels_last={cfg.train.channels_last} -> {str(speed.channels_last).lower()} ({speed.reason})"
+    )
 
 
 def format_epoch_line(run_name: str, epoch: int, epochs: int, m: Mapping[str, float], pgd: str = "pgd20_acc") -> str:
@@ -191,7 +199,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             say(f"[{run_name}] resuming after epoch {start_epoch} from {checkpoint.path}")
 
-    if train_cfg.channels_last:
+    speed = resolve_speed(train_cfg, device)  # train.amp_bf16 / channels_last `auto` decided for this device
+    if speed.channels_last:
         use_channels_last(model)  # before DDP, so its buckets see the final parameter layout
     ddp_model = wrap_ddp(model, device) if world > 1 else model
 
@@ -203,6 +212,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     per_epoch = epoch_measures(cfg.train)
 
     client = tracking.client_for(run_ref.tracking_uri) if (rank == 0 and run_ref) else None
+    if rank == 0:
+        say(f"[{run_name}] {speed_line(cfg, speed)}")
+        if client is not None:
+            tracking.log_new_params(client, run_ref.run_id, speed.params())
     epochs = cfg.train.epochs
     last_metrics: dict[str, float] = {}
     for epoch in range(start_epoch, epochs):
@@ -306,6 +319,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         "resumed": resumed,
         "state_digests": digests,
         "world_size": world,
+        "speed": speed.params(),
     }
 
 

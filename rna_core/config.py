@@ -25,6 +25,7 @@ from .evaluation.naming import pgd_metric
 from .methods import get_method
 from .models import list_models
 from .paths import parse_strategy
+from .speed import speed_choice
 from .sweep_config import SweepConfig
 
 TRAIN_MODES = ("blackbox", "whitebox", "eot", "natural")
@@ -124,9 +125,19 @@ class TrainConfig:
     # Also keep the epoch with the best per-epoch robust accuracy on the held-out *test* slice (the
     # papers' way; biased upward). Labelled test-selected wherever its numbers appear.
     select_on_test: bool = False
-    # Speed (rna_core/speed.py, docs/benchmarks.md); off by default: they change results within rounding.
-    channels_last: bool = False  # channels_last memory format for the model and batches
-    amp_bf16: bool = False  # bf16 autocast for forwards (attack and update); meant for CUDA
+    # Speed (rna_core/speed.py, docs/benchmarks.md). auto: on where the device has bf16 fast paths
+    # (CUDA sm_80+, CPUs with AMX-BF16 or AVX-512 BF16); they change results within rounding, so
+    # bit-exact comparisons set false. Jobs log the resolved values (resolved.train.*).
+    channels_last: str = "auto"  # auto | true | false: channels_last memory format for the model and batches
+    amp_bf16: str = "auto"  # auto | true | false: bf16 autocast for the forwards (attack and update)
+
+    def __post_init__(self) -> None:
+        # True/False (Python, YAML, old checkpoints' flattened configs) mean "true"/"false".
+        for name in ("channels_last", "amp_bf16"):
+            try:
+                object.__setattr__(self, name, speed_choice(getattr(self, name)))
+            except ConfigError:
+                pass  # validate() reports it, with the key
 
     def validate(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -160,6 +171,8 @@ class TrainConfig:
                 f"train.eval_pgd_steps and train.eval_every must be >= 1, got {self.eval_pgd_steps} and "
                 f"{self.eval_every}"
             )
+        for name in ("channels_last", "amp_bf16"):
+            speed_choice(getattr(self, name), f"train.{name}")
         self.attack.validate()
 
 

@@ -1,25 +1,47 @@
-"""Speed settings of the training step: channels_last memory format and bf16 autocast.
+"""Speed settings of the training step: bf16 autocast and channels_last memory format.
 
-Both are off by default (`TrainConfig.channels_last`, `TrainConfig.amp_bf16`) because they change
-results within rounding (channels_last picks other convolution kernels; bf16 keeps 8 bits of
-mantissa), and a run's numbers should not depend on a flag nobody asked for. On a GPU with tensor
-cores both pay (see docs/benchmarks.md); on CPU they are allowed but rarely help.
+`TrainConfig.amp_bf16` and `TrainConfig.channels_last` are `auto` by default: on where the device
+has bf16 fast paths (a CUDA GPU with native bf16, i.e. compute capability >= 8.0; a CPU with
+AMX-BF16 or AVX-512 BF16), off elsewhere; `true`/`false` force them. :func:`resolve_speed` turns
+a config into the booleans a step runs with, and jobs log those resolved values. Measured on this
+project's 2-core CPU (AVX-512 BF16; docs/benchmarks.md): the blackbox PGD-10 step of ResNet-18
+runs about 3x faster in bf16 + channels_last than in fp32 (batch 128), with clean and PGD accuracy
+after training that agree with fp32 within the stated tolerance (tests/test_bf16_training.py).
+They stay switchable because they change results within rounding (bf16 keeps 8 bits of mantissa;
+channels_last picks other convolution kernels), so bit-exact comparisons need `false`.
 
-`train_step` honours `channels_last` and `amp_bf16` itself. torch.compile is not offered: with
-random paths dynamo treats each RandomLayer's integer `choice` as a constant, so every new path
-is a new graph (K^L paths; after `recompile_limit` graphs it falls back to eager), measured in
-docs/benchmarks.md.
+How the step uses them (`rna_core.training.train_step`): the attack's forwards go through
+:class:`AutocastForward` (forward in bf16, logits back to fp32, so the loss and the input gradient
+stay fp32 as autocast recommends), inside :func:`bf16_weight_cache`, which makes autocast cast
+each weight to bf16 once per attack instead of once per PGD step. The update forward runs under
+autocast with the loss in fp32 and the backward outside it; the optimizer updates fp32 weights.
+In channels_last, norm layers whose CPU kernels are slow in that layout (GroupNorm with small
+groups, e.g. `gns:1`: 10x slower than on a contiguous tensor) run on a contiguous copy and hand
+channels_last back (:func:`use_channels_last`), so the batch keeps its layout through the network.
+
+torch.compile is not offered: with random paths dynamo treats each RandomLayer's integer
+`choice` as a constant, so every new path is a new graph (K^L paths; after `recompile_limit`
+graphs it falls back to eager), measured in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
+
+from .errors import ConfigError
+from .norms import BatchGroupNorm
 
 _FLAG = "_rna_channels_last"
+SPEED_CHOICES = ("auto", "true", "false")
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo names of the bf16 instructions oneDNN uses
 
 
 def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -36,14 +58,162 @@ def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor
     return t.to(device)
 
 
+# ----------------------------------------------------------------------------- auto: the device
+
+
+def speed_choice(value: Any, key: str = "train.amp_bf16") -> str:
+    """`auto`, `true` or `false` from a config value (YAML booleans and their usual spellings too)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return "true"
+    if text in ("false", "no", "0", "off"):
+        return "false"
+    if text == "auto":
+        return "auto"
+    raise ConfigError(f"{key} must be auto, true or false, got {value!r}")
+
+
+def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+@functools.cache
+def cpu_bf16_features() -> tuple[str, ...]:
+    """The bf16 instruction sets of this CPU that oneDNN's bf16 kernels use (empty: none).
+
+    From torch's own CPU probe (cpuinfo) when it answers, else from /proc/cpuinfo's flags.
+    Plain AVX-512 without these emulates bf16 and is not faster than fp32.
+    """
+    found: set[str] = set()
+    try:
+        caps = torch._C._cpu._get_cpu_capability()  # private but stable since torch 2.3: cpuinfo's flags
+        found = {name for name in CPU_BF16_FLAGS if caps.get(name)}
+    except (AttributeError, RuntimeError, TypeError):
+        found = _cpuinfo_flags() & set(CPU_BF16_FLAGS)
+    if not torch.backends.mkldnn.is_available():  # no oneDNN: bf16 convolutions have no fast kernel
+        return ()
+    return tuple(name for name in CPU_BF16_FLAGS if name in found)
+
+
+def bf16_fast_path(device: torch.device | str) -> str | None:
+    """Why `device` runs bf16 fast (a short text for logs), or None when it does not."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        if major < 8:  # before Ampere bf16 is emulated (is_bf16_supported() says True there too)
+            return None
+        return f"cuda: {torch.cuda.get_device_name(index)} (sm_{major}{minor}, bf16 tensor cores)"
+    if device.type == "cpu":
+        features = cpu_bf16_features()
+        return f"cpu: {', '.join(features)}" if features else None
+    return None
+
+
+@dataclass(frozen=True)
+class SpeedFlags:
+    """The speed settings a step runs with, after `auto` was decided for a device."""
+
+    amp_bf16: bool
+    channels_last: bool
+    reason: str  # why auto decided as it did (or "set explicitly")
+
+    def params(self) -> dict[str, str]:
+        """As MLflow params: `resolved.train.*` beside the configured `train.*` values."""
+        return {
+            "resolved.train.amp_bf16": str(self.amp_bf16).lower(),
+            "resolved.train.channels_last": str(self.channels_last).lower(),
+            "resolved.bf16_fast_path": self.reason,
+        }
+
+
+def resolve_speed(cfg: Any, device: torch.device | str) -> SpeedFlags:
+    """Decide `auto` for `device`: a TrainConfig's amp_bf16 and channels_last as booleans."""
+    amp, layout = speed_choice(cfg.amp_bf16, "train.amp_bf16"), speed_choice(cfg.channels_last, "train.channels_last")
+    if "auto" not in (amp, layout):
+        return SpeedFlags(amp == "true", layout == "true", "set explicitly")
+    return _resolve_auto(amp, layout, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve_auto(amp: str, layout: str, device: str) -> SpeedFlags:
+    fast = bf16_fast_path(device)
+    reason = fast or f"{torch.device(device).type}: no bf16 fast path (off)"
+    return SpeedFlags(
+        amp == "true" or (amp == "auto" and fast is not None),
+        layout == "true" or (layout == "auto" and fast is not None),
+        reason,
+    )
+
+
+# ----------------------------------------------------------------------------- channels_last
+
+
+# Below this many channels per group, the CPU's channels_last GroupNorm kernel in bf16 runs about
+# one group per instruction: `gns:1` (1 channel per group) forward + backward at batch 128 took
+# 3-12x longer than copying to contiguous, normalizing there and copying back; from 16 channels
+# per group on it is the faster one (measured per ResNet-18 stage, docs/benchmarks.md). In fp32
+# the channels_last kernel is not slower enough to pay for the copies.
+SMALL_GROUP_CHANNELS = 8
+
+
+def _layout_guarded(module: nn.Module) -> bool:
+    """Norm layers that may hand back another layout than channels_last, or need a contiguous input:
+    GroupNorm (slow channels_last kernel with small groups), InstanceNorm and batch-group norm
+    (they reshape, which copies to contiguous and returns contiguous)."""
+    return isinstance(module, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, BatchGroupNorm))
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
+    """Small-group GroupNorm on a reduced-precision channels_last CPU tensor: run it contiguous."""
+    x = args[0]
+    if (
+        isinstance(module, nn.GroupNorm)
+        and module.num_channels // module.num_groups < SMALL_GROUP_CHANNELS
+        and isinstance(x, torch.Tensor)
+        and x.dim() == 4
+        and x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and not x.is_contiguous()
+    ):
+        return (x.contiguous(), *args[1:])  # autograd copies the gradient back to the input's layout
+    return None
+
+
+def _channels_last_output(module: nn.Module, args: tuple, out: Any) -> Any:
+    """Hand channels_last on to the next layer (a no-op when the output already is)."""
+    if isinstance(out, torch.Tensor) and out.dim() == 4 and not out.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return None
+
+
 def use_channels_last(model: nn.Module) -> nn.Module:
-    """Convert the model's 4-d parameters and buffers to channels_last, once (idempotent).
+    """Convert the model to channels_last, once (idempotent); same parameters, same state_dict.
 
     `Module.to(memory_format=...)` rewrites `param.data` in place, so an optimizer built earlier
-    still holds the same parameter objects. Call it before wrapping the model in DDP.
+    still holds the same parameter objects. Norm layers get hooks (see `_contiguous_input`,
+    `_channels_last_output`): GroupNorm with small groups on a bf16 CPU batch runs on a contiguous
+    copy, and every norm hands channels_last on, so the next convolution sees channels_last again.
+    Without them a ResNet-18 `bn,gns:1` bf16 step on this CPU spent half its time in channels_last
+    GroupNorm kernels, and was only 1.4x faster than fp32. Call it before wrapping the model in DDP.
     """
     if not getattr(model, _FLAG, False):
         model.to(memory_format=torch.channels_last)
+        for module in model.modules():
+            if _layout_guarded(module):
+                module.register_forward_pre_hook(_contiguous_input)
+                module.register_forward_hook(_channels_last_output)
         setattr(model, _FLAG, True)
     return model
 
@@ -53,6 +223,9 @@ def as_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+# ----------------------------------------------------------------------------- bf16 autocast
+
+
 @contextlib.contextmanager
 def bf16_autocast(device: torch.device, enabled: bool) -> Iterator[None]:
     """bf16 autocast on `device` when enabled; a plain block otherwise."""
@@ -60,6 +233,23 @@ def bf16_autocast(device: torch.device, enabled: bool) -> Iterator[None]:
         yield
         return
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        yield
+
+
+@contextlib.contextmanager
+def bf16_weight_cache(device: torch.device, enabled: bool) -> Iterator[None]:
+    """Keep autocast's bf16 copies of the weights for the whole block, with autocast itself off.
+
+    Autocast caches the bf16 cast of each leaf weight until the *outermost* autocast region
+    exits. An attack calls :class:`AutocastForward` k times, each its own region, so every PGD
+    step would cast all weights again. This opens a disabled outer region: inner forwards share
+    one cast per weight (the weights do not change during an attack), while code between them
+    (the loss, the step) still runs in fp32. Same values as without the cache.
+    """
+    if not enabled:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=False):
         yield
 
 
@@ -74,6 +264,7 @@ class AutocastForward(nn.Module):
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
+        self.train(inner.training)  # a new Module is in train mode; keep the wrapped model's mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
@@ -81,4 +272,17 @@ class AutocastForward(nn.Module):
         return out.float()
 
 
-__all__ = ["AutocastForward", "as_channels_last", "bf16_autocast", "to_device_async", "use_channels_last"]
+__all__ = [
+    "SPEED_CHOICES",
+    "AutocastForward",
+    "SpeedFlags",
+    "as_channels_last",
+    "bf16_autocast",
+    "bf16_fast_path",
+    "bf16_weight_cache",
+    "cpu_bf16_features",
+    "resolve_speed",
+    "speed_choice",
+    "to_device_async",
+    "use_channels_last",
+]

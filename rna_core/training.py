@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .attacks.pgd import pgd_linf
 from .config import INACTIVE_CANDIDATES, AttackConfig, TrainConfig
 from .paths import PathSampler, fresh_path_every_forward, set_path
-from .speed import AutocastForward, as_channels_last, bf16_autocast, use_channels_last
+from .speed import AutocastForward, as_channels_last, bf16_autocast, resolve_speed, use_channels_last
 from .units import to_unit
 
 
@@ -104,10 +104,11 @@ def train_step(
     noise = noise_generator if noise_generator is not None else sampler.generator
     attacker = attack_model if attack_model is not None else model
     target = attacker  # the module whose random layers paths are set on
-    if cfg.channels_last:
+    speed = resolve_speed(cfg, x.device)  # `auto` decided for this device (cached)
+    if speed.channels_last:
         use_channels_last(target)
         x = as_channels_last(x)
-    if cfg.amp_bf16:
+    if speed.amp_bf16:
         attacker = AutocastForward(attacker)  # forward in bf16; loss and input gradient in fp32
     model.train()
     if cfg.mode == "natural":
@@ -124,7 +125,7 @@ def train_step(
         else:
             set_path(target, attack_path)
     optimizer.zero_grad(set_to_none=True)
-    with bf16_autocast(x_train.device, cfg.amp_bf16):
+    with bf16_autocast(x_train.device, speed.amp_bf16):
         logits = model(x_train)
     loss = F.cross_entropy(logits.float(), y)
     loss.backward()

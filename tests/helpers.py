@@ -23,7 +23,9 @@ def train_small_cnn(norm: str, epochs: int = 2, n: int = 384, seed: int = 0) -> 
     torch.manual_seed(seed)
     model = rna_core.create_model("small_cnn", norm=norm)
     data = low_contrast(make_synthetic(n, seed=0, split="train"))
-    cfg = TrainConfig(mode="natural", lr=0.1, epochs=1, weight_decay=0.0)
+    # fp32 explicitly: `auto` would train in bf16 on a bf16 CPU, and the attack tests that use this
+    # model should see the same model on every machine.
+    cfg = TrainConfig(mode="natural", lr=0.1, epochs=1, weight_decay=0.0, amp_bf16="false", channels_last="false")
     opt = build_optimizer(model, cfg)
     sampler = rna_core.PathSampler("uniform", seed=seed)
     for epoch in range(epochs):

@@ -19,7 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import at_step, common, gpu, vs_reference_loop, vs_torchattacks  # noqa: E402
+from bench import at_step, common, eval_precision, gpu, norm_layout, vs_reference_loop, vs_torchattacks  # noqa: E402
 from rna_core import create_model  # noqa: E402
 from rna_core.config import AttackConfig, TrainConfig  # noqa: E402
 
@@ -93,11 +93,54 @@ def test_at_step_tiny(capsys, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["ratio"] == pytest.approx(result["ratio"])
 
 
+def test_at_step_bf16_reports_the_bf16_step_headlines(capsys, tmp_path):
+    argv = [
+        "--model",
+        "small_cnn",
+        "--batch",
+        "4",
+        "--pgd-steps",
+        "2",
+        "--amp-bf16",
+        "--channels-last",
+        *TINY,
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
+    result = at_step.main(argv)
+    out = capsys.readouterr().out
+    _check_printed(out, "at_step", result)
+    assert set(result["timings"]) == {"norm=bn,gns:1", "norm=bn", "fp32 norm=bn,gns:1", "fp32 norm=bn"}
+    heads = json.loads((tmp_path / "r.json").read_text())["headlines"]
+    assert set(heads) == {"bf16_step", "bf16_step_base"}
+    assert heads["bf16_step"]["ratio_name"] == "time(fp32 norm=bn,gns:1) / time(norm=bn,gns:1)"
+    assert heads["bf16_step"]["target"] == ">= 3.0" and heads["bf16_step"]["cpu_time_ratio"] > 0
+    assert "headline bf16_step: ratio time(fp32 norm=bn,gns:1) / time(norm=bn,gns:1) = " in out
+    assert "load_average" in result["machine"]
+
+
 def test_vs_reference_loop_tiny_is_bit_identical(capsys):
     result = vs_reference_loop.main(["--model", "small_cnn", "--batch", "4", "--pgd-steps", "2", "--atol", "0", *TINY])
     out = capsys.readouterr().out
     _check_printed(out, "vs_reference_loop", result)
     assert "equality check: passed (max_abs_diff_adversarial=0.00e+00, max_abs_diff_state=0.00e+00" in out
+    # reported both ways: ours in bf16 + channels_last against the same fp32 reference
+    assert set(result["timings"]) == {"reference", "ours", "ours_bf16"}
+    assert "bf16 check: passed (ours_bf16: same paths as the reference" in out
+    head = result["headlines"]["vs_reference_loop_bf16"]
+    assert head["ratio_name"] == "time(reference) / time(ours_bf16)" and head["target"] == ">= 4.5"
+
+
+def test_vs_reference_bf16_check_fails_when_the_bf16_step_changes_the_method(monkeypatch):
+    """The bf16 check can fail: a bf16 step that draws its update path another way is caught."""
+    torch.manual_seed(0)
+    model = create_model("small_cnn", norm="bn,gns:1")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+    fp32 = TrainConfig(attack=AttackConfig(steps=2), amp_bf16="false", channels_last="false")
+    whitebox = TrainConfig(mode="whitebox", attack=AttackConfig(steps=2), amp_bf16="true", channels_last="true")
+    with pytest.raises(AssertionError, match="another update path"):
+        vs_reference_loop.check_bf16_close(model, x, y, fp32, whitebox, seed=0)
 
 
 def test_vs_reference_check_fails_when_the_steps_differ(monkeypatch):
@@ -114,7 +157,8 @@ def test_vs_reference_check_fails_when_the_steps_differ(monkeypatch):
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
     with pytest.raises(AssertionError, match="adversarial examples differ"):
-        vs_reference_loop.check_identical(model, x, y, TrainConfig(attack=AttackConfig(steps=2)), seed=0)
+        fp32 = TrainConfig(attack=AttackConfig(steps=2), amp_bf16="false", channels_last="false")  # not `auto`
+        vs_reference_loop.check_identical(model, x, y, fp32, seed=0)
 
 
 def test_vs_torchattacks_tiny(capsys):
@@ -174,6 +218,7 @@ def test_gpu_sh_runs_on_cpu_tiny_without_ray_mlflow_or_attack_libraries(tmp_path
     result = json.loads(out_json.read_text())
     assert set(result["timings"]) == {"fp32", "bf16_cl"}
     assert float(result["extra"]["GFLOP per image per training step"]) > 0
+    assert "PGD-20 eval (bf16 forward)" in result["extra"] and "x fp32" in result["extra"]["PGD-20 eval (bf16 forward)"]
     # benchmark 3 needs torchattacks, absent on the bare GPU machine: reported as skipped, not a crash
     assert result["extra"]["vs_torchattacks on this device"].startswith("skipped (torchattacks not importable")
 
@@ -183,3 +228,61 @@ def test_gpu_bench_compares_with_torchattacks_where_it_is_installed():
     line = result["extra"]["vs_torchattacks on this device"]
     assert line.startswith("time(torchattacks) / time(ours) = ") and "batch 8" in line
     assert float(line.split(" = ")[1].split(" ")[0]) > 0
+
+
+def test_eval_precision_tiny_runs_both_precisions_on_the_same_units(capsys, tmp_path):
+    from rna_core.checkpoint import save_checkpoint
+    from rna_core.config import load_config
+    from rna_core.data import make_synthetic, write_parquet_dataset
+
+    test = make_synthetic(16, seed=0, split="test")
+    write_parquet_dataset(tmp_path / "test.parquet", test.images, test.labels, test.classes, "cifar10")
+    cfg = load_config(None, ["model.name=small_cnn", "model.norm=bn,gns:1", "data.dataset=cifar10"])
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ckpt.pt", create_model("small_cnn", norm="bn,gns:1"), config=cfg)
+    result = eval_precision.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "ckpt.pt"),
+            "--data-dir",
+            str(tmp_path),
+            "--limit",
+            "16",
+            "--batch",
+            "8",
+            "--units",
+            "pgd20:transfer,eot_pgd:eot",
+            "--eot-iter",
+            "2",
+            "--threads",
+            "1",
+        ]
+    )
+    out = capsys.readouterr().out
+    _check_printed(out, "eval_precision", result)
+    assert set(result["timings"]) == {
+        "fp32 pgd20:transfer",
+        "bf16 pgd20:transfer",
+        "fp32 eot_pgd:eot",
+        "bf16 eot_pgd:eot",
+    }
+    assert all(len(t["seconds"]) == 2 for t in result["timings"].values())  # 2 batches each
+    assert (
+        "bf16 - fp32 = " in result["extra"]["accuracy pgd20:transfer"]
+        and "on 16 images" in result["extra"]["accuracy eot_pgd:eot"]
+    )
+    assert set(result["headlines"]) == {"speed pgd20:transfer", "speed eot_pgd:eot"}
+
+
+def test_norm_layout_tiny_times_both_ways(capsys):
+    result = norm_layout.main(["--batch", "2", "--stages", "1", "--group-channels", "1,16", *TINY])
+    out = capsys.readouterr().out
+    _check_printed(out, "norm_layout", result)
+    assert set(result["timings"]) == {
+        "gn C=64 D=1 channels_last",
+        "gn C=64 D=1 via_contiguous",
+        "gn C=64 D=16 channels_last",
+        "gn C=64 D=16 via_contiguous",
+        "bn C=64 channels_last",
+    }
+    assert "C=64 D=16: channels_last / via_contiguous" in result["extra"]

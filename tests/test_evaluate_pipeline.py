@@ -121,7 +121,9 @@ def env(store):
     model = build_model(cfg)
     model.load_state_dict(store["model"].state_dict())
     train = low_contrast(make_synthetic(384, seed=0, split="train"))
-    tcfg = TrainConfig(mode="natural", lr=0.1, epochs=1, weight_decay=0.0)
+    tcfg = TrainConfig(
+        mode="natural", lr=0.1, epochs=1, weight_decay=0.0, amp_bf16="false", channels_last="false"
+    )  # same model on every CPU
     opt = build_optimizer(model, tcfg)
     sampler = rna_core.PathSampler("uniform", seed=0)
     for epoch in range(2):

@@ -3,8 +3,12 @@
 - pgd_linf's precomputed projection bounds, fused step and gradient sum: bit-identical to the
   plain formula (below, as it was written before the speed work).
 - The CPU->GPU copy helper: same values.
-- channels_last (other convolution kernels): the same step within float rounding.
-- bf16 autocast: actually runs the convolutions in bf16 (attack and update), loss within 5%.
+- channels_last (other convolution kernels): the same step within float rounding; the batch keeps
+  the layout through the PGD loop and the norms; small-group GroupNorm runs contiguous in bf16.
+- bf16 autocast: actually runs the convolutions in bf16 (attack and update), loss within 5%; the
+  same method (same paths, no parameter gradients in the attack, fp32 loss and weights); each
+  weight cast to bf16 once per attack, bit-identical to casting it every step.
+- `auto`: on exactly where the device has a bf16 fast path; explicit true/false win.
 """
 
 from __future__ import annotations
@@ -16,16 +20,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rna_core import create_model, get_path
+import rna_core.attacks.pgd as pgd_module
+from rna_core import create_model, get_path, speed
 from rna_core.attacks.pgd import pgd_linf
 from rna_core.config import AttackConfig, TrainConfig, flatten, load_config, unflatten
 from rna_core.errors import ConfigError
 from rna_core.optim import build_optimizer
 from rna_core.paths import PathSampler, fresh_path_every_forward
-from rna_core.speed import AutocastForward, to_device_async, use_channels_last
+from rna_core.speed import AutocastForward, resolve_speed, to_device_async, use_channels_last
 from rna_core.training import train_step
 
 EPS, STEP = 8 / 255, 2 / 255
+FP32 = {"amp_bf16": "false", "channels_last": "false"}  # explicit: `auto` would pick bf16 on a bf16 CPU
+
+
+def _cfg(steps: int = 3, **flags) -> TrainConfig:
+    return TrainConfig(attack=AttackConfig(steps=steps), **{**FP32, **flags})
 
 
 @pytest.fixture(autouse=True)
@@ -134,12 +144,9 @@ def _one_step(model, cfg, x, y, seed=0):
 def test_channels_last_gives_the_same_step_within_rounding():
     x, y = _batch(16)
     base = _model()
-    cfg = TrainConfig(attack=AttackConfig(steps=3))
-    out_a, adv_a, state_a, _ = _one_step(copy.deepcopy(base), cfg, x, y)
+    out_a, adv_a, state_a, _ = _one_step(copy.deepcopy(base), _cfg(3), x, y)
     model_cl = copy.deepcopy(base)
-    out_b, adv_b, state_b, opt_b = _one_step(
-        model_cl, TrainConfig(attack=AttackConfig(steps=3), channels_last=True), x, y
-    )
+    out_b, adv_b, state_b, opt_b = _one_step(model_cl, _cfg(3, channels_last="true"), x, y)
     conv = next(m for m in model_cl.modules() if isinstance(m, nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert any(p is conv.weight for g in opt_b.param_groups for p in g["params"])  # optimizer still holds it
@@ -162,13 +169,14 @@ def test_bf16_autocast_runs_convs_in_bf16_in_attack_and_update():
     dtypes: list[torch.dtype] = []
     conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     conv.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
-    cfg = TrainConfig(attack=AttackConfig(steps=2), amp_bf16=True)
-    out_bf16, _, _, _ = _one_step(copy.deepcopy(model), TrainConfig(attack=AttackConfig(steps=2)), x, y)
+    cfg = _cfg(2, amp_bf16="true")
+    out_fp32, _, _, _ = _one_step(copy.deepcopy(model), _cfg(2), x, y)
+    assert dtypes == [torch.float32] * 3
     dtypes.clear()
     out, _, state, _ = _one_step(model, cfg, x, y)
     assert dtypes == [torch.bfloat16] * 3  # 2 attack forwards + the update forward
     assert out.loss_sum.dtype == torch.float32 and torch.isfinite(out.loss_sum)
-    assert torch.allclose(out.loss_sum, out_bf16.loss_sum, rtol=0.05)
+    assert torch.allclose(out.loss_sum, out_fp32.loss_sum, rtol=0.05)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
@@ -181,10 +189,151 @@ def test_autocast_forward_returns_float32_and_reaches_random_layers():
     assert wrapped(torch.rand(2, 3, 32, 32)).dtype == torch.float32
 
 
-def test_speed_flags_are_config_keys():
-    cfg = load_config(None, ["train.channels_last=true", "train.amp_bf16=true"])
-    assert cfg.train.channels_last and cfg.train.amp_bf16
-    assert not TrainConfig().channels_last and not TrainConfig().amp_bf16
+def test_speed_flags_are_config_keys_auto_by_default():
+    cfg = load_config(None, ["train.channels_last=true", "train.amp_bf16=false"])
+    assert (cfg.train.channels_last, cfg.train.amp_bf16) == ("true", "false")
+    assert (TrainConfig().channels_last, TrainConfig().amp_bf16) == ("auto", "auto")
+    # Python booleans and YAML spellings (old checkpoints' flattened configs hold booleans) normalise.
+    assert TrainConfig(channels_last=True, amp_bf16=False).channels_last == "true"
+    assert load_config(None, ["train.amp_bf16=no", "train.channels_last=AUTO"]).train.amp_bf16 == "false"
+    with pytest.raises(ConfigError, match="train.amp_bf16 must be auto, true or false, got 'sometimes'"):
+        load_config(None, ["train.amp_bf16=sometimes"])
+
+
+def test_auto_follows_the_devices_bf16_fast_path(monkeypatch, tmp_path):
+    auto = TrainConfig()
+    for features, expected in ((("avx512_bf16",), True), (("amx_bf16", "avx512_bf16"), True), ((), False)):
+        speed._resolve_auto.cache_clear()
+        monkeypatch.setattr(speed, "cpu_bf16_features", lambda f=features: f)
+        flags = resolve_speed(auto, "cpu")
+        assert (flags.amp_bf16, flags.channels_last) == (expected, expected), features
+        assert flags.params()["resolved.train.amp_bf16"] == str(expected).lower()
+        assert ("avx512_bf16" in flags.reason) == expected
+        # explicit values win over auto either way
+        explicit = resolve_speed(TrainConfig(amp_bf16="false", channels_last="true"), "cpu")
+        assert (explicit.amp_bf16, explicit.channels_last, explicit.reason) == (False, True, "set explicitly")
+        mixed = resolve_speed(TrainConfig(amp_bf16="true"), "cpu")  # channels_last still auto
+        assert (mixed.amp_bf16, mixed.channels_last) == (True, expected)
+    speed._resolve_auto.cache_clear()
+    if not torch.cuda.is_available():
+        assert resolve_speed(auto, "cuda") == speed.SpeedFlags(False, False, "cuda: no bf16 fast path (off)")
+    assert resolve_speed(auto, "meta").amp_bf16 is False
+    # /proc/cpuinfo's flags line, the fallback when torch's probe is missing
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n")
+    assert speed._cpuinfo_flags(str(info)) & set(speed.CPU_BF16_FLAGS) == {"avx512_bf16"}
+    assert speed._cpuinfo_flags(str(tmp_path / "missing")) == set()
+
+
+def test_cpu_bf16_features_agree_with_proc_cpuinfo():
+    flags = speed._cpuinfo_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags on this machine")
+    expected = tuple(f for f in speed.CPU_BF16_FLAGS if f in flags) if torch.backends.mkldnn.is_available() else ()
+    assert speed.cpu_bf16_features() == expected
+
+
+def _counting_param_grads(model):
+    counts = {}
+    for name, p in model.named_parameters():
+        counts[name] = 0
+        p.register_post_accumulate_grad_hook(lambda _p, name=name: counts.__setitem__(name, counts[name] + 1))
+    return counts
+
+
+def _recording_sampler(seed: int) -> tuple[PathSampler, list[str]]:
+    sampler, drawn = PathSampler("uniform", seed=seed), []
+    apply = sampler.apply
+
+    def spy(target, relative_to=None):
+        path = apply(target, relative_to=relative_to)
+        drawn.append(str(path))
+        return path
+
+    sampler.apply = spy  # type: ignore[method-assign]
+    return sampler, drawn
+
+
+@pytest.mark.parametrize("flags", [FP32, {"amp_bf16": "true", "channels_last": "true"}])
+def test_bf16_step_is_the_same_method(flags):
+    """Same attack and update paths as fp32, parameter gradients from the update pass only (the
+    attack asks for input gradients), fp32 weights and loss."""
+    x, y = _batch(8)
+    fp32_model, model = _model(), _model()
+    paths = []
+    for m, cfg in ((fp32_model, _cfg(3)), (model, _cfg(3, **flags))):
+        counts = _counting_param_grads(m)
+        sampler, drawn = _recording_sampler(5)
+        out = train_step(m, x, y, build_optimizer(m, cfg), cfg, sampler)
+        paths.append(drawn)
+        assert max(counts.values()) == 1, "a parameter gradient was accumulated outside the update pass"
+        assert out.loss_sum.dtype == torch.float32
+        assert all(p.dtype == torch.float32 for p in m.parameters())
+    assert paths[0] == paths[1] and len(paths[0]) == 2  # attack path, then the update path
+
+
+def _bf16_casts_of(shapes):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if (
+                func is torch.ops.aten._to_copy.default
+                and kwargs.get("dtype") == torch.bfloat16
+                and tuple(args[0].shape) in shapes
+            ):
+                Count.n += 1
+            return func(*args, **kwargs)
+
+    return Count()
+
+
+def test_weights_are_cast_to_bf16_once_per_attack_with_the_same_result(monkeypatch):
+    x, y = _batch(8)
+    results = []
+    for cache in (True, False):
+        model = _model()
+        shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Conv2d)}
+        if not cache:
+            monkeypatch.setattr(pgd_module, "runs_in_bf16", lambda m: False)
+        cfg = _cfg(5, amp_bf16="true", channels_last="true")
+        with _bf16_casts_of(shapes) as counter:
+            out, adv, state, _ = _one_step(model, cfg, x, y)
+        results.append((counter.n, out.loss_sum, adv, state))
+    (cached_casts, loss_a, adv_a, state_a), (plain_casts, loss_b, adv_b, state_b) = results
+    convs = len([m for m in _model().modules() if isinstance(m, nn.Conv2d)])
+    assert cached_casts == 2 * convs  # once for the 5 attack steps, once for the update
+    assert plain_casts == 6 * convs  # once per forward
+    assert torch.equal(loss_a, loss_b) and torch.equal(adv_a, adv_b)
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_batch_keeps_channels_last_through_the_attack_and_the_norms():
+    x, y = _batch(8)
+    model = _model("gns:1,bn")
+    layouts = {"model_in": [], "conv_in": [], "gn_kernel_in": []}
+    cl = torch.channels_last
+    model.register_forward_pre_hook(lambda m, a: layouts["model_in"].append(a[0].is_contiguous(memory_format=cl)))
+    cfg = _cfg(3, amp_bf16="true", channels_last="true")
+    use_channels_last(model)  # installs the layout hooks first, so the hooks below see their result
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(lambda m, a: layouts["conv_in"].append(a[0].is_contiguous(memory_format=cl)))
+        if isinstance(m, nn.GroupNorm):
+            m.register_forward_pre_hook(lambda m, a: layouts["gn_kernel_in"].append(a[0].is_contiguous()))
+    sampler = PathSampler("fixed:0000", seed=0)  # every layer on gns:1, the small-group GroupNorm
+    train_step(model, x, y, build_optimizer(model, cfg), cfg, sampler)
+    assert layouts["model_in"] == [True] * 4  # 3 PGD steps and the update: x_adv stays channels_last
+    assert all(layouts["conv_in"]) and len(layouts["conv_in"]) == 16
+    assert all(layouts["gn_kernel_in"]) and len(layouts["gn_kernel_in"]) == 16  # bf16 small groups: contiguous kernel
+    # fp32 keeps the channels_last kernel (it is not slower enough to pay for the copies)
+    layouts["gn_kernel_in"].clear()
+    cfg32 = _cfg(1, channels_last="true")
+    train_step(model, x, y, build_optimizer(model, cfg32), cfg32, sampler)
+    assert layouts["gn_kernel_in"] == [False] * 8
 
 
 def test_compile_is_not_a_flag_but_old_stored_configs_still_load():

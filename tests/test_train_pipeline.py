@@ -30,6 +30,7 @@ from rna_core.data import fixed_subset
 from rna_core.distributed import average_buffers, epoch_shard_indices, mix_seed, seeded_steps, state_digest, wrap_ddp
 from rna_core.paths import Path as RnaPath
 from rna_core.paths import PathSampler, random_layers, set_path
+from rna_core.speed import resolve_speed
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -846,6 +847,12 @@ def test_train_then_resume_into_same_run(ray_env, monkeypatch):
     params = runs[0].data.params
     assert params["train.lr"] == "0.05" and params["model.norm"] == "bn,gns:1" and params["ray.num_workers"] == "2"
     assert len(params["git_commit"]) in (7, 40) or params["git_commit"] == "unknown"
+    # the speed flags as configured (auto) and as the worker's device decided them
+    decided = resolve_speed(cfg.train, "cpu")
+    assert (params["train.amp_bf16"], params["train.channels_last"]) == ("auto", "auto")
+    assert params["resolved.train.amp_bf16"] == str(decided.amp_bf16).lower()
+    assert params["resolved.train.channels_last"] == str(decided.channels_last).lower()
+    assert params["resolved.bf16_fast_path"] == decided.reason
     # per epoch: the PGD accuracy is named by the steps it ran (train.eval_pgd_steps=2)
     for metric in ("train_loss", "train_acc", "clean_acc", "pgd2_acc", "lr", "epoch_seconds", "images_per_second"):
         assert _steps(client, out.mlflow.run_id, metric) == [1, 2], metric

@@ -4,6 +4,12 @@ Written here (not taken from torchattacks) because training needs two things a g
 library does not give: gradients with respect to the input only (no parameter gradients are
 computed or accumulated during the k inner steps), and a hook to average the gradient over
 several fresh paths (EOT). Randomness comes from a passed generator.
+
+Precision and layout: the adversarial batch keeps the memory format of `x` through the loop
+(channels_last in, channels_last out: every op here is elementwise on tensors of x's layout),
+and stays fp32 whatever the model computes in. When the model runs its forwards in bf16
+(`rna_core.speed.AutocastForward`), the whole loop sits in one `bf16_weight_cache` block, so
+autocast casts each weight to bf16 once per attack rather than once per step.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..speed import to_device_async
+from ..speed import AutocastForward, bf16_weight_cache, to_device_async
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -24,6 +30,7 @@ def random_start(x: torch.Tensor, eps: float, generator: torch.Generator | None)
     gen_device = generator.device if generator is not None else x.device
     noise = torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype)
     noise = to_device_async(noise, x.device)
+    # Same draws whatever x's layout; the result takes x's memory format (x is the first operand).
     return (x + (noise * 2 - 1) * eps).clamp_(0, 1)
 
 
@@ -66,12 +73,18 @@ def pgd_linf(
     # projecting on the ball and then on the box, bit for bit (pure comparisons, no arithmetic).
     lower = (x - eps).clamp_(min=0)
     upper = (x + eps).clamp_(max=1)
-    for _ in range(steps):
-        grad = input_gradient(model, x_adv, y, loss_fn, grad_repeats)
-        direction = grad.sign()
-        if active_mask_fn is not None:
-            mask = active_mask_fn(x_adv).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-            direction = direction * mask
-        # step_size * (+-1 or 0) is exact, so the fused add equals x_adv + step_size * sign bit for bit.
-        x_adv = torch.clamp(x_adv.detach().add(direction, alpha=step_size), lower, upper)
+    with bf16_weight_cache(x.device, runs_in_bf16(model)):
+        for _ in range(steps):
+            grad = input_gradient(model, x_adv, y, loss_fn, grad_repeats)
+            direction = grad.sign()
+            if active_mask_fn is not None:
+                mask = active_mask_fn(x_adv).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+                direction = direction * mask
+            # step_size * (+-1 or 0) is exact, so the fused add equals x_adv + step_size * sign bit for bit.
+            x_adv = torch.clamp(x_adv.detach().add(direction, alpha=step_size), lower, upper)
     return x_adv
+
+
+def runs_in_bf16(model: nn.Module) -> bool:
+    """Whether the model's forward runs (partly) under our bf16 autocast wrapper."""
+    return any(isinstance(m, AutocastForward) for m in model.modules())
