@@ -1,0 +1,277 @@
+"""The reproduction experiment end to end: the four-arm sweep, then every evaluation, then the report.
+
+    RNA_BASE_DIR=/work/rna_experiments/reproduction \\
+        python experiments/reproduction/run.py --data-dir /work/shared/data/cifar10 [--set key=value ...]
+
+Resumable at every level: the sweep (jobs/sweep.py resumes its folder: finished trials are kept,
+an interrupted one continues from its last epoch checkpoint), each evaluation (jobs/evaluate.py
+skips finished units of its result folder) and this driver (`<base>/reproduction/state.json`
+records each finished step with its wall time and MLflow run id). Running the same command again
+continues where it stopped. Everything it writes is under $RNA_BASE_DIR, which must be outside the
+checkout. `--set` overrides reach the sweep (e.g. `--set train.epochs=1` for a dry run; a changed
+sweep needs a new `--set sweep.name=...`, and the evaluations follow the sweep's name).
+
+The evaluation plan per model (the seed's Table 1, Table 3 and Table 4, each with the adaptive
+columns beside it) is PLAN below; a deterministic model (plain BatchNorm) scores the same under
+every protocol, so it runs the `transfer` rows only (the report says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+PRESET = "configs/reproduction_cpu.yaml"
+STATE = "reproduction/state.json"
+ARMS = ("bn", "rna", "rpt", "rna_eot")
+DETERMINISTIC = ("bn",)  # one candidate norm, no random layer: every protocol scores the same
+
+
+@dataclass(frozen=True)
+class Step:
+    """One jobs/evaluate.py call per model: a group of attacks x protocols that share a size."""
+
+    name: str
+    table: str  # where the report shows it
+    attacks: str
+    protocols: str
+    limit: int
+    trials: int = 1
+    extra: tuple[str, ...] = ()
+    random_only: bool = False  # skipped for deterministic models
+    path_analysis: bool = False  # this step also runs the path analysis (random models)
+
+    def protocols_for(self, arm: str) -> str:
+        if arm in DETERMINISTIC:
+            kept = [p for p in self.protocols.split(",") if p not in ("fixed-path", "eot")]
+            return ",".join(kept) or "transfer"
+        return self.protocols
+
+
+CW_STEPS = 100  # the paper's 1,000 Adam steps cost 1,000 forward-backward passes per image (sized; named)
+EOT_ITER = 10
+
+PLAN: tuple[Step, ...] = (
+    # Table 1 (transfer, the paper's) with the white-box bound beside it; path analysis on PGD-20
+    Step("table1", "table1", "natural,fgsm,pgd20,mifgsm", "transfer,fixed-path", 1000, path_analysis=True),
+    # the adaptive column: EOT-PGD (PGD-20, every gradient averaged over EOT_ITER fresh paths)
+    Step("eot", "table1", "eot_pgd", "eot", 1000, extra=("--eot-iter", str(EOT_ITER)), random_only=True),
+    # Table 3: early-stop PGD-20 (Double-Win Quant's evaluation)
+    Step("early_stop", "table3", "pgd20", "early-stop", 1000),
+    # Table 1's costly columns
+    Step(
+        "cw_deepfool",
+        "table1",
+        "cw_l2,deepfool",
+        "transfer,fixed-path",
+        1000,
+        extra=("--attack-set", f"cw_l2.steps={CW_STEPS}"),
+    ),
+    Step("autoattack", "table1", "autoattack", "transfer,fixed-path", 500),
+    Step("autoattack_rand", "table1", "autoattack_rand", "eot", 500, random_only=True),
+    # Table 4: stability over 10 trials
+    Step("stability", "table4", "pgd20", "transfer,fixed-path", 1000, trials=10),
+    Step(
+        "stability_eot",
+        "table4",
+        "eot_pgd",
+        "eot",
+        1000,
+        trials=10,
+        extra=("--eot-iter", str(EOT_ITER)),
+        random_only=True,
+    ),
+)
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {"steps": {}}
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[int, float, str]:
+    """Run a job, its output appended to `log` and echoed; (exit code, seconds, output)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    lines: list[str] = []
+    with log.open("a") as f:
+        f.write(f"\n### {now()} {shlex.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            f.write(line)
+            f.flush()
+            lines.append(line)
+            print(line, end="", flush=True)
+        rc = proc.wait()
+    return rc, time.time() - start, "".join(lines)
+
+
+def sweep_command(data_dir: str, overrides: list[str]) -> list[str]:
+    cmd = [sys.executable, "jobs/sweep.py", "--config", PRESET, "--set", f"data.data_dir={data_dir}"]
+    cmd += ["--set", "ray.address=local"]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
+def trial_runs(base: Path, sweep_name: str) -> dict[str, dict[str, Any]]:
+    """arm -> {run_id, status, trial_id, seconds} of the sweep's trial runs (from MLflow)."""
+    sys.path.insert(0, str(REPO))
+    from pipelines import tracking
+    from pipelines.sweep.driver import SWEEP_FILE, child_runs
+
+    job = base / "ray_results" / sweep_name / SWEEP_FILE
+    if not job.is_file():
+        return {}
+    parent = tracking.RunRef.from_dict(json.loads(job.read_text())["mlflow"])
+    client = tracking.client_for(parent.tracking_uri)
+    out: dict[str, dict[str, Any]] = {}
+    for run in child_runs(client, parent):
+        arm = run.data.tags.get("rna.arm")
+        if not arm:
+            continue
+        end = run.info.end_time or 0
+        out[arm] = {
+            "run_id": run.info.run_id,
+            "status": run.info.status,
+            "trial_id": run.data.tags.get("rna.trial_id", ""),
+            "seconds": (end - run.info.start_time) / 1000 if end else None,
+            "parent_run_id": parent.run_id,
+            "experiment_id": parent.experiment_id,
+            "tracking_uri": parent.tracking_uri,
+        }
+    return out
+
+
+def evaluate_command(step: Step, arm: str, run_id: str, data_dir: str, out_dir: Path) -> list[str]:
+    cmd = [sys.executable, "jobs/evaluate.py", "--run-id", run_id, "--attacks", step.attacks]
+    cmd += ["--protocols", step.protocols_for(arm), "--limit", str(step.limit), "--trials", str(step.trials)]
+    cmd += ["--path-analysis", "256" if step.path_analysis and arm not in DETERMINISTIC else "0"]
+    cmd += [*step.extra, "--out", str(out_dir), "--set", f"data.data_dir={data_dir}", "--set", "ray.address=local"]
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", required=True, help="folder with CIFAR-10 train.parquet / test.parquet")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--sweep-name", default="reproduction_cpu", help="the sweep.name the overrides leave")
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--steps", default=",".join(s.name for s in PLAN), help="evaluation steps to run, in order")
+    p.add_argument("--no-report", action="store_true")
+    args = p.parse_args(argv)
+
+    base_env = os.environ.get("RNA_BASE_DIR")
+    if not base_env:
+        print("run.py: set RNA_BASE_DIR to a folder outside the checkout (it holds everything)", file=sys.stderr)
+        return 2
+    base = Path(base_env).resolve()
+    if base == REPO or REPO in base.parents:
+        print(f"run.py: RNA_BASE_DIR {base} is inside the checkout {REPO}; choose a folder outside it", file=sys.stderr)
+        return 2
+    data_dir = str(Path(args.data_dir).resolve())
+    if not (Path(data_dir) / "train.parquet").is_file() or not (Path(data_dir) / "test.parquet").is_file():
+        print(f"run.py: {data_dir} has no train.parquet and test.parquet (CIFAR-10 as Parquet)", file=sys.stderr)
+        return 2
+    base.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "RNA_BASE_DIR": str(base), "PYTHONPATH": str(REPO)}
+    state_path = base / STATE
+    state = load_state(state_path)
+    logs = base / "reproduction" / "logs"
+    state.setdefault("started", now())
+    state["data_dir"] = data_dir
+    state["overrides"] = args.overrides
+    state["sweep_name"] = args.sweep_name
+
+    # 1. The sweep: the four trainings, one after another (a finished sweep returns at once).
+    sweep_cmd = sweep_command(data_dir, args.overrides)
+    sweep_state = state["steps"].get("sweep", {})
+    if sweep_state.get("rc") != 0:
+        rc, seconds, _ = run_logged(sweep_cmd, logs / "sweep.log", env)
+        state["steps"]["sweep"] = {
+            "command": shlex.join(sweep_cmd),
+            "rc": rc,
+            "seconds": seconds + float(sweep_state.get("seconds", 0.0)),  # over all attempts
+            "finished": now(),
+        }
+        save_state(state_path, state)
+        if rc != 0:
+            print(f"run.py: the sweep exited {rc}; run the same command again to resume it", file=sys.stderr)
+            return rc
+    runs = trial_runs(base, args.sweep_name)
+    state["trials"] = runs
+    save_state(state_path, state)
+
+    # 2. The evaluations, step by step over the models (the cheap, central columns first).
+    steps = [s for name in args.steps.split(",") for s in PLAN if s.name == name]
+    failed = 0
+    for step in steps:
+        for arm in args.arms.split(","):
+            if step.random_only and arm in DETERMINISTIC:
+                continue
+            key = f"eval/{arm}/{step.name}"
+            done = state["steps"].get(key, {})
+            if done.get("rc") == 0:
+                continue
+            trial = runs.get(arm)
+            if not trial or trial["status"] != "FINISHED":
+                print(f"run.py: arm {arm} has no finished training run; skipping {step.name}", file=sys.stderr)
+                continue
+            out_dir = base / "eval_results" / args.sweep_name / f"{arm}-{step.name}"
+            cmd = evaluate_command(step, arm, trial["run_id"], data_dir, out_dir)
+            rc, seconds, output = run_logged(cmd, logs / f"eval-{arm}-{step.name}.log", env)
+            mlflow_run = next(
+                (ln.split()[2] for ln in output.splitlines() if ln.strip().startswith("mlflow run")), None
+            )
+            state["steps"][key] = {
+                "command": shlex.join(cmd),
+                "rc": rc,
+                "seconds": seconds + float(done.get("seconds", 0.0)),
+                "out_dir": str(out_dir),
+                "mlflow_run_id": mlflow_run or done.get("mlflow_run_id"),
+                "finished": now(),
+                "arm": arm,
+                "step": step.name,
+            }
+            save_state(state_path, state)
+            failed += rc != 0
+            if not args.no_report:
+                write_report(base, env)
+
+    state["finished"] = now() if not failed else None
+    save_state(state_path, state)
+    if not args.no_report:
+        write_report(base, env)
+    return 1 if failed else 0
+
+
+def write_report(base: Path, env: dict[str, str]) -> None:
+    """The report from what is there now (into <base>/reproduction/report; docs/ is the checkout's copy)."""
+    out = base / "reproduction" / "report"
+    cmd = [sys.executable, "experiments/reproduction/report.py", "--base", str(base), "--out", str(out)]
+    subprocess.run(cmd, cwd=REPO, env=env, check=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
