@@ -284,6 +284,9 @@ def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
         "## State of the experiment",
         "",
     ]
+    caps = state.get("caps") or {}
+    if caps.get("limit") or caps.get("trials"):
+        L += [f"**Dry run**: evaluation sizes capped ({caps}); these numbers are not the experiment's.", ""]
     if not state.get("steps"):
         L += ["**Not started**: no `reproduction/state.json` under the base folder yet.", ""]
     else:

@@ -164,9 +164,13 @@ def trial_runs(base: Path, sweep_name: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def evaluate_command(step: Step, arm: str, run_id: str, data_dir: str, out_dir: Path) -> list[str]:
+def evaluate_command(
+    step: Step, arm: str, run_id: str, data_dir: str, out_dir: Path, cap_limit: int = 0, cap_trials: int = 0
+) -> list[str]:
+    limit = min(step.limit, cap_limit) if cap_limit else step.limit
+    trials = min(step.trials, cap_trials) if cap_trials else step.trials
     cmd = [sys.executable, "jobs/evaluate.py", "--run-id", run_id, "--attacks", step.attacks]
-    cmd += ["--protocols", step.protocols_for(arm), "--limit", str(step.limit), "--trials", str(step.trials)]
+    cmd += ["--protocols", step.protocols_for(arm), "--limit", str(limit), "--trials", str(trials)]
     cmd += ["--path-analysis", "256" if step.path_analysis and arm not in DETERMINISTIC else "0"]
     cmd += [*step.extra, "--out", str(out_dir), "--set", f"data.data_dir={data_dir}", "--set", "ray.address=local"]
     return cmd
@@ -179,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-name", default="reproduction_cpu", help="the sweep.name the overrides leave")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--steps", default=",".join(s.name for s in PLAN), help="evaluation steps to run, in order")
+    p.add_argument("--cap-limit", type=int, default=0, help="dry runs only: at most this many test images per step")
+    p.add_argument("--cap-trials", type=int, default=0, help="dry runs only: at most this many trials per step")
     p.add_argument("--no-report", action="store_true")
     args = p.parse_args(argv)
 
@@ -203,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     state["data_dir"] = data_dir
     state["overrides"] = args.overrides
     state["sweep_name"] = args.sweep_name
+    state["caps"] = {"limit": args.cap_limit, "trials": args.cap_trials}  # 0: the plan's sizes
+    state["driver_command"] = shlex.join(["python", "experiments/reproduction/run.py", *(argv or sys.argv[1:])])
 
     # 1. The sweep: the four trainings, one after another (a finished sweep returns at once).
     sweep_cmd = sweep_command(data_dir, args.overrides)
@@ -239,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"run.py: arm {arm} has no finished training run; skipping {step.name}", file=sys.stderr)
                 continue
             out_dir = base / "eval_results" / args.sweep_name / f"{arm}-{step.name}"
-            cmd = evaluate_command(step, arm, trial["run_id"], data_dir, out_dir)
+            cmd = evaluate_command(step, arm, trial["run_id"], data_dir, out_dir, args.cap_limit, args.cap_trials)
             rc, seconds, output = run_logged(cmd, logs / f"eval-{arm}-{step.name}.log", env)
             mlflow_run = next(
                 (ln.split()[2] for ln in output.splitlines() if ln.strip().startswith("mlflow run")), None

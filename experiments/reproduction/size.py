@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -86,7 +87,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-images", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--from-json", default=None, help="skip the measurement: estimate from an earlier --json file")
+    p.add_argument("--train-images", type=int, default=50000)
+    p.add_argument("--epochs", default="5,10,15", help="epoch counts to estimate the experiment for")
     args = p.parse_args(argv)
+    if args.from_json:
+        out = json.loads(Path(args.from_json).read_text())
+        add_estimates(out, args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+        return out
     torch.set_num_threads(2)
     out: dict = {"load_before": os.getloadavg(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     results = []
@@ -124,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     out["load_after"] = os.getloadavg()
     out["results"] = results
     out["command"] = "PYTHONPATH=. python experiments/reproduction/size.py " + " ".join(argv or sys.argv[1:])
+    add_estimates(out, args)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return out
@@ -131,3 +142,84 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+def add_estimates(out: dict, args: argparse.Namespace) -> None:
+    archs = sorted({r["case"].split()[1] for r in out["results"] if r["case"].startswith("train ")})
+    out["estimates"] = []
+    for arch in archs:
+        for epochs in (int(e) for e in args.epochs.split(",")):
+            try:
+                e = estimate(out["results"], arch, args.train_images, epochs)
+            except KeyError:  # a case was not measured for this architecture
+                continue
+            out["estimates"].append(e)
+            print(
+                f"estimate {arch:16s} {args.train_images} images x {epochs:3d} epochs: train {e['train_min']:6.1f} min "
+                f"+ eval {e['eval_min']:6.1f} min = {e['total_min']:6.1f} min (idle machine)",
+                flush=True,
+            )
+    out["assumptions"] = {"clean": CLEAN, "robust": ROBUST, "passes": {f"{a}/{p}": v for (a, p), v in PASSES.items()}}
+
+
+# ----------------------------------------------------------------------------- the estimate
+# Forward-backward passes per attacked image, relative to one PGD step, for what size.py does not
+# time itself (assumptions, written down; the report prints them): AutoAttack's sub-attacks run only
+# on examples still robust (ROBUST of the test rows, CLEAN correctly classified), FAB-T's steps cost
+# about two passes, Square's 5,000 queries are forwards (a third of a pass); DeepFool works example by
+# example (batch-1 passes cost several batched ones). Under transfer/eot an unperturbed output gets
+# APGD-CE's 100 steps (the unperturbed rule).
+CLEAN, ROBUST = 0.5, 0.3
+PASSES = {
+    ("natural", "any"): 0.3,
+    ("fgsm", "any"): 1.3,
+    ("pgd20", "any"): 21.0,
+    ("pgd20", "early-stop"): 15.0,
+    ("mifgsm", "any"): 6.0,
+    ("cw_l2", "fixed-path"): 101.0,
+    ("cw_l2", "transfer"): 201.0,  # + APGD-CE fill: with c=1e-4 most outputs come back unperturbed
+    ("deepfool", "any"): 250.0,
+    ("eot_pgd", "eot"): 201.0,
+    ("autoattack", "any"): CLEAN * 100 + ROBUST * (900 + 1800 + 5000 / 3) + ROBUST * 100,
+    ("autoattack_rand", "eot"): CLEAN * 2000 + ROBUST * 2000 + ROBUST * 100,
+}
+PATH_ANALYSIS_PASSES = 256 * 21 * 10  # accuracy vs distance + transfer matrix, ~10 PGD-20 attacks of 256 images
+
+
+def passes(attack: str, protocol: str) -> float:
+    return PASSES.get((attack, protocol), PASSES.get((attack, "any"), 21.0))
+
+
+def eval_seconds_per_model(arm: str, per_pass_s: float) -> float:
+    from experiments.reproduction.run import PLAN
+
+    total = 0.0
+    for step in PLAN:
+        if step.random_only and arm == "bn":
+            continue
+        attacks = ["natural", *[a for a in step.attacks.split(",") if a != "natural"]]
+        for protocol in step.protocols_for(arm).split(","):
+            total += sum(passes(a, protocol) for a in attacks) * step.limit * step.trials
+        if step.path_analysis and arm != "bn":
+            total += PATH_ANALYSIS_PASSES
+    return total * per_pass_s
+
+
+def estimate(results: list[dict], arch: str, train_images: int, epochs: int, eval_limit: int = 500) -> dict:
+    """Idle-machine minutes of the whole experiment for `arch` (trainings at the measured PGD steps)."""
+    by = {r["case"]: r for r in results}
+    pgd_bn = by[f"eval {arch} bn pgd20 transfer"]["idle_ms_per_image"] / 1000  # seconds per image, 21 passes
+    pgd_rna = by[f"eval {arch} bn,gns:1 pgd20 transfer"]["idle_ms_per_image"] / 1000
+    out = {"arch": arch, "train_images": train_images, "epochs": epochs, "arms": {}}
+    for arm in ("bn", "rna", "rpt", "rna_eot"):
+        step = by[f"train {arch} {arm}"]["idle_estimate_s"]  # one step of 128 images
+        pgd = pgd_bn if arm in ("bn", "rpt") else pgd_rna
+        per_epoch = math.ceil(train_images / 128) * step + eval_limit * pgd  # + per-epoch PGD-20 on the slice
+        final = eval_limit * pgd * (1 + 10)  # final evaluation: PGD-20 and EOT-PGD (10 draws) on the slice
+        train_s = epochs * per_epoch + final + 60  # ~1 min of Ray Train start-up per trial
+        eval_s = eval_seconds_per_model(arm, pgd / 21)
+        out["arms"][arm] = {"train_min": train_s / 60, "eval_min": eval_s / 60, "epoch_min": per_epoch / 60}
+    out["train_min"] = sum(a["train_min"] for a in out["arms"].values())
+    out["eval_min"] = sum(a["eval_min"] for a in out["arms"].values())
+    out["total_min"] = out["train_min"] + out["eval_min"]
+    return out
