@@ -67,10 +67,12 @@ RELATED = (
     "60% PGD-20 against 42% EOT-PGD-20 (UniSerj/Random-Projection-Filters, issue #1)."
 )
 PAPER_SCALE = (
-    "python jobs/sweep.py --config configs/reproduction_cpu.yaml --set data.data_dir=<CIFAR-10 Parquet folder> "
-    "--set model.name=resnet18 --set train.epochs=200 --set train.attack.steps=10 --set train.eot_iter=4 "
-    "--set ray.use_gpu=true --set ray.cpus_per_worker=4 --set ray.gpus_per_worker=1 "
-    "--set sweep.max_concurrent_trials=4 --set sweep.name=reproduction_resnet18_paper"
+    "RNA_BASE_DIR=<shared folder> python experiments/reproduction/run.py --data-dir <CIFAR-10 Parquet folder> "
+    "--ray-address '' --cw-steps 1000 --sweep-name reproduction_resnet18_paper "
+    "--set sweep.name=reproduction_resnet18_paper --set model.name=resnet18 --set train.epochs=200 "
+    "--set train.attack.steps=10 --set train.eot_iter=4 --set data.eval_limit=1000 --set ray.use_gpu=true "
+    "--set ray.cpus_per_worker=4 --set ray.gpus_per_worker=1 --set sweep.max_concurrent_trials=4 "
+    "--set sweep.trial_cpus=0.1"
 )
 
 
@@ -443,6 +445,32 @@ def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
                 f"{sizing.get('load_after')} after.",
                 "",
             ]
+        est = sizing.get("estimates", [])
+        if est:
+            L += [
+                "Estimated compute on the idle machine for the whole experiment (the four trainings at the measured "
+                "step costs, full training set; the evaluation plan of `experiments/reproduction/run.py` per model, "
+                "from the measured PGD-20 cost per image and the pass counts below):",
+                "",
+            ]
+            L += md_table(
+                ["architecture", "training images", "epochs", "trainings (min)", "evaluations (min)", "total (min)"],
+                [
+                    [e["arch"], str(e["train_images"]), str(e["epochs"])]
+                    + [fmt(e[k], 0) for k in ("train_min", "eval_min", "total_min")]
+                    for e in est
+                ],
+            )
+            a = sizing.get("assumptions", {})
+            if a:
+                L += [
+                    "",
+                    "Pass counts per attacked image (forward-backward passes, PGD step = 1), assumed where not timed: "
+                    + ", ".join(f"{k} {v:g}" for k, v in a.get("passes", {}).items())
+                    + f"; AutoAttack's later sub-attacks on the {a.get('robust')} of images still robust, "
+                    f"{a.get('clean')} correctly classified.",
+                    "",
+                ]
     sweep = state.get("steps", {}).get("sweep", {})
     L += ["Commands (with `RNA_BASE_DIR` set to the base folder):", "", "```bash"]
     L += [state.get("driver_command", "python experiments/reproduction/run.py --data-dir <CIFAR-10 Parquet folder>")]
@@ -451,7 +479,9 @@ def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
     L += [
         "```",
         "",
-        "At paper scale on GPUs (ResNet-18, 200 epochs, PGD-10; four trials side by side):",
+        "At paper scale on a GPU cluster (ResNet-18, the full training set, 200 epochs, PGD-10, EOT training over "
+        "4 draws, CW-L2 with the paper's 1,000 steps; four trials side by side, one GPU each; the same evaluation "
+        "plan):",
         "",
         "```bash",
         PAPER_SCALE,

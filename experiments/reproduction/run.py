@@ -127,9 +127,9 @@ def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[int, flo
     return rc, time.time() - start, "".join(lines)
 
 
-def sweep_command(data_dir: str, overrides: list[str]) -> list[str]:
+def sweep_command(data_dir: str, overrides: list[str], ray_address: str = "local") -> list[str]:
     cmd = [sys.executable, "jobs/sweep.py", "--config", PRESET, "--set", f"data.data_dir={data_dir}"]
-    cmd += ["--set", "ray.address=local"]
+    cmd += ["--set", f"ray.address={ray_address}"] if ray_address else []
     for o in overrides:
         cmd += ["--set", o]
     return cmd
@@ -165,14 +165,24 @@ def trial_runs(base: Path, sweep_name: str) -> dict[str, dict[str, Any]]:
 
 
 def evaluate_command(
-    step: Step, arm: str, run_id: str, data_dir: str, out_dir: Path, cap_limit: int = 0, cap_trials: int = 0
+    step: Step,
+    arm: str,
+    run_id: str,
+    data_dir: str,
+    out_dir: Path,
+    cap_limit: int = 0,
+    cap_trials: int = 0,
+    ray_address: str = "local",
+    cw_steps: int = CW_STEPS,
 ) -> list[str]:
     limit = min(step.limit, cap_limit) if cap_limit else step.limit
     trials = min(step.trials, cap_trials) if cap_trials else step.trials
     cmd = [sys.executable, "jobs/evaluate.py", "--run-id", run_id, "--attacks", step.attacks]
     cmd += ["--protocols", step.protocols_for(arm), "--limit", str(limit), "--trials", str(trials)]
     cmd += ["--path-analysis", "256" if step.path_analysis and arm not in DETERMINISTIC else "0"]
-    cmd += [*step.extra, "--out", str(out_dir), "--set", f"data.data_dir={data_dir}", "--set", "ray.address=local"]
+    extra = [e.replace(f"cw_l2.steps={CW_STEPS}", f"cw_l2.steps={cw_steps}") for e in step.extra]
+    cmd += [*extra, "--out", str(out_dir), "--set", f"data.data_dir={data_dir}"]
+    cmd += ["--set", f"ray.address={ray_address}"] if ray_address else []
     return cmd
 
 
@@ -185,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default=",".join(s.name for s in PLAN), help="evaluation steps to run, in order")
     p.add_argument("--cap-limit", type=int, default=0, help="dry runs only: at most this many test images per step")
     p.add_argument("--cap-trials", type=int, default=0, help="dry runs only: at most this many trials per step")
+    p.add_argument("--ray-address", default="local", help="ray.address of every job ('' = a running cluster)")
+    p.add_argument("--cw-steps", type=int, default=CW_STEPS, help="CW-L2's Adam steps (the paper: 1000)")
     p.add_argument("--no-report", action="store_true")
     args = p.parse_args(argv)
 
@@ -210,10 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     state["overrides"] = args.overrides
     state["sweep_name"] = args.sweep_name
     state["caps"] = {"limit": args.cap_limit, "trials": args.cap_trials}  # 0: the plan's sizes
+    state["cw_steps"] = args.cw_steps
     state["driver_command"] = shlex.join(["python", "experiments/reproduction/run.py", *(argv or sys.argv[1:])])
 
     # 1. The sweep: the four trainings, one after another (a finished sweep returns at once).
-    sweep_cmd = sweep_command(data_dir, args.overrides)
+    sweep_cmd = sweep_command(data_dir, args.overrides, args.ray_address)
     sweep_state = state["steps"].get("sweep", {})
     if sweep_state.get("rc") != 0:
         rc, seconds, _ = run_logged(sweep_cmd, logs / "sweep.log", env)
@@ -247,7 +260,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"run.py: arm {arm} has no finished training run; skipping {step.name}", file=sys.stderr)
                 continue
             out_dir = base / "eval_results" / args.sweep_name / f"{arm}-{step.name}"
-            cmd = evaluate_command(step, arm, trial["run_id"], data_dir, out_dir, args.cap_limit, args.cap_trials)
+            cmd = evaluate_command(
+                step,
+                arm,
+                trial["run_id"],
+                data_dir,
+                out_dir,
+                args.cap_limit,
+                args.cap_trials,
+                args.ray_address,
+                args.cw_steps,
+            )
             rc, seconds, output = run_logged(cmd, logs / f"eval-{arm}-{step.name}.log", env)
             mlflow_run = next(
                 (ln.split()[2] for ln in output.splitlines() if ln.strip().startswith("mlflow run")), None
