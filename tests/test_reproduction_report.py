@@ -62,6 +62,11 @@ def _experiment(base: Path, with_stability: bool = True) -> dict:
             _row("rna", "fgsm", "fixed-path", 80),
         ],
         ("rna", "eot"): [_row("rna", "natural", "eot", 110), _row("rna", "eot_pgd", "eot", 60)],  # 30.0 %: keeps 25 %
+        # natural is in every step: the table takes the step with the most images (this one sorts first)
+        ("rna", "autoattack"): [
+            _row("rna", "natural", "transfer", 40, n=100),
+            _row("rna", "autoattack", "transfer", 30, n=100),
+        ],
         ("rna", "early_stop"): [_row("rna", "natural", "early-stop", 110), _row("rna", "pgd20", "early-stop", 70)],
     }
     if with_stability:
@@ -117,7 +122,8 @@ def test_report_shows_the_tables_numbers_and_the_in_progress_state(tmp_path):
     header = [c.strip() for c in text.split("## Table 1")[1].splitlines()[2].strip("|").split("|")]
     row = dict(zip(header, _table_row(text, rna_label, "transfer")))
     assert (row["Natural"], row["FGSM"], row["PGD-20"], row["EOT-PGD (eot)"]) == ("55.0", "47.5", "45.0", "30.0")
-    assert row["CW"] == "-" and row["AutoAttack"] == "-" and row["AutoAttack-rand (eot)"] == "-"  # not run yet
+    assert row["AutoAttack"] == "30.0"  # from its 100-image step; Natural (55.0) from table1's 200
+    assert row["CW"] == "-" and row["AutoAttack-rand (eot)"] == "-"  # not run yet
     fixed = dict(zip(header, _table_row(text, rna_label, "fixed-path")))
     assert (fixed["PGD-20"], fixed["FGSM"], fixed["EOT-PGD (eot)"]) == ("25.0", "40.0", "")
     # BN: deterministic, so its fixed-path and eot cells are its transfer numbers

@@ -101,8 +101,8 @@ def cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str], Cell]:
     for r in rows:
         sources[(r["attack"], r["protocol"])][r.get("_step", "")][int(r["trial"])] = r
     for key, by_step in sources.items():
-        # the step with the most trials is the stability step; otherwise the first seen
-        groups[key] = max(by_step.values(), key=len)
+        # the step with the most trials (the stability step), then the most images (natural is in every step)
+        groups[key] = max(by_step.values(), key=lambda t: (len(t), max(r["n"] for r in t.values())))
     out = {}
     for key, trials in groups.items():
         acc = tuple(100.0 * t["correct"] / t["n"] for t in trials.values() if t["n"])
