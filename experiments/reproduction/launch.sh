@@ -10,10 +10,13 @@
 # experiments/reproduction/run.py writes (ray_results/, mlflow.db, eval_results/, reproduction/).
 # Running this again resumes: the same code copy, the same command; finished work is kept.
 # Stop it with experiments/reproduction/stop.sh (Ctrl+C to exactly the processes this started).
+# To resume with newer code, remove $RNA_BASE_DIR/code first (finished work is kept; a changed sweep
+# config is refused by jobs/sweep.py: give it a new sweep.name then).
 set -euo pipefail
 BASE=${RNA_BASE_DIR:?set RNA_BASE_DIR to a folder outside the checkout}
 DATA=${RNA_DATA_DIR:?set RNA_DATA_DIR to the folder with CIFAR-10 train.parquet and test.parquet}
 PY=${PYTHON:-python}
+case "$PY" in */*) PY=$(realpath "$PY") ;; *) PY=$(command -v "$PY") ;; esac
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 case "$(cd "$(dirname "$BASE")" 2>/dev/null && pwd)/$(basename "$BASE")/" in
   "$REPO"/*) echo "launch.sh: RNA_BASE_DIR $BASE is inside the checkout $REPO" >&2; exit 2 ;;

@@ -197,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cap-trials", type=int, default=0, help="dry runs only: at most this many trials per step")
     p.add_argument("--ray-address", default="local", help="ray.address of every job ('' = a running cluster)")
     p.add_argument("--cw-steps", type=int, default=CW_STEPS, help="CW-L2's Adam steps (the paper: 1000)")
+    p.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="skip the sweep: evaluate the arms whose training already finished (e.g. while the others train)",
+    )
     p.add_argument("--no-report", action="store_true")
     args = p.parse_args(argv)
 
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. The sweep: the four trainings, one after another (a finished sweep returns at once).
     sweep_cmd = sweep_command(data_dir, args.overrides, args.ray_address)
     sweep_state = state["steps"].get("sweep", {})
-    if sweep_state.get("rc") != 0:
+    if sweep_state.get("rc") != 0 and not args.evaluate_only:
         rc, seconds, _ = run_logged(sweep_cmd, logs / "sweep.log", env)
         state["steps"]["sweep"] = {
             "command": shlex.join(sweep_cmd),
