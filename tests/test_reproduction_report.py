@@ -193,3 +193,19 @@ def test_driver_refuses_a_base_folder_inside_the_checkout(tmp_path, monkeypatch,
     monkeypatch.setenv("RNA_BASE_DIR", str(tmp_path / "base"))
     assert driver.main(["--data-dir", str(tmp_path)]) == 2  # no Parquet files there
     assert "train.parquet" in capsys.readouterr().err and not (tmp_path / "base").exists()
+
+
+def test_two_drivers_never_erase_each_others_steps(tmp_path):
+    """`--evaluate-only` beside a running sweep: each driver's save keeps the other's records."""
+    path = tmp_path / "state.json"
+    a = {"steps": {}, "started": "a"}
+    b = driver.load_state(path)
+    a["steps"]["eval/bn/table1"] = {"rc": 0}
+    driver.save_state(path, a, {"eval/bn/table1"})
+    b["steps"]["sweep"] = {"rc": 0}
+    driver.save_state(path, b, {"sweep"})  # b loaded before a wrote: a's step must survive
+    a["steps"]["eval/bn/early_stop"] = {"rc": 1}
+    driver.save_state(path, a, {"eval/bn/table1", "eval/bn/early_stop"})
+    steps = driver.load_state(path)["steps"]
+    assert steps == {"eval/bn/table1": {"rc": 0}, "sweep": {"rc": 0}, "eval/bn/early_stop": {"rc": 1}}
+    assert not list(tmp_path.glob("*.tmp"))

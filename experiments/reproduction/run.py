@@ -101,11 +101,18 @@ def load_state(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {"steps": {}}
 
 
-def save_state(path: Path, state: dict[str, Any]) -> None:
+def save_state(path: Path, state: dict[str, Any], written: set[str]) -> None:
+    """Write the state, merged with the file as it is now: only the steps this process ran
+    (`written`) replace the file's, so a second driver (`--evaluate-only` beside a running sweep)
+    never erases the other's records."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+    fresh = load_state(path)
+    steps = {**fresh.get("steps", {}), **{k: v for k, v in state["steps"].items() if k in written}}
+    merged = {**fresh, **{k: v for k, v in state.items() if k != "steps"}, "steps": steps}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
     os.replace(tmp, path)
+    state["steps"] = steps
 
 
 def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[int, float, str]:
@@ -221,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "RNA_BASE_DIR": str(base), "PYTHONPATH": str(REPO)}
     state_path = base / STATE
     state = load_state(state_path)
+    written: set[str] = set()  # the steps this process records
     logs = base / "reproduction" / "logs"
     state.setdefault("started", now())
     state["data_dir"] = data_dir
@@ -235,19 +243,20 @@ def main(argv: list[str] | None = None) -> int:
     sweep_state = state["steps"].get("sweep", {})
     if sweep_state.get("rc") != 0 and not args.evaluate_only:
         rc, seconds, _ = run_logged(sweep_cmd, logs / "sweep.log", env)
+        written.add("sweep")
         state["steps"]["sweep"] = {
             "command": shlex.join(sweep_cmd),
             "rc": rc,
             "seconds": seconds + float(sweep_state.get("seconds", 0.0)),  # over all attempts
             "finished": now(),
         }
-        save_state(state_path, state)
+        save_state(state_path, state, written)
         if rc != 0:
             print(f"run.py: the sweep exited {rc}; run the same command again to resume it", file=sys.stderr)
             return rc
     runs = trial_runs(base, args.sweep_name)
     state["trials"] = runs
-    save_state(state_path, state)
+    save_state(state_path, state, written)
 
     # 2. The evaluations, step by step over the models (the cheap, central columns first).
     steps = [s for name in args.steps.split(",") for s in PLAN if s.name == name]
@@ -280,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             mlflow_run = next(
                 (ln.split()[2] for ln in output.splitlines() if ln.strip().startswith("mlflow run")), None
             )
+            written.add(key)
             state["steps"][key] = {
                 "command": shlex.join(cmd),
                 "rc": rc,
@@ -290,13 +300,19 @@ def main(argv: list[str] | None = None) -> int:
                 "arm": arm,
                 "step": step.name,
             }
-            save_state(state_path, state)
+            save_state(state_path, state, written)
             failed += rc != 0
             if not args.no_report:
                 write_report(base, env)
 
-    state["finished"] = now() if not failed else None
-    save_state(state_path, state)
+    complete = all(
+        state["steps"].get(f"eval/{arm}/{s.name}", {}).get("rc") == 0
+        for s in PLAN
+        for arm in ARMS
+        if not (s.random_only and arm in DETERMINISTIC)
+    )
+    state["finished"] = now() if complete and not failed else None
+    save_state(state_path, state, written)
     if not args.no_report:
         write_report(base, env)
     return 1 if failed else 0
