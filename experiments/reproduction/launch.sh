@@ -16,7 +16,8 @@ set -euo pipefail
 BASE=${RNA_BASE_DIR:?set RNA_BASE_DIR to a folder outside the checkout}
 DATA=${RNA_DATA_DIR:?set RNA_DATA_DIR to the folder with CIFAR-10 train.parquet and test.parquet}
 PY=${PYTHON:-python}
-case "$PY" in */*) PY=$(realpath "$PY") ;; *) PY=$(command -v "$PY") ;; esac
+# absolute, without resolving symlinks (a venv's python is a symlink to the base interpreter)
+case "$PY" in /*) ;; */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; *) PY=$(command -v "$PY") ;; esac
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 case "$(cd "$(dirname "$BASE")" 2>/dev/null && pwd)/$(basename "$BASE")/" in
   "$REPO"/*) echo "launch.sh: RNA_BASE_DIR $BASE is inside the checkout $REPO" >&2; exit 2 ;;
