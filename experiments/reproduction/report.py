@@ -315,6 +315,14 @@ def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
                     fmt((t.get("seconds") or 0) / 60 if t.get("seconds") else None),
                 ]
             )
+        sweep_step = state["steps"].get("sweep", {})
+        if sweep_step and sweep_step.get("rc") is None:
+            L += [
+                f"The sweep (the four trainings, one after another) is running since {sweep_step.get('running_since')}.",
+                "",
+            ]
+        elif sweep_step.get("rc"):
+            L += [f"The sweep's last attempt exited {sweep_step['rc']}; running the driver again resumes it.", ""]
         L += md_table(["arm", "training run", "evaluations finished", "training wall time (min)"], rows)
         L += [
             "",

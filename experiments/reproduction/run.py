@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep_cmd = sweep_command(data_dir, args.overrides, args.ray_address)
     sweep_state = state["steps"].get("sweep", {})
     if sweep_state.get("rc") != 0 and not args.evaluate_only:
+        written.add("sweep")  # recorded as running first, so the report can say what is going on
+        state["steps"]["sweep"] = {**sweep_state, "command": shlex.join(sweep_cmd), "rc": None, "running_since": now()}
+        save_state(state_path, state, written)
         rc, seconds, _ = run_logged(sweep_cmd, logs / "sweep.log", env)
         written.add("sweep")
         state["steps"]["sweep"] = {
