@@ -318,7 +318,8 @@ def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
         sweep_step = state["steps"].get("sweep", {})
         if sweep_step and sweep_step.get("rc") is None:
             L += [
-                f"The sweep (the four trainings, one after another) is running since {sweep_step.get('running_since')}.",
+                "The sweep (the four trainings, one after another) is running since "
+                f"{sweep_step.get('running_since')}.",
                 "",
             ]
         elif sweep_step.get("rc"):

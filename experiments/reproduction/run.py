@@ -134,6 +134,22 @@ def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[int, flo
     return rc, time.time() - start, "".join(lines)
 
 
+def run_with_retries(
+    cmd: list[str], log: Path, env: dict[str, str], retries: int, pause: float = 60.0
+) -> tuple[int, float, str]:
+    """run_logged, again after a pause when it fails (every job resumes where it stopped): on a
+    loaded machine a local Ray can time out while starting. An interrupt (exit 130) is not retried."""
+    total = 0.0
+    for attempt in range(retries + 1):
+        rc, seconds, output = run_logged(cmd, log, env)
+        total += seconds
+        if rc in (0, 2, 130) or attempt == retries:  # 2: a bad input, the same every time
+            return rc, total, output
+        print(f"run.py: exit {rc}; retrying in {pause:.0f}s ({attempt + 1} of {retries})", file=sys.stderr, flush=True)
+        time.sleep(pause)
+    return rc, total, output
+
+
 def sweep_command(data_dir: str, overrides: list[str], ray_address: str = "local") -> list[str]:
     cmd = [sys.executable, "jobs/sweep.py", "--config", PRESET, "--set", f"data.data_dir={data_dir}"]
     cmd += ["--set", f"ray.address={ray_address}"] if ray_address else []
@@ -209,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip the sweep: evaluate the arms whose training already finished (e.g. while the others train)",
     )
+    p.add_argument("--retries", type=int, default=3, help="retries of a failed job (each resumes its work)")
     p.add_argument("--no-report", action="store_true")
     args = p.parse_args(argv)
 
@@ -245,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         written.add("sweep")  # recorded as running first, so the report can say what is going on
         state["steps"]["sweep"] = {**sweep_state, "command": shlex.join(sweep_cmd), "rc": None, "running_since": now()}
         save_state(state_path, state, written)
-        rc, seconds, _ = run_logged(sweep_cmd, logs / "sweep.log", env)
+        rc, seconds, _ = run_with_retries(sweep_cmd, logs / "sweep.log", env, args.retries)
         written.add("sweep")
         state["steps"]["sweep"] = {
             "command": shlex.join(sweep_cmd),
@@ -288,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.ray_address,
                 args.cw_steps,
             )
-            rc, seconds, output = run_logged(cmd, logs / f"eval-{arm}-{step.name}.log", env)
+            rc, seconds, output = run_with_retries(cmd, logs / f"eval-{arm}-{step.name}.log", env, args.retries)
             mlflow_run = next(
                 (ln.split()[2] for ln in output.splitlines() if ln.strip().startswith("mlflow run")), None
             )
