@@ -164,6 +164,18 @@ def load_experiment(base: Path) -> tuple[dict[str, Any], dict[str, list[dict[str
     return state, per_arm
 
 
+def live_trials(base: Path, state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The sweep's trial runs as MLflow has them now (while the sweep runs, state.json has none yet)."""
+    if not (base / "ray_results").is_dir():
+        return {}
+    from experiments.reproduction.run import trial_runs
+
+    try:
+        return trial_runs(base, state.get("sweep_name", "reproduction_cpu"))
+    except Exception:  # noqa: BLE001 - the store is being written: show no trials rather than fail
+        return {}
+
+
 def plot_gap(per_arm_cells: Mapping[str, Mapping[tuple[str, str], Cell]], out: Path) -> list[str]:
     """Two PNGs: the transfer gap per attack, and PGD-20 under transfer / eot / fixed-path per arm."""
     import matplotlib
@@ -268,7 +280,7 @@ def findings(per_arm_cells: Mapping[str, Mapping[tuple[str, str], Cell]]) -> lis
 def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     state, per_arm = load_experiment(base)
-    trials = state.get("trials", {})
+    trials = state.get("trials") or live_trials(base, state)
     c1 = {arm: first_trial_cells(rows) for arm, rows in per_arm.items()}
     stab = {arm: cells([r for r in rows if r["_trials"] > 1]) for arm, rows in per_arm.items()}
     finished_arms = [a for a, _ in ARMS if trials.get(a, {}).get("status") == "FINISHED"]
@@ -311,6 +323,7 @@ def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
                 [
                     label,
                     t.get("status", "not started"),
+                    fmt(t.get("epochs_done"), 0),
                     ", ".join(ok) or "-",
                     fmt((t.get("seconds") or 0) / 60 if t.get("seconds") else None),
                 ]
@@ -324,7 +337,7 @@ def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
             ]
         elif sweep_step.get("rc"):
             L += [f"The sweep's last attempt exited {sweep_step['rc']}; running the driver again resumes it.", ""]
-        L += md_table(["arm", "training run", "evaluations finished", "training wall time (min)"], rows)
+        L += md_table(["arm", "training run", "epochs done", "evaluations finished", "training wall time (min)"], rows)
         L += [
             "",
             f"Arms with a finished training: {', '.join(finished_arms) or 'none'}; "

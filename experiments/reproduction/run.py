@@ -179,6 +179,7 @@ def trial_runs(base: Path, sweep_name: str) -> dict[str, dict[str, Any]]:
             "run_id": run.info.run_id,
             "status": run.info.status,
             "trial_id": run.data.tags.get("rna.trial_id", ""),
+            "epochs_done": run.data.metrics.get("epoch"),
             "seconds": (end - run.info.start_time) / 1000 if end else None,
             "parent_run_id": parent.run_id,
             "experiment_id": parent.experiment_id,
