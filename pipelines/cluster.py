@@ -18,15 +18,24 @@ from rna_core.config import Config
 Echo = Callable[[str], None]
 
 
-def ensure_ray(cfg: Config, echo: Echo | None = None) -> None:
+def local_cpus(cfg: Config, extra_cpus: float = 0.0) -> int:
+    """Logical CPUs of a local Ray: the machine's, or what the job's workers (plus `extra_cpus`) ask.
+
+    `extra_cpus` is what a sweep's trial drivers hold beside their Train workers (a sliver each,
+    mostly idle): a trial whose worker takes every core still fits.
+    """
+    needed = math.ceil(cfg.ray.num_workers * cfg.ray.cpus_per_worker + extra_cpus - 1e-9)
+    return max(os.cpu_count() or 1, needed)
+
+
+def ensure_ray(cfg: Config, echo: Echo | None = None, extra_cpus: float = 0.0) -> None:
     """Connect to the configured cluster, or start a local Ray with room for the job's workers."""
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-    needed = math.ceil(cfg.ray.num_workers * cfg.ray.cpus_per_worker)
     # The dashboard is on because Train V2's placement-group cleaner polls the State API (served
     # by the dashboard) and logs a warning every second without it; it listens on localhost only.
-    local_kwargs = dict(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True, dashboard_host="127.0.0.1")
+    local_kwargs = dict(num_cpus=local_cpus(cfg, extra_cpus), include_dashboard=True, dashboard_host="127.0.0.1")
     if address == "local":
         ray.init(address="local", **local_kwargs)
         return
@@ -54,4 +63,4 @@ def cluster_resources() -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
-__all__ = ["cluster_resources", "ensure_ray", "resolve_use_gpu"]
+__all__ = ["cluster_resources", "ensure_ray", "local_cpus", "resolve_use_gpu"]

@@ -16,6 +16,13 @@ and how to vary them:
         model.norm: {grid: ["bn,gns:1", "bn,gn:8,gn:16"]}
         train.sampling: {choice: [uniform, shared, "far:0.5"]}
         train.lr: {loguniform: [0.01, 0.2]}
+      arms:                     # optional: named variants that set several keys together
+        bn: {model.norm: bn}
+        rpt: {model.method: rpt, model.norm: bn, model.precisions: "4-16"}
+
+An arm is a grid dimension whose values are whole groups of settings (a method with its own
+options cannot be a product of independent keys): every arm is crossed with the space, so a
+sweep of arms alone needs no space. A key is either in the space or in the arms, never both.
 
 Plain Python: parsing a sweep imports no Ray. Whether the swept keys and values fit the rest of
 the config is checked by the sweep job before Ray starts (pipelines.sweep.spec).
@@ -25,11 +32,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+
+ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 SEARCHES = ("grid", "random")
 SCHEDULERS = ("asha", "none")
@@ -130,6 +140,59 @@ def _dimension(key: str, kind: str, values: Any) -> Dimension:
 
 
 @dataclass(frozen=True)
+class Arm:
+    """A named group of settings (flattened config keys) that a trial takes together."""
+
+    name: str
+    settings: tuple[tuple[str, Any], ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+
+def parse_arms(node: Any, key: str = "sweep.arms") -> tuple[Arm, ...]:
+    """`arms` ({name: {dotted or nested keys: value}} or its JSON text, as flattened) as Arms.
+
+    An arm given twice (the YAML, then `--set sweep.arms.<name>.<key>=...`) merges, the later value winning.
+    """
+    if isinstance(node, tuple) and all(isinstance(a, Arm) for a in node):
+        return node
+    if node is None or node == "":
+        return ()
+    if isinstance(node, str):
+        try:
+            node = json.loads(node)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{key} must map arm names to settings, got {node!r}") from None
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"{key} must map arm names to settings, e.g. {{bn: {{model.norm: bn}}}}; got {node!r}")
+    arms = []
+    for name, settings in node.items():
+        name = str(name)
+        if not ARM_NAME.match(name):
+            raise ConfigError(f"{key}: arm name '{name}' must be letters, digits, '_', '-' or '.'")
+        if not isinstance(settings, Mapping) or not settings:
+            raise ConfigError(f"{key}.{name} must map config keys to values, e.g. {{model.norm: bn}}")
+        arms.append(Arm(name, tuple(_flat_settings(settings, ""))))
+    return tuple(arms)
+
+
+def _flat_settings(node: Mapping[str, Any], prefix: str) -> list[tuple[str, Any]]:
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        if isinstance(v, Mapping):
+            out.update(_flat_settings(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return list(out.items())
+
+
+def arms_text(arms: tuple[Arm, ...]) -> str:
+    """The flattened form of `arms` (JSON, as MLflow params show it); `parse_arms` reads it back."""
+    return json.dumps({a.name: a.as_dict() for a in arms}, default=str)
+
+
+@dataclass(frozen=True)
 class AshaConfig:
     grace_period: int = 1
     reduction_factor: float = 2.0
@@ -141,6 +204,7 @@ class SweepConfig:
     """The `sweep:` section: the search space, the search, the ranking metric and the scheduler."""
 
     space: tuple[Dimension, ...] = field(default=(), metadata={"parse": parse_space, "flat": space_text})
+    arms: tuple[Arm, ...] = field(default=(), metadata={"parse": parse_arms, "flat": arms_text})
     name: str | None = None
     search: str = "grid"
     num_samples: int = 1
@@ -159,13 +223,22 @@ class SweepConfig:
 
     def num_trials(self) -> int:
         grid = math.prod(len(d.values) for d in self.space if d.kind == "grid")
-        return grid * self.num_samples
+        return grid * max(1, len(self.arms)) * self.num_samples
+
+    def arm(self, name: str) -> Arm:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise ConfigError(f"sweep arm '{name}' is not in sweep.arms ({', '.join(a.name for a in self.arms)})")
 
     def validate(self) -> None:
-        if not self.space:
+        if not self.space and not self.arms:
             raise ConfigError(
-                "the sweep: section needs a space, e.g. space: {model.norm: {grid: ['bn,gns:1', 'bn,in']}}"
+                "the sweep: section needs a space or arms, e.g. space: {model.norm: {grid: ['bn,gns:1', 'bn,in']}}"
             )
+        both = sorted({k for a in self.arms for k, _ in a.settings} & {d.key for d in self.space})
+        if both:
+            raise ConfigError(f"sweep key '{both[0]}' is both in sweep.space and in sweep.arms; keep it in one")
         if self.search not in SEARCHES:
             raise ConfigError(f"sweep.search '{self.search}' is unknown; valid: {', '.join(SEARCHES)}")
         if self.scheduler not in SCHEDULERS:
@@ -193,12 +266,15 @@ class SweepConfig:
 
 
 __all__ = [
+    "Arm",
     "AshaConfig",
     "CATEGORICAL",
     "DOMAIN_KINDS",
     "Dimension",
     "NUMERIC",
     "SweepConfig",
+    "arms_text",
+    "parse_arms",
     "parse_space",
     "space_text",
 ]

@@ -108,6 +108,66 @@ def test_space_forms_domains_and_overrides():
         sweep_config_from_dict(data)
 
 
+def test_arms_set_several_keys_together_and_cross_the_space():
+    """An arm is one grid value that sets a method with its options (what independent keys cannot)."""
+    from pipelines.sweep.driver import SweepPlan, _param_space
+    from pipelines.sweep.spec import arm_params, trial_config
+    from pipelines.tracking import RunRef
+
+    data = _smoke_dict()
+    data["sweep"] = {
+        "space": {"train.lr": {"grid": [0.05, 0.1]}},
+        "arms": {
+            "bn": {"model.norm": "bn"},
+            "rpt": {"model": {"method": "rpt", "norm": "bn", "precisions": "4-8"}},  # nested form
+            "rna_eot": {"model.norm": "bn,gns:1", "train.mode": "eot"},
+        },
+    }
+    sc = sweep_config_from_dict(data, ["sweep.arms.rna_eot.train.eot_iter=3"])  # --set reaches an arm
+    validate_sweep(sc)
+    spec = sc.sweep
+    assert [a.name for a in spec.arms] == ["bn", "rpt", "rna_eot"] and spec.num_trials() == 3 * 2
+    assert spec.arm("rna_eot").as_dict() == {"model.norm": "bn,gns:1", "train.mode": "eot", "train.eot_iter": 3}
+    cfg = trial_config(base_config(sc), arm_params(spec, "rpt", {"train.lr": 0.05}))
+    assert (cfg.model.method, cfg.model.precisions, cfg.train.lr, cfg.train.mode) == ("rpt", "4-8", 0.05, "blackbox")
+    cfg = trial_config(base_config(sc), arm_params(spec, "rna_eot", {"train.lr": 0.1}))
+    assert (cfg.model.method, cfg.model.norm, cfg.train.mode, cfg.train.eot_iter) == ("rna", "bn,gns:1", "eot", 3)
+    # Tune crosses the arm names with the space; the trial looks the settings up by name
+    plan = SweepPlan(sc, "x", "/tmp/x", "/tmp/x/trials", None)
+    ps = _param_space(plan, RunRef("sqlite:///x.db", "0", "r"))
+    assert ps["arm"] == {"grid_search": ["bn", "rpt", "rna_eot"]}
+    assert ps["params"]["train.lr"] == {"grid_search": [0.05, 0.1]}
+    assert ps["sweep"]["arms"]["rpt"]["model.method"] == "rpt"
+    # the flattened form (MLflow params, the resume identity) reads back
+    again = sweep_config_from_dict({**data, "sweep": {**data["sweep"], "arms": identity(sc)["sweep"]["arms"]}})
+    assert again.sweep.arms == spec.arms
+    # arms alone make a sweep (no space needed)
+    data["sweep"] = {"arms": {"a": {"model.norm": "bn"}, "b": {"model.norm": "bn,gns:1"}}}
+    assert sweep_config_from_dict(data).sweep.num_trials() == 2
+
+
+@pytest.mark.parametrize(
+    "arms, space, needle",
+    [
+        ({"a": {"model.normm": "bn"}}, None, "not a config key (did you mean model.norm?)"),
+        ({"a": {"model.norm": "bn,zz"}}, None, "zz"),
+        ({"a": {"model.method": "rpt", "model.norm": "bn,gns:1"}}, None, "rpt"),
+        ({"a": {"mlflow.experiment": "x"}}, None, "cannot be swept"),
+        ({"a b": {"model.norm": "bn"}}, None, "arm name 'a b'"),
+        ({"a": {}}, None, "must map config keys to values"),
+        ({"a": {"model.norm": "bn"}}, {"model.norm": {"grid": ["bn"]}}, "both in sweep.space and in sweep.arms"),
+    ],
+    ids=["unknown key", "unknown norm", "bad combination", "unsweepable", "bad name", "empty", "key twice"],
+)
+def test_bad_arms_are_one_line_config_errors(arms, space, needle):
+    data = _smoke_dict()
+    data["sweep"] = {"arms": arms, **({"space": space} if space else {})}
+    with pytest.raises(ConfigError) as info:
+        validate_sweep(sweep_config_from_dict(data))
+    message = str(info.value)
+    assert needle in message and "\n" not in message, message
+
+
 @pytest.mark.parametrize(
     "space, extra, needle",
     [
@@ -518,3 +578,15 @@ def test_smoke_sweep_runs_trials_side_by_side_and_resumes_without_rerunning(swee
     board = Path(client.download_artifacts(parent.run_id, "summary/leaderboard.md")).read_text()
     assert all(t in board for t in after) and "2 trials" in board
     assert run.data.tags["rna.best_trial"] == table[0]["trial_id"]
+
+
+def test_a_local_ray_has_room_for_a_trial_driver_beside_a_worker_that_takes_every_core():
+    from pipelines.cluster import local_cpus
+
+    sc = load_sweep_config(str(REPO / "configs" / "reproduction_cpu.yaml"), ["data.data_dir=/nonexistent"])
+    b, s = base_config(sc), sc.sweep
+    cores = os.cpu_count() or 1
+    assert b.ray.num_workers * b.ray.cpus_per_worker == 2 and s.max_concurrent_trials == 1
+    assert local_cpus(b) == max(cores, 2)  # the worker alone
+    assert local_cpus(b, s.trial_cpus) == max(cores, 3)  # 2.01 CPUs asked: 3 logical CPUs, not 2
+    assert local_cpus(b, 0.0) == local_cpus(b, 1e-12)  # no rounding noise

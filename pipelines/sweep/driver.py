@@ -153,7 +153,9 @@ def build_scheduler(spec: SweepConfig, base: Config):
 
 
 def _param_space(plan: SweepPlan, parent: tracking.RunRef) -> dict[str, Any]:
+    arms = {"arm": tune.grid_search([a.name for a in plan.spec.arms])} if plan.spec.arms else {}
     return {
+        **arms,
         "params": {d.key: to_tune(d) for d in plan.spec.space},
         "base": flatten(plan.base),
         "sweep": {
@@ -161,6 +163,7 @@ def _param_space(plan: SweepPlan, parent: tracking.RunRef) -> dict[str, Any]:
             "sweep_dir": plan.sweep_dir,
             "trials_dir": plan.trials_dir,
             "parent": parent.to_dict(),
+            "arms": {a.name: a.as_dict() for a in plan.spec.arms},
         },
     }
 
@@ -204,7 +207,8 @@ def _build_tuner(plan: SweepPlan, parent: tracking.RunRef, use_gpu: bool, echo: 
 def open_parent(plan: SweepPlan, config_text: str, echo: Echo) -> tuple[Any, tracking.RunRef]:
     """Reopen the parent run of a resumed sweep, or create (or adopt) it with the sweep's params."""
     reopen = tracking.RunRef.from_dict(plan.stored["mlflow"]) if plan.stored is not None else None
-    swept = {d.key for d in plan.spec.space}  # the base value of a swept key would mislead in the UI
+    # the base value of a swept key would mislead in the UI
+    swept = {d.key for d in plan.spec.space} | {k for a in plan.spec.arms for k, _ in a.settings}
     sweep_params = {k: v for k, v in flatten(replace(plan.base, sweep=plan.spec)).items() if k.startswith("sweep.")}
     params = {
         **{k: ("<swept>" if k in swept else v) for k, v in flatten(plan.base).items()},
@@ -316,7 +320,8 @@ def run_sweep(
             name=SWEEP_FILE,
         )
         tracking.set_tags(client, parent.run_id, {JOB_FILE_TAG: "written"})
-        ensure_ray(plan.base, echo)
+        spec = plan.spec  # a local Ray has room for the trial drivers beside their workers
+        ensure_ray(plan.base, echo, extra_cpus=spec.trial_cpus * (spec.max_concurrent_trials or 1))
         tuner, restored = _build_tuner(plan, parent, resolve_use_gpu(plan.base), echo)
         grid = tuner.fit()
         last = {str((r.metrics or {}).get("trial_id")): (r.metrics or {}) for r in grid}

@@ -66,6 +66,11 @@ def trial_config(base: Config, params: Mapping[str, Any]) -> Config:
     return unflatten({**flatten(base_config(base)), **params})
 
 
+def arm_params(spec: SweepConfig, arm: str | None, params: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's values: its arm's settings (if the sweep has arms), then its space values."""
+    return {**(spec.arm(arm).as_dict() if arm else {}), **params}
+
+
 def plain(value: Any) -> Any:
     """Tune samples numpy scalars; configs, MLflow and Parquet want Python values."""
     return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
@@ -88,6 +93,16 @@ def validate_sweep(cfg: Config) -> None:
     """Every swept key exists and may be swept; every listed value (and range end) builds a valid run."""
     spec, base = sweep_section(cfg), base_config(cfg)
     flat = flatten(base)
+    for key in {k for a in spec.arms for k, _ in a.settings}:
+        if key not in flat:
+            raise ConfigError(
+                f"sweep.arms key '{key}' is not a config key{_suggest(key, list(flat))}; "
+                "keys are flattened, e.g. train.mode, model.norm"
+            )
+        if key.startswith(UNSWEEPABLE) or key in UNSWEEPABLE:
+            raise ConfigError(
+                f"sweep.arms key '{key}' cannot be swept (it places or names the runs); set it in the base config"
+            )
     for d in spec.space:
         if d.key not in flat:
             raise ConfigError(
@@ -105,16 +120,18 @@ def validate_sweep(cfg: Config) -> None:
 
     listed = [d for d in spec.space if d.categorical]
     ranged = [d for d in spec.space if not d.categorical]
-    if math.prod(len(d.values) for d in listed) <= FULL_CHECK_LIMIT:
-        for values in itertools.product(*(d.values for d in listed)):
-            _check_values(base, dict(zip((d.key for d in listed), values)))
-    else:
-        for d in listed:
+    arms = [a.as_dict() for a in spec.arms] or [{}]
+    for arm in arms:
+        if math.prod(len(d.values) for d in listed) * len(arms) <= FULL_CHECK_LIMIT:
+            for values in itertools.product(*(d.values for d in listed)):
+                _check_values(base, {**arm, **dict(zip((d.key for d in listed), values))})
+        else:
+            for d in listed:
+                for v in d.values:
+                    _check_values(base, {**arm, d.key: v})
+        for d in ranged:
             for v in d.values:
-                _check_values(base, {d.key: v})
-    for d in ranged:
-        for v in d.values:
-            _check_values(base, {d.key: v})
+                _check_values(base, {**arm, d.key: v})
     _check_metric(spec, base)
     if spec.scheduler == "asha" and base.train.epochs < 2 and "train.epochs" not in {d.key for d in spec.space}:
         raise ConfigError(
@@ -157,6 +174,7 @@ def identity(cfg: Config) -> dict[str, Any]:
 
 
 __all__ = [
+    "arm_params",
     "base_config",
     "identity",
     "load_sweep_config",

@@ -28,7 +28,7 @@ from rna_core.sweep_config import SweepConfig  # noqa: E402
 
 from .. import tracking  # noqa: E402
 from ..run_folder import is_uri, join  # noqa: E402
-from .spec import plain, trial_config  # noqa: E402
+from .spec import arm_params, plain, trial_config  # noqa: E402
 
 SUMMARY_DIR = "summary"
 STATUSES = ("completed", "early_stopped", "error", "incomplete")
@@ -55,8 +55,11 @@ def trial_rows(
         m = dict(result.metrics or {})
         trial_id = str(m.get("trial_id") or Path(str(result.path)).name)
         params = {k: plain(v) for k, v in ((result.config or {}).get("params") or {}).items()}
-        cfg = trial_config(base, params)
+        arm = (result.config or {}).get("arm")
+        cfg = trial_config(base, arm_params(spec, arm, params))
         row: dict[str, Any] = {"trial_id": trial_id, "mlflow_run_id": run_ids.get(trial_id, "")}
+        if spec.arms:
+            row["arm"] = arm
         row.update({d.key: params.get(d.key) for d in spec.space})
         best = None
         df = result.metrics_dataframe
@@ -125,6 +128,7 @@ def render_leaderboard(
     cols = [
         "rank",
         "trial_id",
+        *(["arm"] if spec.arms else []),
         *(d.key for d in spec.space),
         "seed",
         "space_size",

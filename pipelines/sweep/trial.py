@@ -62,8 +62,9 @@ def describe_params(params: Mapping[str, Any]) -> str:
 
 def sweep_trial(config: dict[str, Any]) -> None:
     """One Tune trial: a full training run as a child MLflow run of the sweep's parent run."""
-    params = {k: plain(v) for k, v in config["params"].items()}
     meta = config["sweep"]
+    arm = config.get("arm")
+    params = {**(meta.get("arms") or {}).get(arm, {}), **{k: plain(v) for k, v in config["params"].items()}}
     trial_id = tune.get_context().get_trial_id()
     flat = {**config["base"], **params, "mlflow.run_name": trial_id, "ray.storage_path": meta["trials_dir"]}
     cfg = unflatten(flat)
@@ -74,6 +75,7 @@ def sweep_trial(config: dict[str, Any]) -> None:
         "rna.trial_id": trial_id,
         "rna.trial_seed": cfg.train.seed,
         "rna.trial_params": describe_params(params)[:5000],
+        **({"rna.arm": str(arm)} if arm else {}),
     }
     finished = finished_run_metrics(join(meta["trials_dir"], trial_id), final_metric_names(cfg.train)["natural"])
     if finished is not None:

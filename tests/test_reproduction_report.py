@@ -1,0 +1,211 @@
+"""The reproduction report (experiments/reproduction/report.py) on a tiny synthetic experiment.
+
+A base folder laid out as experiments/reproduction/run.py leaves it (state.json, one evaluation
+folder per step with its results.parquet written by rna_core's own writer), with known counts:
+the report must show exactly those numbers, derived ones (the gap, what EOT keeps, Table 4's
+statistics) computed from them, missing steps as missing, and the in-progress state.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from rna_core.evaluation import ResultRow, write_rows_parquet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+from experiments.reproduction import report  # noqa: E402
+from experiments.reproduction import run as driver  # noqa: E402
+
+
+def _row(arm: str, attack: str, protocol: str, correct: int, n: int = 200, trial: int = 0) -> ResultRow:
+    method = {"bn": "bn", "rna": "rna(bn,gns:1)"}[arm]
+    return ResultRow.make(
+        run_id=f"run-{arm}",
+        model="wrn16_2",
+        method=method,
+        dataset="cifar10",
+        attack=attack,
+        protocol=protocol,
+        eps=None if attack in ("natural",) else 8.0,
+        trial=trial,
+        seed=trial,
+        n=n,
+        correct=correct,
+        seconds=1.5,
+    )
+
+
+def _experiment(base: Path, with_stability: bool = True) -> dict:
+    """bn and rna trained; rna evaluated in table1, eot, early_stop (and stability); bn in table1 only."""
+    steps: dict = {
+        "sweep": {"command": "python jobs/sweep.py --config configs/reproduction_cpu.yaml", "rc": 0, "seconds": 600.0}
+    }
+    results = {
+        ("bn", "table1"): [
+            _row("bn", "natural", "transfer", 120),
+            _row("bn", "fgsm", "transfer", 70),
+            _row("bn", "pgd20", "transfer", 60),
+            _row("bn", "mifgsm", "transfer", 62),
+        ],
+        ("rna", "table1"): [
+            _row("rna", "natural", "transfer", 110),
+            _row("rna", "natural", "fixed-path", 112),
+            _row("rna", "pgd20", "transfer", 90),  # 45.0 %
+            _row("rna", "pgd20", "fixed-path", 50),  # 25.0 %: gap 20 points
+            _row("rna", "fgsm", "transfer", 95),
+            _row("rna", "fgsm", "fixed-path", 80),
+        ],
+        ("rna", "eot"): [_row("rna", "natural", "eot", 110), _row("rna", "eot_pgd", "eot", 60)],  # 30.0 %: keeps 25 %
+        # natural is in every step: the table takes the step with the most images (this one sorts first)
+        ("rna", "autoattack"): [
+            _row("rna", "natural", "transfer", 40, n=100),
+            _row("rna", "autoattack", "transfer", 30, n=100),
+        ],
+        ("rna", "early_stop"): [_row("rna", "natural", "early-stop", 110), _row("rna", "pgd20", "early-stop", 70)],
+    }
+    if with_stability:
+        results[("rna", "stability")] = [
+            _row("rna", "pgd20", "transfer", c, trial=t) for t, c in enumerate((88, 90, 92, 94))
+        ] + [_row("rna", "natural", "transfer", 110, trial=t) for t in range(4)]
+    for (arm, step), rows in results.items():
+        out_dir = base / "eval_results" / "reproduction_cpu" / f"{arm}-{step}"
+        out_dir.mkdir(parents=True)
+        write_rows_parquet(rows, out_dir / "results.parquet")
+        steps[f"eval/{arm}/{step}"] = {
+            "arm": arm,
+            "step": step,
+            "rc": 0,
+            "seconds": 120.0,
+            "out_dir": str(out_dir),
+            "mlflow_run_id": f"eval-{arm}-{step}",
+            "command": f"python jobs/evaluate.py --run-id run-{arm} ...",
+        }
+    (base / "eval_results" / "reproduction_cpu" / "rna-table1" / "path_analysis").mkdir()
+    png = base / "eval_results" / "reproduction_cpu" / "rna-table1" / "path_analysis" / "accuracy_vs_distance_pgd20.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 64)
+    state = {
+        "started": "2026-12-02T02:20:00Z",
+        "steps": steps,
+        "trials": {
+            "bn": {"run_id": "run-bn", "status": "FINISHED", "seconds": 1800.0, "parent_run_id": "parent-1"},
+            "rna": {"run_id": "run-rna", "status": "FINISHED", "seconds": 2400.0, "parent_run_id": "parent-1"},
+            "rpt": {"run_id": "run-rpt", "status": "RUNNING", "seconds": None, "parent_run_id": "parent-1"},
+        },
+    }
+    (base / "reproduction").mkdir(parents=True)
+    (base / "reproduction" / "state.json").write_text(json.dumps(state))
+    return state
+
+
+def _table_row(text: str, first: str, second: str | None = None) -> list[str]:
+    for line in text.splitlines():
+        cols = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cols and cols[0] == first and (second is None or cols[1] == second):
+            return cols
+    raise AssertionError(f"no row {first!r} {second!r}")
+
+
+def test_report_shows_the_tables_numbers_and_the_in_progress_state(tmp_path):
+    base, out = tmp_path / "base", tmp_path / "docs"
+    _experiment(base)
+    sizing = {"choice": "Chose wrn16_2 because of the measurements.", "results": [], "command": "size.py"}
+    text = report.render(base, out, sizing)
+
+    assert "**Experiment in progress**" in text and "**Finished.**" not in text
+    bn_label, rna_label = dict(report.ARMS)["bn"], dict(report.ARMS)["rna"]
+    header = [c.strip() for c in text.split("## Table 1")[1].splitlines()[2].strip("|").split("|")]
+    row = dict(zip(header, _table_row(text, rna_label, "transfer")))
+    assert (row["Natural"], row["FGSM"], row["PGD-20"], row["EOT-PGD (eot)"]) == ("55.0", "47.5", "45.0", "30.0")
+    assert row["AutoAttack"] == "30.0"  # from its 100-image step; Natural (55.0) from table1's 200
+    assert row["CW"] == "-" and row["AutoAttack-rand (eot)"] == "-"  # not run yet
+    fixed = dict(zip(header, _table_row(text, rna_label, "fixed-path")))
+    assert (fixed["PGD-20"], fixed["FGSM"], fixed["EOT-PGD (eot)"]) == ("25.0", "40.0", "")
+    # BN: deterministic, so its fixed-path and eot cells are its transfer numbers
+    bn = dict(zip(header, _table_row(text, bn_label, "transfer")))
+    assert (bn["PGD-20"], bn["EOT-PGD (eot)"], bn["AutoAttack-rand (eot)"]) == ("30.0", "30.0", "-")
+    # the published row carries the quoted numbers and leaves the rest empty
+    pub = dict(zip(header, _table_row(text, f"published: {report.PUBLISHED['rna']['label']}")))
+    assert (pub["Natural"], pub["PGD-20"], pub["CW"]) == ("84.3", "60.9", "-")
+
+    t3 = dict(
+        zip(
+            ["arm", "es", "t", "f", "e"],
+            _table_row(text.split("## Table 3")[1], rna_label),
+        )
+    )
+    assert (t3["es"], t3["t"], t3["f"], t3["e"]) == ("35.0", "45.0", "25.0", "30.0")
+
+    t4 = _table_row(text.split("## Table 4")[1], rna_label, "pgd20 / transfer")
+    accs = [100 * c / 200 for c in (88, 90, 92, 94)]
+    assert t4[2:] == [
+        "4",
+        f"{statistics.fmean(accs):.2f}",
+        f"{statistics.pstdev(accs):.2f}",
+        f"{min(accs):.2f}",
+        f"{max(accs):.2f}",
+    ]
+    assert _table_row(text.split("## Table 4")[1], rna_label, "eot_pgd / eot")[2:] == ["-"] * 5
+
+    # findings: the gap (20 points) and what EOT keeps of it (25 %), from the numbers above
+    f = text.split("## Findings")[1]
+    assert "gap 20.0 points" in f and "30.0%" in f and "keeping 25% of the gap" in f
+    # plots and path analysis copied beside the report; runs with their MLflow ids and wall times
+    for png in ("reproduction_transfer_gap.png", "reproduction_eot_keeps.png"):
+        blob = (out / png).read_bytes()
+        assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000
+    assert (out / "reproduction_rna_accuracy_vs_distance_pgd20.png").is_file()
+    assert _table_row(text, "train rna")[1:] == ["FINISHED", "run-rna", "40.0"]
+    assert _table_row(text, "rna/eot")[1:] == ["done", "eval-rna-eot", "2.0"]
+    assert "parent-1" in text and "Chose wrn16_2" in text and report.PAPER_SCALE in text
+    assert (out / "reproduction.md").read_text() == text
+
+
+def test_report_before_anything_ran_says_so(tmp_path):
+    text = report.render(tmp_path / "empty", tmp_path / "out", None)
+    assert "**Not started**" in text and "No finished evaluation" in text
+    assert "45.0" not in text and _table_row(text, dict(report.ARMS)["rna"], "transfer")[2:9] == ["-"] * 7
+
+
+@pytest.mark.parametrize("arm, expect", [("bn", "transfer"), ("rna", "transfer,fixed-path")])
+def test_driver_runs_every_protocol_on_random_models_and_transfer_on_bn(arm, expect, tmp_path):
+    step = next(s for s in driver.PLAN if s.name == "table1")
+    cmd = driver.evaluate_command(step, arm, "RUN", "/data", tmp_path / "x")
+    assert cmd[cmd.index("--protocols") + 1] == expect
+    assert cmd[cmd.index("--limit") + 1] == "1000" and cmd[cmd.index("--run-id") + 1] == "RUN"
+    assert cmd[cmd.index("--path-analysis") + 1] == ("0" if arm == "bn" else "256")
+    plan = {s.name: s for s in driver.PLAN}
+    assert plan["autoattack"].limit >= 500 and plan["autoattack_rand"].limit >= 500
+    assert all(s.limit >= 1000 for s in driver.PLAN if "autoattack" not in s.attacks)
+    assert plan["stability"].trials == 10 and plan["stability_eot"].trials == 10
+    assert int(plan["eot"].extra[plan["eot"].extra.index("--eot-iter") + 1]) >= 10
+
+
+def test_driver_refuses_a_base_folder_inside_the_checkout(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RNA_BASE_DIR", str(REPO / "tmp_base"))
+    assert driver.main(["--data-dir", str(tmp_path)]) == 2
+    assert "inside the checkout" in capsys.readouterr().err and not (REPO / "tmp_base").exists()
+    monkeypatch.setenv("RNA_BASE_DIR", str(tmp_path / "base"))
+    assert driver.main(["--data-dir", str(tmp_path)]) == 2  # no Parquet files there
+    assert "train.parquet" in capsys.readouterr().err and not (tmp_path / "base").exists()
+
+
+def test_two_drivers_never_erase_each_others_steps(tmp_path):
+    """`--evaluate-only` beside a running sweep: each driver's save keeps the other's records."""
+    path = tmp_path / "state.json"
+    a = {"steps": {}, "started": "a"}
+    b = driver.load_state(path)
+    a["steps"]["eval/bn/table1"] = {"rc": 0}
+    driver.save_state(path, a, {"eval/bn/table1"})
+    b["steps"]["sweep"] = {"rc": 0}
+    driver.save_state(path, b, {"sweep"})  # b loaded before a wrote: a's step must survive
+    a["steps"]["eval/bn/early_stop"] = {"rc": 1}
+    driver.save_state(path, a, {"eval/bn/table1", "eval/bn/early_stop"})
+    steps = driver.load_state(path)["steps"]
+    assert steps == {"eval/bn/table1": {"rc": 0}, "sweep": {"rc": 0}, "eval/bn/early_stop": {"rc": 1}}
+    assert not list(tmp_path.glob("*.tmp"))
