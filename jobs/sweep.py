@@ -50,7 +50,7 @@ def job(argv: Sequence[str] | None) -> int:
 
     out = run_sweep(sc, config_path=args.config, resume=args.resume, echo=echo)
 
-    from pipelines.tracking import ui_command
+    from pipelines.tracking import compare_url, ui_command
 
     print("", flush=True)
     if out.interrupted:
@@ -75,6 +75,9 @@ def job(argv: Sequence[str] | None) -> int:
     print(f"  summary     {out.summary_dir}")
     print(f"  folder      {out.sweep_dir}")
     print(f"  mlflow ui   {ui_command(out.parent.tracking_uri)}")
+    runs = [r["mlflow_run_id"] for r in out.rows if r.get("mlflow_run_id")]
+    if runs:
+        print(f"  compare     {compare_url(out.parent.tracking_uri, out.parent.experiment_id, runs)}")
     return EXIT_TRIALS_FAILED if out.num_errors else 0
 
 
