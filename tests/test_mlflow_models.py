@@ -253,3 +253,23 @@ def test_bad_mlflow_settings_fail_before_training(override, needle):
 def test_config_turns_system_metrics_off_from_the_command_line():
     assert load_config(None, ["mlflow.system_metrics=false"]).mlflow.system_metrics is False
     assert load_config(None, []).mlflow.registered_model is None
+
+
+def test_cli_model_uri_errors_are_one_line_and_exit_2(store, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from jobs.evaluate import main
+
+    for argv, needle in (
+        (["--model-uri", "models:/rna-small@nope"], "MLflow model 'models:/rna-small@nope' not found"),
+        (["--model-uri", store["logged"].run_uri, "--selected", "val"], "--selected goes with --run-id"),
+        (["--model-uri", "models:/x@y", "--run-id", "abc"], "not allowed with argument"),
+    ):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse usage errors
+            code = exc.code
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (argv, lines)
