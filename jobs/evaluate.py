@@ -126,11 +126,11 @@ def job(argv: Sequence[str] | None) -> int:
     from pipelines.evaluation.plan import plan_evaluation
     from pipelines.evaluation.source import load_source
     from pipelines.evaluation.store import TABLES_FILE
-    from pipelines.evaluation.uri_source import load_uri_source
+    from pipelines.model_uri import load_uri_source
 
     # Validation only (nothing started or written) up to run_evaluation.
     overrides = eval_overrides(args)
-    if args.model_uri is not None:  # pipelines.evaluation.uri_source: a logged model's checkpoint
+    if args.model_uri is not None:  # pipelines.model_uri: a logged model's checkpoint
         if args.selected is not None:
             raise ConfigError(
                 "--selected goes with --run-id; with --model-uri name the model, e.g. runs:/<id>/model_selected_val"

@@ -1,5 +1,9 @@
 """A model logged by the training job, found by its MLflow URI, for `jobs/evaluate.py --model-uri`.
 
+`load_uri_source` is the evaluation's ModelSource for such a URI: the checkpoint is checked exactly
+as a `--checkpoint` file is (pipelines.evaluation.source), and the evaluation is nested under the
+training run that logged the model, as `--run-id` does. Nothing is written.
+
 `models:/<name>@<alias>`, `models:/<name>/<version>` (or `latest`), `models:/m-<id>` and
 `runs:/<run id>/<model name>` are resolved with the explicit client (a registered version points at
 its logged model), then only two files of the model are fetched: `MLmodel` (its metadata says where
@@ -10,13 +14,20 @@ rna_core's checkpoint is) and that checkpoint, which the evaluation reads as any
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from rna_core.errors import ConfigError
+
+from . import tracking
+from .evaluation.source import ModelSource, load_source, safe_name
+from .preflight import check_tracking_store
+from .run_folder import base_dir
 
 
 @dataclass
@@ -120,4 +131,30 @@ def fetch_model(client: Any, tracking_uri: str, uri: str, dst: str | Path) -> Fe
     return FetchedModel(Path(local), logged.model_id, logged.name, logged.source_run_id, resolved)
 
 
-__all__ = ["FetchedModel", "fetch_model", "find_logged_model"]
+def load_uri_source(model_uri: str, overrides: Sequence[str] = ()) -> ModelSource:
+    """The model `model_uri` names, loaded and checked, nested under its training run."""
+    uri = tracking.resolve_tracking_uri(base_dir())
+    check_tracking_store(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise ConfigError(
+            f"MLflow model '{model_uri}' not found: there is no MLflow store at {uri}; "
+            "set MLFLOW_TRACKING_URI to the store jobs/train.py used"
+        )
+    client = tracking.client_for(uri)
+    with tempfile.TemporaryDirectory(prefix="rna-eval-model-uri-") as tmp:
+        fetched = fetch_model(client, uri, model_uri, tmp)
+        source = load_source(checkpoint=str(fetched.checkpoint), overrides=overrides)
+    run_id = fetched.run_id
+    experiment_id = client.get_run(run_id).info.experiment_id if run_id else None
+    return replace(
+        source,
+        kind="model",
+        label=f"{safe_name(fetched.name)}-{fetched.model_id[-8:]}-{source.weights_digest[:8]}",
+        description=model_uri.strip(),
+        parent_run_id=run_id,
+        parent_experiment_id=experiment_id,
+        training_run_id=run_id or source.training_run_id,
+    )
+
+
+__all__ = ["FetchedModel", "fetch_model", "find_logged_model", "load_uri_source"]

@@ -17,9 +17,8 @@ import torch
 from pipelines import tracking
 from pipelines.data_inputs import evaluation_input, log_inputs, training_inputs
 from pipelines.evaluation.plan import plan_evaluation
-from pipelines.evaluation.uri_source import load_uri_source
 from pipelines.logged_model import log_trained_model
-from pipelines.model_uri import find_logged_model
+from pipelines.model_uri import find_logged_model, load_uri_source
 from pipelines.system_metrics import start_monitor, stop_monitor
 from rna_core.builders import model_from_config as build_model
 from rna_core.checkpoint import read_checkpoint, save_checkpoint

@@ -1036,7 +1036,7 @@ def test_model_selection_on_a_validation_split_and_on_request_on_the_test_set(ra
     val_net = mlflow.pytorch.load_model(out.models["val"]["run_uri"])
     selected_payload = read_checkpoint(Path(out.selected["val"]["checkpoint"]))
     assert state_digest(val_net.model.state_dict()) == state_digest(selected_payload["model"])
-    from pipelines.evaluation.uri_source import load_uri_source
+    from pipelines.model_uri import load_uri_source
 
     by_uri = load_uri_source(out.models["val"]["run_uri"])
     assert by_uri.selection == "val" and by_uri.parent_run_id == out.mlflow.run_id
