@@ -69,7 +69,7 @@ class MlflowUI:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)  # the session this object started, nothing else
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=3)  # `mlflow ui` often outlives SIGTERM; it holds no state to save
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()

@@ -108,6 +108,7 @@ def swept(tmp_path_factory):
 
 
 @pytest.mark.slow  # runs a 3-trial sweep on Ray, starts mlflow ui and a browser (~3 min on 2 cores)
+@pytest.mark.timeout(900)  # the fixture's sweep counts too
 def test_the_ui_opens_on_training_runs_models_and_a_compare_view_of_the_strategies(swept):
     from pipelines import tracking
     from pipelines.sweep.summary import SUMMARY_DIR
