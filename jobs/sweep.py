@@ -13,6 +13,7 @@ prints the leaderboard and where the MLflow parent run and the summary are.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def parse_args(argv: Sequence[str] | None):
 
 def job(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars of MLflow's copies: log noise
     # Everything up to run_sweep's Ray start only validates: no Ray, no MLflow yet.
     from pipelines.sweep.driver import run_sweep
     from pipelines.sweep.spec import load_sweep_config
