@@ -538,7 +538,13 @@ def test_smoke_sweep_runs_trials_side_by_side_and_resumes_without_rerunning(swee
     names = {a.path for a in client.list_artifacts(parent.run_id, "summary")}
     assert names == {
         f"summary/{n}"
-        for n in ("trials.parquet", "leaderboard.md", "robust_acc_vs_space_size.png", "robust_acc_by_strategy.png")
+        for n in (
+            "trials.parquet",
+            "leaderboard.md",
+            "robust_acc_vs_space_size.png",
+            "robust_acc_by_strategy.png",
+            "accuracies_by_trial.png",
+        )
     }
     table = pq.read_table(client.download_artifacts(parent.run_id, "summary/trials.parquet")).to_pylist()
     assert {r["trial_id"] for r in table} == set(after)
@@ -550,4 +556,6 @@ def test_smoke_sweep_runs_trials_side_by_side_and_resumes_without_rerunning(swee
     assert [r["rank"] for r in table] == [1, 2] and table[0]["pgd2_acc"] >= table[1]["pgd2_acc"]
     board = Path(client.download_artifacts(parent.run_id, "summary/leaderboard.md")).read_text()
     assert all(t in board for t in after) and "2 trials" in board
+    assert "#/compare-runs?runs=" in board and all(c["run_id"] in board for c in after.values())
+    assert {r["clean_acc"] is not None for r in table} == {True}  # the accuracies the compare view shows
     assert run.data.tags["rna.best_trial"] == table[0]["trial_id"]
