@@ -50,10 +50,12 @@ LOG="$(mktemp)"
 trap 'rm -f "$LOG"' EXIT
 "$PY" jobs/train.py --config configs/smoke.yaml --set ray.num_workers=2 "${DATA_ARGS[@]}" "$@" | tee "$LOG"
 RUN_ID="$(awk '$1 == "mlflow" && $2 == "run" {print $3}' "$LOG" | tail -n 1)"
+EXP_URL="$(awk '$1 == "then" && $2 == "open" {print $3}' "$LOG" | tail -n 1)"
 
 echo
-echo "demo: evaluating run $RUN_ID on 256 test images (paper protocol 'transfer' beside 'eot') as Ray tasks"
-"$PY" jobs/evaluate.py --run-id "$RUN_ID" --attacks fgsm,pgd20,mifgsm,eot_pgd --protocols transfer,eot \
+echo "demo: evaluating the run's MLflow model runs:/$RUN_ID/model on 256 test images (paper protocol 'transfer'" \
+     "beside 'eot') as Ray tasks"
+"$PY" jobs/evaluate.py --model-uri "runs:/$RUN_ID/model" --attacks fgsm,pgd20,mifgsm,eot_pgd --protocols transfer,eot \
     --limit 256 --eot-iter 4 "${DATA_ARGS[@]}"
 
 BASE="${RNA_BASE_DIR:-$ROOT}"
@@ -64,7 +66,9 @@ demo: finished. Where to look:
   - the lines above: per-epoch loss/accuracy, final clean / PGD-20 (transfer) / EOT-PGD accuracy,
     the MLflow run id and the checkpoint path
   - MLflow UI:   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui --workers 1 --host 127.0.0.1 --backend-store-uri $STORE
-                 then open http://127.0.0.1:5000 (experiment 'rna-smoke': params, metrics per epoch, config, checkpoint, model card)
+                 then open ${EXP_URL:-http://127.0.0.1:5000} (experiment 'rna-smoke', model training view: params,
+                 metrics per epoch, datasets, system metrics, the logged model, config, checkpoint, model card)
+  - the model in a notebook: mlflow.pytorch.load_model("runs:/$RUN_ID/model")  (a fresh path every forward)
   - checkpoints: $BASE/ray_results/
   - a paper run: .venv/bin/python jobs/train.py --config configs/paper_resnet18_cifar10.yaml   (GPUs; or via ray job submit)
 MSG

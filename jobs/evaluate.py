@@ -3,6 +3,7 @@
     python jobs/evaluate.py --run-id <mlflow run id>            # the checkpoint of a training run (its last epoch)
     python jobs/evaluate.py --run-id <id> --selected val        # its epoch selected on the validation split
     python jobs/evaluate.py --checkpoint ray_results/<run>/<epoch>/checkpoint.pt
+    python jobs/evaluate.py --model-uri models:/<name>@<alias>  # or runs:/<run id>/model: a logged model
         [--attacks fgsm,pgd20,...] [--protocols transfer,eot,...] [--trials N] [--limit N] [--batch-size B]
     ray job submit --working-dir . -- python jobs/evaluate.py --run-id <id>
 
@@ -83,6 +84,12 @@ def parse_args(argv: Sequence[str] | None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-id", help="MLflow run of a training job (its checkpoint artifact is evaluated)")
     src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint.pt written by jobs/train.py")
+    src.add_argument(
+        "--model-uri",
+        metavar="URI",
+        help="an MLflow model logged by jobs/train.py: models:/<name>@<alias>, models:/<name>/<version>, "
+        "runs:/<run id>/model (or model_selected_val); nested under its training run",
+    )
     p.add_argument(
         "--selected",
         choices=("val", "test"),
@@ -120,10 +127,20 @@ def job(argv: Sequence[str] | None) -> int:
     from pipelines.evaluation.plan import plan_evaluation
     from pipelines.evaluation.source import load_source
     from pipelines.evaluation.store import TABLES_FILE
+    from pipelines.model_uri import load_uri_source
 
     # Validation only (nothing started or written) up to run_evaluation.
     overrides = eval_overrides(args)
-    source = load_source(run_id=args.run_id, checkpoint=args.checkpoint, overrides=overrides, selected=args.selected)
+    if args.model_uri is not None:  # pipelines.model_uri: a logged model's checkpoint
+        if args.selected is not None:
+            raise ConfigError(
+                "--selected goes with --run-id; with --model-uri name the model, e.g. runs:/<id>/model_selected_val"
+            )
+        source = load_uri_source(args.model_uri, overrides)
+    else:
+        source = load_source(
+            run_id=args.run_id, checkpoint=args.checkpoint, overrides=overrides, selected=args.selected
+        )
     plan = plan_evaluation(source)
 
     def echo(line: str) -> None:

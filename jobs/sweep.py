@@ -13,6 +13,7 @@ prints the leaderboard and where the MLflow parent run and the summary are.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def parse_args(argv: Sequence[str] | None):
 
 def job(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars of MLflow's copies: log noise
     # Everything up to run_sweep's Ray start only validates: no Ray, no MLflow yet.
     from pipelines.sweep.driver import run_sweep
     from pipelines.sweep.spec import load_sweep_config
@@ -50,7 +52,7 @@ def job(argv: Sequence[str] | None) -> int:
 
     out = run_sweep(sc, config_path=args.config, resume=args.resume, echo=echo)
 
-    from pipelines.tracking import ui_command
+    from pipelines.tracking import compare_url, ui_command
 
     print("", flush=True)
     if out.interrupted:
@@ -75,6 +77,9 @@ def job(argv: Sequence[str] | None) -> int:
     print(f"  summary     {out.summary_dir}")
     print(f"  folder      {out.sweep_dir}")
     print(f"  mlflow ui   {ui_command(out.parent.tracking_uri)}")
+    runs = [r["mlflow_run_id"] for r in out.rows if r.get("mlflow_run_id")]
+    if runs:
+        print(f"  compare     {compare_url(out.parent.tracking_uri, out.parent.experiment_id, runs)}")
     return EXIT_TRIALS_FAILED if out.num_errors else 0
 
 

@@ -12,6 +12,7 @@ folder that does not fit is one line on stderr and exit code 2, before Ray start
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def parse_args(argv: Sequence[str] | None):
 
 def job(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars of MLflow's copies: log noise
     # Everything below up to run_training only validates: no Ray, no MLflow yet.
     from pipelines.run_folder import resolve_run_dir
     from pipelines.train import load_resume_config, run_training
@@ -56,7 +58,7 @@ def job(argv: Sequence[str] | None) -> int:
 
     out = run_training(cfg, config_path=args.config, resume=args.resume, echo=echo)
 
-    from pipelines.tracking import ui_command
+    from pipelines.tracking import experiment_url, ui_command
 
     f = out.final_metrics
     names = list(final_metric_names(cfg.train).values())
@@ -80,9 +82,16 @@ def job(argv: Sequence[str] | None) -> int:
             f"  selected    {info['checkpoint']}  (python jobs/evaluate.py --run-id {out.mlflow.run_id} "
             f"--selected {which})"
         )
+    for which, m in out.models.items():
+        label = "model" if which == "last" else f"model ({which})"
+        also = ", ".join(u for u in (m.get("alias_uri"), m.get("registered")) if u)
+        print(f"  {label:<11} {m['run_uri']}" + (f"  ({also})" if also else ""))
     print(f"  run folder  {out.run_dir}")
     print(f"  mlflow ui   {ui_command(out.mlflow.tracking_uri)}")
-    print(f"  evaluate    python jobs/evaluate.py --run-id {out.mlflow.run_id}")
+    print(f"              then open {experiment_url(out.mlflow.tracking_uri, out.mlflow.experiment_id)}")
+    last = out.models.get("last") or {}
+    target = f"--model-uri {last.get('alias_uri') or last['run_uri']}" if last else f"--run-id {out.mlflow.run_id}"
+    print(f"  evaluate    python jobs/evaluate.py {target}")
     return 0
 
 

@@ -38,11 +38,14 @@ def render_model_card(
     epochs_done: int | None = None,
     git_commit: str | None = None,
     selected: Mapping[str, Mapping[str, Any]] | None = None,
+    models: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """Markdown for the trained model `cfg` with its final `results` (metric name -> value).
 
     `selected` ({"val" | "test": {epoch, metric, score, checkpoint, criterion}}, rna_core.selection)
     adds a column per selected checkpoint; every column says which checkpoint its numbers come from.
+    `models` ({"last" | "val": {uri, run_uri, registered, alias_uri}}, pipelines.logged_model) says
+    how to load each logged MLflow model.
     """
     m, d, t = cfg.model, cfg.data, cfg.train
     a = t.attack
@@ -118,6 +121,19 @@ def render_model_card(
             f"on {where}; measure: {info.get('criterion', info['metric'])}; `{info['checkpoint']}` "
             f"(MLflow artifact `selected_{w}/`); metrics `{w}_selected_acc_*`."
         )
+    if models:
+        lines += ["", "## Load it", ""]
+        for which, m in models.items():
+            what = "the last epoch" if which == "last" else f"the epoch selected on {which}"
+            names = [f"`{u}`" for u in (m.get("alias_uri"), m.get("registered"), m.get("run_uri"), m.get("uri")) if u]
+            lines.append(f"- {what}: " + ", ".join(names))
+        first = models.get("last") or next(iter(models.values()))
+        lines += [
+            "",
+            f'`mlflow.pytorch.load_model("{first.get("alias_uri") or first.get("run_uri")}")` gives a network '
+            "that draws a fresh path every forward (as RNA inference does), inputs in [0, 1]; "
+            f"`python jobs/evaluate.py --model-uri {first.get('alias_uri') or first.get('run_uri')}` attacks it.",
+        ]
     lines += ["", "## Provenance", ""]
     if run_id:
         lines.append(f"- MLflow run: `{run_id}`")

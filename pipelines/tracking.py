@@ -11,6 +11,7 @@ else adopt the run an interrupted attempt left behind (matched by owner tags), e
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
@@ -19,12 +20,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_DB_NAME = "mlflow.db"
 DEFAULT_ARTIFACT_DIR = "mlruns"
 PARAM_MAX_CHARS = 6000  # MLflow's limit for one param value
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # model training, not GenAI (MLflow 3's UI reads this tag)
 
 
 @dataclass(frozen=True)
@@ -81,16 +85,24 @@ def client_for(tracking_uri: str):  # -> mlflow.MlflowClient (imported lazily: m
 
 
 def get_or_create_experiment(client: Any, name: str, artifact_location: str | None) -> str:
-    """The id of experiment `name`, creating it (with `artifact_location`) when missing."""
+    """The id of experiment `name`, creating it (with `artifact_location`) when missing.
+
+    Every experiment a job uses is marked as model training (EXPERIMENT_KIND_TAG), unless someone
+    chose another kind for it: MLflow 3's UI otherwise treats it as a GenAI experiment.
+    """
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(
+            name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except MlflowException:  # created concurrently by another job
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -317,12 +329,36 @@ def ui_command(tracking_uri: str) -> str:
     return f"{server} --backend-store-uri {tracking_uri}"
 
 
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` (ui_command) listens by default
+# MLflow 3.17's UI shows an experiment as the workspace switcher says (GenAI unless the user picked
+# "Model training"), whatever its mlflow.experimentKind tag: links we print pick model training.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def _ui_base(tracking_uri: str) -> str:
+    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else UI_ADDRESS
+
+
+def experiment_url(tracking_uri: str, experiment_id: str) -> str:
+    """The experiment's runs in the MLflow UI (the tracking server's, else `mlflow ui`'s default address)."""
+    return f"{_ui_base(tracking_uri)}/#/experiments/{experiment_id}?{MODEL_TRAINING_VIEW}"
+
+
+def compare_url(tracking_uri: str, experiment_id: str, run_ids: list[str]) -> str:
+    """MLflow's compare view of `run_ids` (e.g. a sweep's trials), side by side."""
+    runs = quote(json.dumps(list(run_ids), separators=(",", ":")))
+    experiments = quote(json.dumps([str(experiment_id)]))
+    return f"{_ui_base(tracking_uri)}/#/compare-runs?runs={runs}&experiments={experiments}&{MODEL_TRAINING_VIEW}"
+
+
 __all__ = [
     "OpenedRun",
     "RunRef",
     "artifact_root_for",
     "client_for",
+    "compare_url",
     "end_run",
+    "experiment_url",
     "find_run",
     "get_or_create_experiment",
     "git_commit",

@@ -26,13 +26,15 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from rna_core.builders import model_structure
+from rna_core.checkpoint import read_checkpoint
 from rna_core.config import Config, apply_overrides, config_from_dict, dump_yaml, flatten, to_dict, unflatten
 from rna_core.errors import ConfigError
 from rna_core.paths import count_paths
 
 from . import tracking
-from .checkpoints import CHECKPOINT_FILE
+from .checkpoints import CHECKPOINT_FILE, read_selected
 from .cluster import ensure_ray, resolve_use_gpu
+from .logged_model import LoggedModelRef, log_run_models
 from .model_card import render_model_card
 from .preflight import check_compatible, check_data, check_tracking_store, check_training_config
 from .run_folder import (
@@ -75,6 +77,8 @@ class TrainingOutcome:
     # Model selection (rna_core.selection): {"val" | "test": {epoch, metric, score, checkpoint, criterion}}.
     # The result is the last epoch (`checkpoint`); these are reported beside it, labelled.
     selected: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # MLflow models (pipelines.logged_model): {"last" | "val": {uri, run_uri, registered, alias_uri}}
+    models: dict[str, dict[str, str | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,7 +151,13 @@ def already_finished(plan: RunPlan) -> TrainingOutcome | None:
         resumed=None,
         state_digests=[],
         selected=dict(record.get("selected") or {}),
+        models=dict(record.get("models") or {}),
     )
+
+
+def model_record(ref: LoggedModelRef) -> dict[str, str | None]:
+    """How to load (and evaluate) a logged model: its URIs."""
+    return {"uri": ref.uri, "run_uri": ref.run_uri, "registered": ref.registered, "alias_uri": ref.alias_uri}
 
 
 def open_training_run(
@@ -298,16 +308,23 @@ def run_training(
         result = build_trainer(cfg, plan.run_name, loop_config, use_gpu, trainer_callbacks).fit()
         out = result.return_value or {}
 
-        checkpoint_file = None
+        checkpoint_file, last = None, None
         if result.checkpoint is not None:
             with result.checkpoint.as_directory() as ckpt_dir:
                 client.log_artifacts(ref.run_id, ckpt_dir, "checkpoint")
+                last = read_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE)
             checkpoint_file = join(result.checkpoint.path, CHECKPOINT_FILE)
         final = dict(out.get("final", {}))
         selected = dict(out.get("selected") or {})
         for which, info in selected.items():  # beside checkpoint/ (the last epoch): selected_<which>/
             log_folder(client, ref.run_id, info["checkpoint"].rsplit("/", 1)[0], f"selected_{which}")
         tracking.set_tags(client, ref.run_id, selection_tags(cfg, selected))
+        models: dict[str, dict[str, str | None]] = {}
+        if last is not None:  # the MLflow models: loadable by URI, registered on request
+            val = read_selected(selected["val"]["checkpoint"].rsplit("/", 1)[0]) if "val" in selected else None
+            refs = log_run_models(client, ref, cfg, last, val, final, out, int(out.get("epochs_done", 0)))
+            models = {which: model_record(r) for which, r in refs.items()}
+            tracking.set_tags(client, ref.run_id, {f"rna.model.{w}": m["run_uri"] for w, m in models.items()})
         card = render_model_card(
             cfg,
             final,
@@ -318,6 +335,7 @@ def run_training(
             epochs_done=out.get("epochs_done"),
             git_commit=tracking.git_commit(),
             selected=selected,
+            models=models,
         )
         tracking.log_text(client, ref.run_id, "model_card.md", card)
         epochs_done = int(out.get("epochs_done", 0))
@@ -327,6 +345,7 @@ def run_training(
                 "checkpoint": checkpoint_file,
                 "final_metrics": final,
                 "selected": selected,
+                "models": models,
             }
             write_job_file(plan.run_dir, job_record)
         status = "FINISHED"
@@ -350,6 +369,7 @@ def run_training(
         state_digests=list(out.get("state_digests", [])),
         last_epoch_metrics=dict(out.get("last_epoch", {})),
         selected=selected,
+        models=models,
     )
 
 
@@ -360,6 +380,7 @@ __all__ = [
     "already_finished",
     "build_trainer",
     "load_resume_config",
+    "model_record",
     "open_training_run",
     "plan_run",
     "run_training",

@@ -54,6 +54,10 @@ from rna_core.training import train_epoch
 
 from . import tracking
 from .checkpoints import CHECKPOINT_FILE, read_selected, selected_dir, write_checkpoint_dir, write_selected
+from .data_inputs import log_inputs, metric_dataset, training_inputs
+from .system_metrics import start_monitor, stop_monitor
+
+INPUT_EXAMPLE_ROWS = 2  # held-out images that go with the MLflow model as its input example
 
 
 def say(line: str) -> None:
@@ -165,7 +169,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     fail_after = loop_config.get("fail_after_epoch")
     train_cfg = effective_train_config(cfg)
     seed = cfg.train.seed
-    pgd = pgd_metric(cfg.train.eval_pgd_steps)
 
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     device = ray.train.torch.get_device()
@@ -216,100 +219,86 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         say(f"[{run_name}] {speed_line(cfg, speed)}")
         if client is not None:
             tracking.log_new_params(client, run_ref.run_id, speed.params())
+    inputs = training_inputs(cfg, train_full, val_split, held.held_out) if client is not None else []
+    if client is not None:  # which rows it trains, selects and is scored on (pipelines.data_inputs)
+        log_inputs(client, run_ref.run_id, inputs)
     epochs = cfg.train.epochs
     last_metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, epochs):
-        shard = train_full.subset(epoch_shard_indices(len(train_full), rank, world, seed, epoch))
-        batches = BatchIterator(
-            shard,
-            batch,
-            shuffle=False,
-            seed=mix_seed(seed, rank, 0xA06) % (1 << 31),
-            epoch=epoch,
-            augment=cfg.data.augment,
-            device=device,
-        )
-        lr = float(optimizer.param_groups[0]["lr"])
-        steps = seeded_steps(batches, sampler.generator, seed, rank, epoch * steps_per_epoch, noise_generator)
-        stats = train_epoch(
-            ddp_model, steps, optimizer, train_cfg, sampler, attack_model=model, noise_generator=noise_generator
-        )
-        scheduler.step()
-        average_buffers(model)
-        loss_sum, correct_sum, images = all_reduce_sum(
-            [stats["train_loss"] * stats["images"], stats["train_acc"] * stats["images"], stats["images"]], device
-        )
-        (seconds,) = all_reduce_max([stats["epoch_seconds"]], device)
-        done = epoch + 1
-        metrics: dict[str, float] = {
-            "epoch": float(done),
-            "train_loss": loss_sum / max(images, 1.0),
-            "train_acc": correct_sum / max(images, 1.0),
-            "lr": lr,
-            "epoch_seconds": seconds,
-            "images_per_second": images / seconds if seconds > 0 else 0.0,
-        }
-        if done % max(1, cfg.train.eval_every) == 0 or done == epochs:
-            t0 = time.perf_counter()
-            acc = held.measure(model, per_epoch, mix_seed(seed, done))
-            metrics.update({m.name: acc[m.name] for m in per_epoch})
-            if val_split is not None:
-                vacc = held.measure(model, per_epoch, mix_seed(seed, done, 0x7A1), split="val")
-                metrics.update({f"val_{m.name}": vacc[m.name] for m in per_epoch})
-            metrics.update(selection_scores(model, criterion, best, held, mix_seed(seed, done, 0x5E1)))
-            metrics["epoch_eval_seconds"] = time.perf_counter() - t0  # final: eval_seconds, as the evaluation job
+    monitor = None  # system metrics (pipelines.system_metrics): from the end of the first epoch on
+    try:
+        for epoch in range(start_epoch, epochs):
+            shard = train_full.subset(epoch_shard_indices(len(train_full), rank, world, seed, epoch))
+            batches = BatchIterator(
+                shard,
+                batch,
+                shuffle=False,
+                seed=mix_seed(seed, rank, 0xA06) % (1 << 31),
+                epoch=epoch,
+                augment=cfg.data.augment,
+                device=device,
+            )
+            lr = float(optimizer.param_groups[0]["lr"])
+            steps = seeded_steps(batches, sampler.generator, seed, rank, epoch * steps_per_epoch, noise_generator)
+            stats = train_epoch(
+                ddp_model, steps, optimizer, train_cfg, sampler, attack_model=model, noise_generator=noise_generator
+            )
+            scheduler.step()
+            average_buffers(model)
+            loss_sum, correct_sum, images = all_reduce_sum(
+                [stats["train_loss"] * stats["images"], stats["train_acc"] * stats["images"], stats["images"]], device
+            )
+            (seconds,) = all_reduce_max([stats["epoch_seconds"]], device)
+            done = epoch + 1
+            # Robust accuracy first: MLflow's compare view opens on the first metric a run logs.
+            metrics: dict[str, float] = {}
+            if done % max(1, cfg.train.eval_every) == 0 or done == epochs:
+                t0 = time.perf_counter()
+                acc = held.measure(model, per_epoch, mix_seed(seed, done))
+                metrics.update({m.name: acc[m.name] for m in reversed(per_epoch)})  # pgd<k>_acc, clean_acc
+                if val_split is not None:
+                    vacc = held.measure(model, per_epoch, mix_seed(seed, done, 0x7A1), split="val")
+                    metrics.update({f"val_{m.name}": vacc[m.name] for m in reversed(per_epoch)})
+                metrics.update(selection_scores(model, criterion, best, held, mix_seed(seed, done, 0x5E1)))
+                metrics["epoch_eval_seconds"] = time.perf_counter() - t0  # final: eval_seconds, as the evaluation job
+            metrics.update(
+                {
+                    "epoch": float(done),
+                    "train_loss": loss_sum / max(images, 1.0),
+                    "train_acc": correct_sum / max(images, 1.0),
+                    "lr": lr,
+                    "epoch_seconds": seconds,
+                    "images_per_second": images / seconds if seconds > 0 else 0.0,
+                }
+            )
             for w, record in best.items():
-                if record.offer(done, metrics[record.metric]) and rank == 0:
-                    write_selected(
-                        selected_dir(cfg.ray.storage_path, run_name, w),
-                        model,
-                        done,
-                        cfg,
-                        {
-                            "selected_on": w,
-                            "selection_metric": record.metric,
-                            "selection_score": record.score,
-                            "selection_criterion": criterion.description,
-                            "mlflow_run_id": run_ref.run_id if run_ref else None,
-                            "run_name": run_name,
-                            "metrics": metrics,
-                        },
-                    )
-        last_metrics = metrics
-
-        with tempfile.TemporaryDirectory(prefix="rna-ckpt-") as tmp:
-            ckpt = None
-            if rank == 0:
-                write_checkpoint_dir(
-                    tmp,
-                    model,
-                    optimizer,
-                    scheduler,
-                    done,
-                    cfg,
-                    {
+                if record.metric in metrics and record.offer(done, metrics[record.metric]) and rank == 0:
+                    extra = {
+                        "selected_on": w,
+                        "selection_metric": record.metric,
+                        "selection_score": record.score,
+                        "selection_criterion": criterion.description,
                         "mlflow_run_id": run_ref.run_id if run_ref else None,
                         "run_name": run_name,
-                        "world_size": world,
                         "metrics": metrics,
-                        "selection": {w: b.to_dict() for w, b in best.items()},
-                    },
-                )
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-                if client is not None:
-                    tracking.log_metrics(client, run_ref.run_id, metrics, step=done)
-                say(format_epoch_line(run_name, done, epochs, metrics, pgd))
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{done:04d}")
+                    }
+                    write_selected(selected_dir(cfg.ray.storage_path, run_name, w), model, done, cfg, extra)
+            last_metrics = metrics
+            report_epoch(cfg, run_name, run_ref, client, model, optimizer, scheduler, best, done, world, metrics)
+            if monitor is None:  # after the first logged epoch (see pipelines.system_metrics)
+                monitor = start_monitor(cfg, run_ref, ctx.get_node_rank(), ctx.get_local_rank())
 
-        if fail_after is not None and done == int(fail_after) and start_epoch < done and rank == world - 1:
-            raise RuntimeError(f"injected failure after epoch {done} (fail_after_epoch test hook)")
+            if fail_after is not None and done == int(fail_after) and start_epoch < done and rank == world - 1:
+                raise RuntimeError(f"injected failure after epoch {done} (fail_after_epoch test hook)")
 
-    final, selected = final_evaluation(model, cfg, best, criterion, held, run_name)
-    digests = all_gather_text(state_digest(model))
-    if rank == 0 and client is not None:
-        tracking.log_metrics(
-            client, run_ref.run_id, {**final, "replicas_in_sync": float(len(set(digests)) == 1)}, step=epochs
-        )
+        final, selected = final_evaluation(model, cfg, best, criterion, held, run_name)
+        digests = all_gather_text(state_digest(model))
+        if rank == 0 and client is not None:
+            tracking.log_metrics(
+                client, run_ref.run_id, {**final, "replicas_in_sync": float(len(set(digests)) == 1)}, step=epochs
+            )
+    finally:
+        stop_monitor(monitor)
+    example = held.held_out.head(INPUT_EXAMPLE_ROWS).images.float().div(255.0).numpy()
     return {
         "final": final,
         "selected": selected,
@@ -320,7 +309,48 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         "state_digests": digests,
         "world_size": world,
         "speed": speed.params(),
+        "input_example": example,  # for the MLflow model's signature (pipelines.logged_model)
+        "eval_dataset": dict(metric_dataset(inputs)),  # the held-out slice's MLflow dataset
     }
+
+
+def report_epoch(
+    cfg: Config,
+    run_name: str,
+    run_ref: tracking.RunRef | None,
+    client: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    best: Mapping[str, BestEpoch],
+    done: int,
+    world: int,
+    metrics: dict[str, float],
+) -> None:
+    """Rank 0 writes the epoch checkpoint, logs the metrics and prints the line; every rank reports to Ray."""
+    with tempfile.TemporaryDirectory(prefix="rna-ckpt-") as tmp:
+        ckpt = None
+        if ray.train.get_context().get_world_rank() == 0:
+            write_checkpoint_dir(
+                tmp,
+                model,
+                optimizer,
+                scheduler,
+                done,
+                cfg,
+                {
+                    "mlflow_run_id": run_ref.run_id if run_ref else None,
+                    "run_name": run_name,
+                    "world_size": world,
+                    "metrics": metrics,
+                    "selection": {w: b.to_dict() for w, b in best.items()},
+                },
+            )
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+            if client is not None:
+                tracking.log_metrics(client, run_ref.run_id, metrics, step=done)
+            say(format_epoch_line(run_name, done, cfg.train.epochs, metrics, pgd_metric(cfg.train.eval_pgd_steps)))
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{done:04d}")
 
 
 def final_evaluation(
@@ -361,4 +391,11 @@ def final_evaluation(
     return final, selected
 
 
-__all__ = ["HeldOut", "final_evaluation", "format_epoch_line", "selection_scores", "train_loop_per_worker"]
+__all__ = [
+    "HeldOut",
+    "final_evaluation",
+    "format_epoch_line",
+    "report_epoch",
+    "selection_scores",
+    "train_loop_per_worker",
+]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -208,12 +209,26 @@ def is_plain_folder_name(name: str) -> bool:
     return bool(name.strip()) and "/" not in name and "\\" not in name and not name.startswith(".")
 
 
+# MLflow's rules for alias names (mlflow/utils/validation.py), checked here so that a bad alias fails
+# before training, not after it: word characters and '-', not `latest` (MLflow reserves it:
+# models:/<name>/latest already means the newest version) and not `v<digits>` (version aliases).
+MODEL_ALIAS_RE = re.compile(r"^[\w\-]+$")
+RESERVED_ALIAS_RE = re.compile(r"^(latest|[vV]\d+)$", re.IGNORECASE)
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
-    """MLflow: experiment and run names (the tracking URI comes from MLFLOW_TRACKING_URI)."""
+    """MLflow: experiment and run names, model registration, system metrics (the tracking URI comes
+    from MLFLOW_TRACKING_URI)."""
 
     experiment: str = "rna"
     run_name: str | None = None
+    # Register the trained model (the last epoch) under this name in the Model Registry, a new
+    # version per run, and point `model_alias` at it; None: logged with the run, not registered.
+    registered_model: str | None = None
+    model_alias: str = "newest"
+    system_metrics: bool = True  # CPU, memory, disk, network (GPU when present) of every node, as system/*
+    system_metrics_interval: float = 10.0  # seconds between samples
 
     def validate(self) -> None:
         if not self.experiment:
@@ -221,6 +236,17 @@ class TrackingConfig:
         name = self.run_name
         if name is not None and not is_plain_folder_name(name):
             raise ConfigError(f"mlflow.run_name '{name}' must be a plain folder name (no '/', not starting with '.')")
+        model = self.registered_model
+        if model is not None and (not model.strip() or any(c in model for c in "/:%")):
+            raise ConfigError(f"mlflow.registered_model '{model}' must be a non-empty name without '/', ':' or '%'")
+        alias = self.model_alias
+        if not MODEL_ALIAS_RE.match(alias) or RESERVED_ALIAS_RE.match(alias):
+            raise ConfigError(
+                f"mlflow.model_alias '{alias}' is not usable: MLflow takes letters, digits, '_' and '-', and "
+                "reserves 'latest' and 'v<number>'; choose e.g. newest or champion"
+            )
+        if self.system_metrics_interval <= 0:
+            raise ConfigError(f"mlflow.system_metrics_interval must be > 0 seconds, got {self.system_metrics_interval}")
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,14 @@ import yaml
 
 from pipelines.sweep.driver import SWEEP_FILE, build_scheduler, plan_sweep, saved_trial_statuses, to_tune
 from pipelines.sweep.spec import base_config, identity, load_sweep_config, sweep_config_from_dict, validate_sweep
-from pipelines.sweep.summary import plot_summary, render_leaderboard, write_trials_table
+from pipelines.sweep.summary import accuracy_columns, plot_summary, render_leaderboard, write_trials_table
 from pipelines.sweep.trial import ASHA_TIME_ATTR, INTERRUPT_ENV, tag_epoch_report
 from rna_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "sweep_smoke.yaml"
 ABLATION = REPO / "configs" / "sweep_random_space_ablation.yaml"
+STRATEGIES = REPO / "configs" / "sweep_strategies.yaml"
 PY = sys.executable
 
 
@@ -72,6 +73,22 @@ def test_ablation_preset_is_the_papers_random_space_study():
         0.1,
     )
     assert 1 <= b.ray.num_workers <= 2 and b.ray.use_gpu == "true" and b.train.eval_every == 1
+
+
+def test_strategies_preset_compares_the_sampling_strategies_on_real_data():
+    sc = load_sweep_config(str(STRATEGIES))
+    s = sc.sweep
+    assert [d.key for d in s.space] == ["train.sampling"] and s.space[0].values == ("uniform", "shared", "far:0.5")
+    assert (s.scheduler, s.metric, s.num_trials(), s.max_concurrent_trials) == ("none", "pgd10_acc", 3, 3)
+    b = base_config(sc)
+    assert (b.model.name, b.model.norm, b.data.dataset, b.data.data_dir) == (
+        "small_cnn",
+        "bn,gns:1",
+        "cifar10",
+        "./data/cifar10",
+    )
+    assert 0 < b.data.train_limit <= 4096 and b.data.eval_limit >= 256 and b.train.mode == "blackbox"
+    assert 3 * (b.ray.num_workers * b.ray.cpus_per_worker + s.trial_cpus) <= 2  # the three trials fit 2 CPUs at once
 
 
 def test_space_forms_domains_and_overrides():
@@ -330,6 +347,7 @@ def _rows():
         "seed": 0,
         "epochs_done": 2,
         "best_pgd2_acc": None,
+        "clean_acc": 0.55,
         "acc_natural_transfer": 0.5,
         "acc_pgd20_steps2_transfer": 0.3,
         "acc_eot_pgd_steps2_eot": 0.1,
@@ -389,14 +407,29 @@ def test_summary_table_leaderboard_and_plots(tmp_path):
     assert (
         "3 completed" in board and "1 failed" in board and "`parent123`" in board and "on the held-out slice" in board
     )
-    assert lines[0].split(" | ")[8:11] == [
+    assert lines[0].split(" | ")[8:12] == [  # the accuracies the child runs log, named as they log them
+        "clean_acc",
         "acc_natural_transfer",
         "acc_pgd20_steps2_transfer",
         "acc_eot_pgd_steps2_eot",
     ]
 
+    assert accuracy_columns(rows) == [
+        "clean_acc",
+        "pgd2_acc",
+        "acc_natural_transfer",
+        "acc_pgd20_steps2_transfer",
+        "acc_eot_pgd_steps2_eot",
+    ]
+    with_url = render_leaderboard(rows, spec, "demo", "parent123", base_config(sc), "http://127.0.0.1:5000/#/x")
+    assert with_url.rstrip().endswith("http://127.0.0.1:5000/#/x") and "http" not in board
+
     files = plot_summary(rows, "pgd2_acc", str(tmp_path))
-    assert [Path(f).name for f in files] == ["robust_acc_vs_space_size.png", "robust_acc_by_strategy.png"]
+    assert [Path(f).name for f in files] == [
+        "robust_acc_vs_space_size.png",
+        "robust_acc_by_strategy.png",
+        "accuracies_by_trial.png",
+    ]
     for f in files:
         blob = Path(f).read_bytes()
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000
@@ -565,7 +598,13 @@ def test_smoke_sweep_runs_trials_side_by_side_and_resumes_without_rerunning(swee
     names = {a.path for a in client.list_artifacts(parent.run_id, "summary")}
     assert names == {
         f"summary/{n}"
-        for n in ("trials.parquet", "leaderboard.md", "robust_acc_vs_space_size.png", "robust_acc_by_strategy.png")
+        for n in (
+            "trials.parquet",
+            "leaderboard.md",
+            "robust_acc_vs_space_size.png",
+            "robust_acc_by_strategy.png",
+            "accuracies_by_trial.png",
+        )
     }
     table = pq.read_table(client.download_artifacts(parent.run_id, "summary/trials.parquet")).to_pylist()
     assert {r["trial_id"] for r in table} == set(after)
@@ -577,6 +616,8 @@ def test_smoke_sweep_runs_trials_side_by_side_and_resumes_without_rerunning(swee
     assert [r["rank"] for r in table] == [1, 2] and table[0]["pgd2_acc"] >= table[1]["pgd2_acc"]
     board = Path(client.download_artifacts(parent.run_id, "summary/leaderboard.md")).read_text()
     assert all(t in board for t in after) and "2 trials" in board
+    assert "#/compare-runs?runs=" in board and all(c["run_id"] in board for c in after.values())
+    assert {r["clean_acc"] is not None for r in table} == {True}  # the accuracies the compare view shows
     assert run.data.tags["rna.best_trial"] == table[0]["trial_id"]
 
 

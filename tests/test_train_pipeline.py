@@ -766,6 +766,7 @@ TINY = [
     "ray.cpus_per_worker=1",
     "ray.use_gpu=false",
     "ray.address=local",
+    "mlflow.system_metrics_interval=1",  # a sample a second: these runs last seconds
 ]
 
 
@@ -899,6 +900,21 @@ def test_train_then_resume_into_same_run(ray_env, monkeypatch):
     assert read_job_file(out.run_dir)["mlflow"]["run_id"] == out.mlflow.run_id
     epoch2_optimizer = state_digest(payload["optimizer"])
 
+    # MLflow as users meet it: a model-training experiment, the data, the system, a loadable model.
+    import mlflow.pytorch
+
+    assert client.get_experiment(out.mlflow.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    inputs = {d.dataset.name: d for d in client.get_run(out.mlflow.run_id).inputs.dataset_inputs}
+    assert set(inputs) == {"synthetic-train", "synthetic-test"}
+    assert json.loads(inputs["synthetic-test"].dataset.profile)["rows"] == 48
+    assert json.loads(inputs["synthetic-train"].dataset.profile)["rows"] == 256
+    assert {t.key: t.value for t in inputs["synthetic-train"].tags}["mlflow.data.context"] == "training"
+    assert m["system/system_memory_usage_megabytes"] > 0 and "system/cpu_utilization_percentage" in m
+    assert set(out.models) == {"last"} and out.models["last"]["registered"] is None  # not registered unless asked
+    loaded = mlflow.pytorch.load_model(out.models["last"]["run_uri"])
+    assert state_digest(loaded.model.state_dict()) == out.state_digests[0] and loaded.num_paths == 16
+    assert f"--model-uri {out.models['last']['run_uri']}" in card
+
     # the same run name again, with one more epoch: resumes after epoch 2 into the same MLflow run
     out2 = run_training(replace(cfg, train=replace(cfg.train, epochs=3)), echo=lines.append)
     assert out2.mlflow.run_id == out.mlflow.run_id and out2.run_dir == out.run_dir
@@ -912,6 +928,11 @@ def test_train_then_resume_into_same_run(ray_env, monkeypatch):
     assert read_checkpoint(out2.checkpoint)["epoch"] == 3
     assert len(set(out2.state_digests)) == 1
     assert any(line.startswith("resuming") for line in lines)
+    # runs:/<id>/model is the newest model the run logged: epoch 3's weights after the resume
+    assert (
+        state_digest(mlflow.pytorch.load_model(out2.models["last"]["run_uri"]).model.state_dict())
+        == (out2.state_digests[0])
+    )
     test_train_then_resume_into_same_run.final_digest = out2.state_digests[0]  # for the next test
 
     # the same command once more: the run is done, so nothing starts and MLflow is untouched
@@ -979,6 +1000,8 @@ def test_model_selection_on_a_validation_split_and_on_request_on_the_test_set(ra
         "ray.max_failures=1",
         "data.val_size=64",
         "train.select_on_test=true",
+        "mlflow.registered_model=sel-model",
+        "mlflow.system_metrics=false",
     )
     out = run_training(cfg, echo=lambda s: None, fail_after_epoch=2)
     assert out.start_epoch == 2  # the retry resumed after epoch 2 with the selection state of its checkpoint
@@ -1010,6 +1033,21 @@ def test_model_selection_on_a_validation_split_and_on_request_on_the_test_set(ra
     card = Path(client.download_artifacts(out.mlflow.run_id, "model_card.md")).read_text()
     assert f"Selected on val (epoch {out.selected['val']['epoch']})" in card and "Last epoch (the result)" in card
 
+    assert not any(k.startswith("system/") for k in m)  # mlflow.system_metrics=false
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"synthetic-train", "synthetic-val", "synthetic-test"}
+    # Both checkpoints are MLflow models: the last epoch registered (alias `newest`), the val-selected one beside it.
+    assert out.models["last"]["alias_uri"] == "models:/sel-model@newest"
+    assert out.models["val"]["run_uri"] == f"runs:/{out.mlflow.run_id}/model_selected_val"
+    import mlflow.pytorch
+
+    val_net = mlflow.pytorch.load_model(out.models["val"]["run_uri"])
+    selected_payload = read_checkpoint(Path(out.selected["val"]["checkpoint"]))
+    assert state_digest(val_net.model.state_dict()) == state_digest(selected_payload["model"])
+    from pipelines.model_uri import load_uri_source
+
+    by_uri = load_uri_source(out.models["val"]["run_uri"])
+    assert by_uri.selection == "val" and by_uri.parent_run_id == out.mlflow.run_id
+
     # the evaluation job: --selected val takes selected_val/ and labels its rows; the last epoch stays unlabelled
     opts = EvalOptions(attacks=("fgsm",), protocols=("transfer",), path_analysis=0, out_dir=str(ray_env / "eval-sel"))
     plan = plan_evaluation(load_source(run_id=out.mlflow.run_id, selected="val"), opts)
@@ -1033,3 +1071,19 @@ def test_model_selection_on_a_validation_split_and_on_request_on_the_test_set(ra
     assert last.row_meta["method"] == "rna(bn,gns:1)"
     with pytest.raises(ConfigError, match="--selected picks a checkpoint of a training run"):
         load_source(checkpoint=out.checkpoint, selected="val")
+
+    # jobs/evaluate.py --model-uri models:/<name>@<alias>: the registered last epoch, evaluated like
+    # --run-id (nested under its training run), its test rows logged as the evaluation's dataset input
+    sys.path.insert(0, str(REPO))
+    from jobs.evaluate import main as evaluate_main
+
+    argv = ["--model-uri", "models:/sel-model@newest", "--attacks", "fgsm", "--protocols", "transfer"]
+    assert evaluate_main([*argv, "--path-analysis", "0", "--limit", "16", "--out", str(ray_env / "eval-uri")]) == 0
+    (child,) = client.search_runs(
+        [out.mlflow.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{out.mlflow.run_id}' and tags.`rna.source` = 'models:/sel-model@newest'",
+    )
+    assert 0.0 <= child.data.metrics["acc_fgsm_transfer"] <= 1.0 and child.data.params["eval.images"] == "16"
+    assert child.data.params["eval.weights_digest"] == state_digest(read_checkpoint(out.checkpoint)["model"])
+    (data,) = child.inputs.dataset_inputs
+    assert data.dataset.name == "synthetic-test" and json.loads(data.dataset.profile)["rows"] == 16

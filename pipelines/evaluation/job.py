@@ -3,8 +3,9 @@
     from pipelines.evaluation.job import evaluate
     out = evaluate(checkpoint="ray_results/<run>/.../checkpoint.pt", overrides=["eval.attacks=fgsm"])
 
-MLflow. `--run-id` logs a nested run under the training run (same experiment, tag
-`mlflow.parentRunId`); a bare checkpoint gets a run of its own. Metrics `acc_<attack>_<protocol>`
+MLflow. `--run-id` and `--model-uri` log a nested run under the training run (same experiment,
+tag `mlflow.parentRunId`); a bare checkpoint gets a run of its own. The test rows are the run's
+dataset input (pipelines.data_inputs). Metrics `acc_<attack>_<protocol>`
 (mean over trials; `rna_core.evaluation.naming`) and `acc_<attack>_<protocol>_std`; artifacts:
 the Parquet table, the paper-style tables, the stability summary, the path-analysis plots. A
 re-run reopens the same run.
@@ -35,6 +36,7 @@ from rna_core.units import to_unit
 
 from .. import tracking
 from ..cluster import ensure_ray
+from ..data_inputs import evaluation_input, log_inputs
 from .plan import EvalPlan, plan_evaluation
 from .source import load_source
 from .store import (
@@ -190,6 +192,7 @@ def run_evaluation(plan: EvalPlan, echo: Echo = print, fail_once_marker: str | N
     client, ref = open_eval_run(plan, echo)
     status = "FAILED"
     try:
+        log_inputs(client, ref.run_id, [evaluation_input(plan.source.cfg, plan.dataset, o.limit)])  # the test rows
         write_state(
             plan.out_dir,
             {

@@ -60,11 +60,7 @@ def settings_hash(attack: Attack) -> str:
 
 
 def data_digest(ds: ImageTensorDataset) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(ds.images.contiguous().numpy().tobytes())
-    h.update(ds.labels.contiguous().numpy().tobytes())
-    h.update(json.dumps(list(ds.classes)).encode())
-    return h.hexdigest()
+    return ds.content_digest()  # also the digest of the evaluation run's MLflow dataset input
 
 
 def resolve_options(source: ModelSource, options: EvalConfig | None = None) -> EvalConfig:

@@ -1,12 +1,16 @@
-"""The summary a finished sweep logs on its parent run: a trials table, a leaderboard, two plots.
+"""The summary a finished sweep logs on its parent run: a trials table, a leaderboard, three plots.
 
 `summary/trials.parquet` (one row per trial: swept values, seed, random-space size, status,
-metrics), `summary/leaderboard.md` (ranked by `sweep.metric`) and two plots: the metric against
-the random-space size (one series per sampling strategy), and per sampling strategy.
+metrics), `summary/leaderboard.md` (ranked by `sweep.metric`) and three plots: the metric against
+the random-space size (one series per sampling strategy), per sampling strategy, and every
+accuracy per trial. The accuracies are the ones MLflow's compare view shows for the child runs,
+under the same names: the held-out slice's last `clean_acc` and `pgd<k>_acc` and the final
+`acc_*`.
 """
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,11 +35,20 @@ from ..run_folder import is_uri, join  # noqa: E402
 from .spec import arm_params, plain, trial_config  # noqa: E402
 
 SUMMARY_DIR = "summary"
+HELD_OUT_RE = re.compile(r"clean_acc|pgd\d+_acc")  # rna_core.evaluation.epoch_measures' names
 STATUSES = ("completed", "early_stopped", "error", "incomplete")
 
 
 def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def accuracy_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every accuracy the trial rows hold, named as the runs log them: the held-out slice's
+    `clean_acc` and `pgd<k>_acc` (last epoch), then the final `acc_*`."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    held_out = sorted((k for k in keys if HELD_OUT_RE.fullmatch(k)), key=lambda k: k != "clean_acc")
+    return [*held_out, *final_columns(rows)]
 
 
 def final_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -68,6 +81,7 @@ def trial_rows(
             if len(series):
                 best = float(series.max() if spec.mode == "max" else series.min())
         finals = list(final_metric_names(cfg.train).values())
+        held_out = [mm.name for mm in epoch_measures(cfg.train)]  # clean_acc, pgd<k>_acc: the last epoch's
         row.update(
             {
                 "status": statuses.get(trial_id, "error" if result.error else "incomplete"),
@@ -80,6 +94,7 @@ def trial_rows(
                 "epochs_done": int(m.get("epochs_done", m.get("epoch", 0)) or 0),
                 spec.metric: _num(m.get(spec.metric)),
                 f"best_{spec.metric}": best,
+                **{n: _num(m.get(n)) for n in held_out if n != spec.metric},
                 **{c: _num(m.get(c)) for c in finals},
                 "seconds": _num(m.get("time_total_s")),
             }
@@ -120,11 +135,16 @@ def _fmt(value: Any) -> str:
 
 
 def render_leaderboard(
-    rows: list[dict[str, Any]], spec: SweepConfig, name: str, parent_run_id: str, base: Config | None = None
+    rows: list[dict[str, Any]],
+    spec: SweepConfig,
+    name: str,
+    parent_run_id: str,
+    base: Config | None = None,
+    compare: str | None = None,
 ) -> str:
-    """The Markdown leaderboard logged on the parent run."""
+    """The Markdown leaderboard logged on the parent run (`compare`: the trials in MLflow's compare view)."""
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
-    finals = final_columns(rows)
+    accuracies = [c for c in accuracy_columns(rows) if c != spec.metric]
     cols = [
         "rank",
         "trial_id",
@@ -134,7 +154,7 @@ def render_leaderboard(
         "space_size",
         spec.metric,
         f"best_{spec.metric}",
-        *finals,
+        *accuracies,
         "epochs_done",
         "status",
         "mlflow_run_id",
@@ -155,14 +175,42 @@ def render_leaderboard(
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     lines += [
         "",
-        "`acc_*`: the held-out slice after the last epoch, named and computed as `jobs/evaluate.py` does "
-        "(natural and PGD under transfer; EOT-PGD under eot); `space_size`: candidate normalizations per layer.",
+        "`clean_acc`, `pgd<k>_acc`: the held-out slice at the last epoch; `acc_*`: the held-out slice after the "
+        "last epoch, named and computed as `jobs/evaluate.py` does (natural and PGD under transfer; EOT-PGD "
+        "under eot). The child runs log them under the same names. `space_size`: candidate normalizations per "
+        "layer.",
     ]
+    if compare:
+        lines += ["", f"Side by side in the MLflow UI (`mlflow ui` running): {compare}"]
     return "\n".join(lines) + "\n"
 
 
+def plot_accuracies(rows: list[dict[str, Any]], out_path: str) -> str:
+    """Every accuracy of every trial (accuracy_columns), grouped per trial: the compare view's numbers."""
+    cols = accuracy_columns(rows)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows) + 2), 4))
+    width = 0.8 / max(1, len(cols))
+    for j, c in enumerate(cols):
+        xs = [i + (j - (len(cols) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, [r.get(c) or 0.0 for r in rows], width, label=c)
+    labels = [
+        " ".join(str(r.get(k)) for k in r if k.startswith(("model.", "train.", "data."))) or r["trial_id"] for r in rows
+    ]
+    ax.set_xticks(range(len(rows)), labels, rotation=15)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("accuracies per trial (held-out slice)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
 def plot_summary(rows: list[dict[str, Any]], metric: str, out_dir: str) -> list[str]:
-    """Two PNGs: the metric against the random-space size (one series per strategy), and per strategy."""
+    """Three PNGs: the metric against the random-space size (one series per strategy), per strategy,
+    and every accuracy per trial."""
     scored = [r for r in rows if r.get(metric) is not None]
     strategies = sorted({r["sampling"] for r in scored}) or ["-"]
     files = []
@@ -204,6 +252,7 @@ def plot_summary(rows: list[dict[str, Any]], metric: str, out_dir: str) -> list[
     files.append(str(Path(out_dir) / "robust_acc_by_strategy.png"))
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
+    files.append(plot_accuracies(rows, str(Path(out_dir) / "accuracies_by_trial.png")))
     return files
 
 
@@ -217,7 +266,9 @@ def write_summary(
     rows: list[dict[str, Any]],
 ) -> tuple[str, str]:
     """Write the summary into `<sweep dir>/summary` (local folders) and log it on the parent run."""
-    board = render_leaderboard(rows, spec, name, parent.run_id, base)
+    runs = [r["mlflow_run_id"] for r in rows if r.get("mlflow_run_id")]
+    compare = tracking.compare_url(parent.tracking_uri, parent.experiment_id, runs) if runs else None
+    board = render_leaderboard(rows, spec, name, parent.run_id, base, compare)
     summary_dir = join(sweep_dir, SUMMARY_DIR)
     with tempfile.TemporaryDirectory(prefix="rna-sweep-summary-") as tmp:
         write_trials_table(rows, str(Path(tmp) / "trials.parquet"))
@@ -247,6 +298,8 @@ def write_summary(
 
 __all__ = [
     "SUMMARY_DIR",
+    "accuracy_columns",
+    "plot_accuracies",
     "final_columns",
     "plot_summary",
     "render_leaderboard",

@@ -7,6 +7,8 @@ Python work and no DataLoader worker processes to start inside Ray workers.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,6 +39,14 @@ class ImageTensorDataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def content_digest(self) -> str:
+        """blake2b (32 hex digits) of the pixels, labels and class names: the same rows, the same digest."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.images.contiguous().numpy().tobytes())
+        h.update(self.labels.contiguous().numpy().tobytes())
+        h.update(json.dumps(list(self.classes)).encode())
+        return h.hexdigest()
 
     def subset(self, indices: Sequence[int] | torch.Tensor) -> ImageTensorDataset:
         """Rows at ``indices`` (in that order), sharing class names."""
