@@ -76,6 +76,13 @@ def speed_line(cfg: Config, speed: SpeedFlags) -> str:
     )
 
 
+def device_line(device: torch.device, world: int) -> str:
+    """The device this worker trains on, as it sees it (the launcher printed what it asked for)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none (one worker)"
+    return f"device: {device} ({name}), {world} worker(s), backend {backend}"
+
+
 def format_epoch_line(run_name: str, epoch: int, epochs: int, m: Mapping[str, float], pgd: str = "pgd20_acc") -> str:
     """One readable progress line per epoch."""
     parts = [f"[{run_name}] epoch {epoch}/{epochs}", f"loss {m['train_loss']:.4f}", f"train_acc {m['train_acc']:.3f}"]
@@ -213,9 +220,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     client = tracking.client_for(run_ref.tracking_uri) if (rank == 0 and run_ref) else None
     if rank == 0:
+        say(f"[{run_name}] {device_line(device, world)}")
         say(f"[{run_name}] {speed_line(cfg, speed)}")
         if client is not None:
-            tracking.log_new_params(client, run_ref.run_id, speed.params())
+            tracking.log_new_params(client, run_ref.run_id, {**speed.params(), "resolved.device": str(device)})
     epochs = cfg.train.epochs
     last_metrics: dict[str, float] = {}
     for epoch in range(start_epoch, epochs):
