@@ -124,3 +124,118 @@ def test_a_job_asking_for_more_gpus_than_the_cluster_has_stops_before_its_run_op
     auto = choose_training_device(_cfg("ray.num_workers=3"), gpu_capacity())
     assert not auto.use_gpu and "need 3 but the cluster has 2" in auto.reason
     assert choose_training_device(_cfg("ray.num_workers=2"), gpu_capacity()).backend == "nccl"
+
+
+# ----------------------------------------------------------------------------- item 7: GPU tasks of the fan-out
+
+
+def test_cuda_index_maps_rays_gpu_id_to_torchs_index_in_the_worker():
+    from pipelines.evaluation.tasks import cuda_index
+
+    assert cuda_index(["1"], None) == 1 and cuda_index([0], "") == 0
+    assert cuda_index(["3"], "2,3") == 1  # a node started with CUDA_VISIBLE_DEVICES=2,3
+    assert cuda_index(["GPU-b"], "GPU-a, GPU-b") == 1
+    with pytest.raises(RuntimeError, match="assigned GPU 0 but this worker sees only CUDA_VISIBLE_DEVICES=1"):
+        cuda_index(["0"], "1")
+
+
+class FakeCuda:
+    """Records the allocator calls a unit's end makes (there is no CUDA here)."""
+
+    def __init__(self, monkeypatch, initialized: bool = True):
+        import torch
+
+        self.calls: list = []
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: self.calls.append(("sync", device)))
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: self.calls.append(("empty_cache",)))
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
+
+
+def test_a_unit_gives_its_gpu_memory_back_and_cpu_units_touch_no_cuda(monkeypatch):
+    import torch
+
+    from pipelines.evaluation.tasks import release_device_memory
+
+    fake = FakeCuda(monkeypatch)
+    release_device_memory(torch.device("cpu"))
+    assert fake.calls == []
+    release_device_memory(torch.device("cuda", 1))
+    assert fake.calls == [("sync", torch.device("cuda", 1)), ("empty_cache",)]
+
+
+@pytest.mark.slow
+def test_gpu_tasks_keep_every_gpu_visible_and_pick_theirs_by_id(two_gpu_ray, monkeypatch):
+    """Ray reuses the worker processes of tasks whose num_gpus came through `.options()`; with
+    Ray setting CUDA_VISIBLE_DEVICES per task, a reused worker's CUDA would stay on its first GPU."""
+    import ray
+
+    from pipelines.evaluation.tasks import _cached, _task_resources
+    from rna_core.config import EvalConfig
+
+    def _probe_gpu() -> tuple:  # defined here: Ray pickles it by value
+        import os
+
+        import ray
+
+        from pipelines.evaluation.tasks import cuda_index
+
+        ids = [str(g) for g in ray.get_gpu_ids()]
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return os.getpid(), ids, visible, cuda_index(ids, visible)
+
+    resources = _task_resources(EvalConfig(gpus_per_task=0.5, cpus_per_task=1.0), use_gpu=True)
+    assert resources["num_gpus"] == 0.5
+    ours = ray.get([ray.remote(_probe_gpu).options(**resources).remote() for _ in range(4)])
+    plain = {k: v for k, v in resources.items() if k != "runtime_env"}
+    ray_default = ray.get([ray.remote(_probe_gpu).options(**plain).remote() for _ in range(4)])
+    # What Ray does without our switch: the variable names the task's GPU, and workers are reused
+    # (fewer processes than tasks), so a worker's CUDA, initialised once, would miss later GPUs.
+    assert all(visible == ",".join(ids) for _, ids, visible, _ in ray_default)
+    assert len({pid for pid, *_ in ray_default}) < len(ray_default)
+    # Ours: every GPU stays visible and each task's device index is the GPU Ray assigned it.
+    assert all(visible is None and len(ids) == 1 and index == int(ids[0]) for _, ids, visible, index in ours)
+    assert {ids[0] for _, ids, _, _ in ours} <= {"0", "1"}
+
+    fake = FakeCuda(monkeypatch)  # the driver stands in for a worker: the cache keyed by device
+    box = [ray.put({"w": 1})]
+    first = _cached("model", "weights@cuda:0", box, lambda p: ("on cuda:0", p))
+    assert _cached("model", "weights@cuda:0", box, lambda p: pytest.fail("rebuilt")) is first
+    assert fake.calls == []
+    assert _cached("model", "weights@cuda:1", box, lambda p: ("on cuda:1", p))[0] == "on cuda:1"
+    assert fake.calls == [("empty_cache",)]  # the model on the old GPU freed before the new one is built
+
+
+@pytest.mark.slow
+def test_a_fan_out_on_gpu_tasks_equals_the_sequential_evaluation(two_gpu_ray):
+    """Units asking for 0.25 GPU each (the default) on logical GPUs: the same counts as in-process."""
+    import torch
+
+    from pipelines.evaluation.job import run_evaluation
+    from pipelines.evaluation.plan import plan_evaluation
+    from pipelines.evaluation.source import load_source
+    from rna_core.attacks import get_attack
+    from rna_core.builders import model_from_config
+    from rna_core.checkpoint import save_checkpoint
+    from rna_core.config import EvalConfig
+    from rna_core.data import make_synthetic, write_parquet_dataset
+    from rna_core.evaluation import evaluate_model
+
+    root = two_gpu_ray
+    test = make_synthetic(32, seed=0, split="test")
+    write_parquet_dataset(root / "data" / "test.parquet", test.images, test.labels, test.classes, "cifar10")
+    cfg = load_config(None, ["model.name=small_cnn", "data.dataset=cifar10", f"data.data_dir={root / 'data'}"])
+    torch.manual_seed(0)
+    model = model_from_config(cfg)
+    ckpt = save_checkpoint(root / "ckpt" / "checkpoint.pt", model, epoch=0, config=cfg)
+    options = dict(attacks=("fgsm",), protocols=("transfer",), trials=1, batch_size=16, shard_size=16, seed=5)
+    plan = plan_evaluation(load_source(checkpoint=str(ckpt)), EvalConfig(**options, out_dir=str(root / "eval")))
+    lines: list[str] = []
+    out = run_evaluation(plan, echo=lines.append)
+    assert any("+ 0.25 GPU each" in line for line in lines)  # the units really asked for GPUs
+    sequential = evaluate_model(
+        model.eval(), plan.dataset, attacks=[get_attack("fgsm")], protocols=("transfer",), trials=1, seed=5,
+        batch_size=16, progress=False,
+    )  # fmt: skip
+    assert [(r.attack, r.n, r.correct) for r in out.rows if r.attack == "fgsm"] == [
+        (r.attack, r.n, r.correct) for r in sequential if r.attack == "fgsm"
+    ]

@@ -7,6 +7,15 @@ sequential `rna_core.evaluation.evaluate_model` gives them, so its counts do not
 it ran. Each task asks for `eval.cpus_per_task` CPUs and, when the cluster has GPUs,
 `eval.gpus_per_task` of a GPU; the driver keeps at most `eval.max_in_flight` tasks in flight
 (`ray.wait`), and Ray retries a failed task (`eval.max_retries`, `retry_exceptions=True`).
+
+GPUs. Ray gives a GPU task its GPU by setting `CUDA_VISIBLE_DEVICES` for the task, but keeps the
+worker process for later tasks (`num_gpus` passed through `.options()` leaves worker reuse on, which
+the weight cache relies on), and CUDA reads that variable once per process: a reused worker would
+stay on its first task's GPU whatever GPU Ray assigned next. So GPU tasks ask Ray to leave the
+variable alone (`GPU_TASK_ENV`), every GPU of the node stays visible, and each task picks the GPU
+Ray assigned it by id (`task_device`). The weight cache is keyed by that device, and after every
+unit the memory the unit's batches reserved goes back to the GPU (`release_device_memory`), so the
+tasks sharing a GPU (`eval.gpus_per_task` < 1) do not hold each other's reserve.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ from .store import Unit, paths_settings, save_paths, write_unit
 Echo = Callable[[str], None]
 
 _WORKER_CACHE: dict[str, tuple[str, Any]] = {}
+# Ray's switch (ray/_private/accelerators/nvidia_gpu.py) to leave CUDA_VISIBLE_DEVICES as the worker started.
+GPU_TASK_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
 
 
 class InjectedFailure(RuntimeError):
@@ -57,12 +68,42 @@ def fail_once(marker: str | None, unit_id: str) -> None:
     raise InjectedFailure(f"injected failure of unit {unit_id} (fail_once_marker test hook)")
 
 
+def cuda_index(assigned: list, visible: str | None) -> int:
+    """torch's index of the GPU Ray assigned (`ray.get_gpu_ids()[0]`) in a process whose
+    CUDA_VISIBLE_DEVICES is `visible` (as the node started the worker; None or empty: all GPUs)."""
+    gpu = str(assigned[0]).strip()
+    ids = [v.strip() for v in (visible or "").split(",") if v.strip()]
+    if not ids:
+        return int(gpu)
+    if gpu not in ids:
+        raise RuntimeError(f"Ray assigned GPU {gpu} but this worker sees only CUDA_VISIBLE_DEVICES={visible}")
+    return ids.index(gpu)
+
+
+def task_device() -> torch.device:
+    """The device of the running task: the GPU Ray assigned it (by id, see the module docstring), else CPU."""
+    assigned = ray.get_gpu_ids()
+    if not assigned or not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", cuda_index(assigned, os.environ.get("CUDA_VISIBLE_DEVICES")))
+    torch.cuda.set_device(device)  # code that says plain "cuda" means this GPU too
+    return device
+
+
+def release_device_memory(device: torch.device) -> None:
+    """Give the memory cached by torch's allocator back to the GPU (the cached weights stay)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
 def _cached(slot: str, key: str, box: list, build: Callable[[Any], Any]) -> Any:
     """The value of `slot` in this worker process, fetched from the object store only when `key` changed."""
     hit = _WORKER_CACHE.get(slot)
     if hit is not None and hit[0] == key:
         return hit[1]
-    _WORKER_CACHE.pop(slot, None)  # free the old one before fetching the new one
+    if _WORKER_CACHE.pop(slot, None) is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # the old value's GPU memory back before the new one is built
     value = build(ray.get(box[0]))
     _WORKER_CACHE[slot] = (key, value)
     return value
@@ -82,8 +123,7 @@ def _task_context(
     task: Mapping[str, Any], model_box: list, data_box: list
 ) -> tuple[torch.nn.Module, ImageTensorDataset, torch.device]:
     torch.set_num_threads(max(1, int(task["threads"])))
-    use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = task_device()
     model = _cached("model", f"{task['weights']}@{device}", model_box, lambda p: _build_model(p, device))
     data = _cached("data", task["data"], data_box, _build_data)
     return model, data, device
@@ -104,11 +144,23 @@ def evaluate_unit(model_box: list, data_box: list, task: dict[str, Any]) -> dict
     tseed = trial_seed(int(task["seed"]), int(task["trial"]))
     correct = n = 0
     start = time.perf_counter()
-    for i, (x, y) in enumerate(BatchIterator(shard, bs, shuffle=False, seed=0, device=device)):
-        bseed = batch_seed(tseed, first // bs + i)
-        correct += evaluate_batch(model, x, y, attack, task["protocol"], bseed, int(task["eot_iter"]), task["strategy"])
-        n += int(y.shape[0])
-    return {"unit_id": task["unit_id"], "correct": correct, "n": n, "seconds": time.perf_counter() - start}
+    try:
+        for i, (x, y) in enumerate(BatchIterator(shard, bs, shuffle=False, seed=0, device=device)):
+            bseed = batch_seed(tseed, first // bs + i)
+            correct += evaluate_batch(
+                model, x, y, attack, task["protocol"], bseed, int(task["eot_iter"]), task["strategy"]
+            )
+            n += int(y.shape[0])
+    finally:
+        release_device_memory(device)
+    return {
+        "unit_id": task["unit_id"],
+        "correct": correct,
+        "n": n,
+        "seconds": time.perf_counter() - start,
+        "device": str(device),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+    }
 
 
 def analyze_paths(model_box: list, data_box: list, task: dict[str, Any]) -> dict[str, Any]:
@@ -117,10 +169,14 @@ def analyze_paths(model_box: list, data_box: list, task: dict[str, Any]) -> dict
     subset = data.head(int(task["limit"]))
     batches = list(BatchIterator(subset, int(task["batch_size"]), shuffle=False, seed=0, device=device))
     attack = get_attack(task["attack"])
-    return {
-        "distance": accuracy_vs_distance(model, batches, attack, seed=int(task["seed"])),
-        "matrix": transfer_matrix(model, batches, attack, num_paths=4, seed=int(task["seed"])),
-    }
+    try:
+        return {
+            "distance": accuracy_vs_distance(model, batches, attack, seed=int(task["seed"])),
+            "matrix": transfer_matrix(model, batches, attack, num_paths=4, seed=int(task["seed"])),
+        }
+    finally:
+        del batches
+        release_device_memory(device)
 
 
 def _clock(seconds: float) -> str:
@@ -164,6 +220,7 @@ def _task_resources(options: EvalConfig, use_gpu: bool) -> dict[str, Any]:
     }
     if use_gpu and options.gpus_per_task > 0:
         res["num_gpus"] = options.gpus_per_task
+        res["runtime_env"] = {"env_vars": dict(GPU_TASK_ENV)}  # merged over the job's runtime_env
     return res
 
 
@@ -251,4 +308,15 @@ def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail
     return ran
 
 
-__all__ = ["InjectedFailure", "Progress", "analyze_paths", "evaluate_unit", "fail_once", "fan_out"]
+__all__ = [
+    "GPU_TASK_ENV",
+    "InjectedFailure",
+    "Progress",
+    "analyze_paths",
+    "cuda_index",
+    "evaluate_unit",
+    "fail_once",
+    "fan_out",
+    "release_device_memory",
+    "task_device",
+]
