@@ -34,6 +34,7 @@ from bench.common import measure_interleaved, median_interval, paired_ratio, pai
 from rna_core import create_model
 from rna_core.config import AttackConfig, TrainConfig
 from rna_core.data import BatchIterator, make_synthetic
+from rna_core.determinism import apply_backend_settings
 from rna_core.optim import build_optimizer
 from rna_core.paths import PathSampler
 from rna_core.speed import AutocastForward, as_channels_last, use_channels_last
@@ -226,7 +227,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=200, help="epochs of the projected recipe")
     p.add_argument("--eval-images", type=int, default=1000, help="images PGD-20-evaluated per epoch in the projection")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="peak FLOP/s for MFU (0 = from the GPU's name)")
-    p.add_argument("--no-cudnn-benchmark", action="store_true")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="train.deterministic=true's backend settings (default: the job's default, cuDNN autotuning on)",
+    )
     p.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; matters for --device cpu)"
     )
@@ -243,7 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("gpu.py: --device cuda but torch sees no GPU; pass --device cpu --tiny to try it on CPU")
-        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
+    backend = apply_backend_settings(args.deterministic)  # what the training job's workers set
+    backend_text = f"train.deterministic={str(args.deterministic).lower()}: " + ", ".join(
+        f"{k}={v}" for k, v in backend.items()
+    )
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or not names:
@@ -265,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
         "software": f"torchvision={_torchvision_version()} cuda={torch.version.cuda} "
         f"cudnn={torch.backends.cudnn.version()}",
         "sizes": f"model={sizes.model} batch={sizes.batch} PGD-{sizes.pgd_steps} steps/call={sizes.steps_per_call} "
-        f"repeats={sizes.repeats} device={device} cudnn.benchmark={torch.backends.cudnn.benchmark}",
+        f"repeats={sizes.repeats} device={device}",
+        "backend settings (as the training job sets them)": backend_text,
         "GFLOP per image per training step": f"{flops / 1e9:.2f}",
     }
     for name, t in timings.items():
@@ -282,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     extra["vs_torchattacks on this device"] = vs_torchattacks(first, sizes, sync, sizes.repeats)
     extra[f"projected {args.epochs}-epoch recipe ({best.name})"] = (
         f"{(train_s + eval_s) / 3600:.2f} h (training {train_s / 3600:.2f} h + per-epoch PGD-20 eval of "
-        f"{args.eval_images} images {eval_s / 3600:.2f} h)"
+        f"{args.eval_images} images {eval_s / 3600:.2f} h; {backend_text})"
     )
     rounds: list[float] | None = None
     if "fp32" in timings and "bf16_cl" in timings:

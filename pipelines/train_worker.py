@@ -32,6 +32,7 @@ from rna_core.builders import effective_train_config, model_from_config
 from rna_core.checkpoint import load_checkpoint
 from rna_core.config import Config, unflatten
 from rna_core.data import BatchIterator, ImageTensorDataset, load_split, training_splits
+from rna_core.determinism import apply_backend_settings
 from rna_core.distributed import (
     all_gather_text,
     all_reduce_max,
@@ -175,6 +176,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     pgd = pgd_metric(cfg.train.eval_pgd_steps)
 
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    backend = apply_backend_settings(cfg.train.deterministic)  # before any kernel runs (cuBLAS reads its env once)
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -222,8 +224,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0:
         say(f"[{run_name}] {device_line(device, world)}")
         say(f"[{run_name}] {speed_line(cfg, speed)}")
+        if device.type == "cuda":
+            say(f"[{run_name}] backend: " + ", ".join(f"{k}={v}" for k, v in backend.items()))
         if client is not None:
-            tracking.log_new_params(client, run_ref.run_id, {**speed.params(), "resolved.device": str(device)})
+            resolved = {**speed.params(), "resolved.device": str(device)}
+            resolved.update({f"resolved.backend.{k}": v for k, v in backend.items()})
+            tracking.log_new_params(client, run_ref.run_id, resolved)
     epochs = cfg.train.epochs
     last_metrics: dict[str, float] = {}
     for epoch in range(start_epoch, epochs):

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .attacks.pgd import pgd_linf
 from .config import INACTIVE_CANDIDATES, AttackConfig, TrainConfig
+from .determinism import cross_entropy
 from .paths import PathSampler, fresh_path_every_forward, set_path
 from .speed import AutocastForward, as_channels_last, bf16_autocast, resolve_speed, use_channels_last
 from .units import to_unit
@@ -127,7 +127,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     with bf16_autocast(x_train.device, speed.amp_bf16):
         logits = model(x_train)
-    loss = F.cross_entropy(logits.float(), y)
+    loss = cross_entropy(logits.float(), y)
     loss.backward()
     give_unused_parameters_zero_grad(optimizer, cfg.inactive_candidates)
     optimizer.step()

@@ -228,6 +228,9 @@ def test_gpu_bench_compares_with_torchattacks_where_it_is_installed():
     line = result["extra"]["vs_torchattacks on this device"]
     assert line.startswith("time(torchattacks) / time(ours) = ") and "batch 8" in line
     assert float(line.split(" = ")[1].split(" ")[0]) > 0
+    # Item 9 of issue 18: the projection names the backend settings, the ones the training job sets.
+    projection = next(v for k, v in result["extra"].items() if k.startswith("projected 200-epoch recipe"))
+    assert "train.deterministic=false: " in projection and "cudnn.benchmark=true" in projection
 
 
 def test_eval_precision_tiny_runs_both_precisions_on_the_same_units(capsys, tmp_path):

@@ -239,3 +239,96 @@ def test_a_fan_out_on_gpu_tasks_equals_the_sequential_evaluation(two_gpu_ray):
     assert [(r.attack, r.n, r.correct) for r in out.rows if r.attack == "fgsm"] == [
         (r.attack, r.n, r.correct) for r in sequential if r.attack == "fgsm"
     ]
+
+
+# ----------------------------------------------------------------------------- items 8-9: backend settings
+
+
+@pytest.fixture
+def restore_backend(monkeypatch):
+    import torch
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
+    yield
+    torch.use_deterministic_algorithms(saved[0])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1], saved[2]
+
+
+def test_deterministic_sets_torchs_cudnns_and_cublass_settings_and_the_default_autotunes(restore_backend):
+    import os
+
+    import torch
+
+    from rna_core.determinism import apply_backend_settings
+
+    on = apply_backend_settings(True)
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert on["deterministic_algorithms"] == "true" and on["cudnn.benchmark"] == "false"
+    off = apply_backend_settings(False)  # the job's default, as bench/gpu.py measures it
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    assert off["cudnn.benchmark"] == "true" and off["cudnn.deterministic"] == "false"
+    assert set(off) >= {"cudnn.allow_tf32", "cuda.matmul.allow_tf32", "CUBLAS_WORKSPACE_CONFIG"}
+
+
+def test_the_deterministic_loss_avoids_nllloss_off_the_cpu_and_equals_cross_entropy(restore_backend):
+    import torch
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rna_core.determinism import cross_entropy, one_hot_cross_entropy
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    logits = torch.randn(6, 10, requires_grad=True)
+    y = torch.tensor([0, 3, 9, 1, 1, 5])
+    ref = F.cross_entropy(logits, y)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    alt = one_hot_cross_entropy(logits, y)
+    (g_alt,) = torch.autograd.grad(alt, logits)
+    assert torch.allclose(alt, ref, atol=1e-6) and torch.allclose(g_alt, g_ref, atol=1e-6)
+    torch.use_deterministic_algorithms(True)
+    assert torch.equal(cross_entropy(logits, y), ref)  # CPU: the library kernel, bit for bit
+    meta = torch.empty(6, 10, device="meta", requires_grad=True)  # stands in for a GPU tensor
+    with Ops() as ops:
+        cross_entropy(meta, y.to("meta")).backward()
+    assert not any("nll_loss" in name for name in ops.names)
+    torch.use_deterministic_algorithms(False)
+    with Ops() as ops:
+        cross_entropy(meta, y.to("meta"))
+    assert any("nll_loss" in name for name in ops.names)
+
+
+def test_a_training_step_under_deterministic_settings_runs_and_matches_on_cpu(restore_backend):
+    import torch
+
+    from rna_core import create_model
+    from rna_core.config import AttackConfig, TrainConfig
+    from rna_core.determinism import apply_backend_settings
+    from rna_core.distributed import state_digest
+    from rna_core.optim import build_optimizer
+    from rna_core.paths import PathSampler
+    from rna_core.training import train_step
+
+    cfg = TrainConfig(attack=AttackConfig(steps=2), amp_bf16="false", channels_last="false", deterministic=True)
+    x, y = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10
+    digests = []
+    for deterministic in (True, False):
+        apply_backend_settings(deterministic)
+        torch.manual_seed(0)
+        model = create_model("small_cnn", norm="bn,gns:1")
+        train_step(model, x, y, build_optimizer(model, cfg), cfg, PathSampler("uniform", seed=1))
+        digests.append(state_digest(model))
+    assert digests[0] == digests[1]  # CPU kernels are deterministic already: the flag changes nothing here

@@ -87,6 +87,8 @@ def task_device() -> torch.device:
         return torch.device("cpu")
     device = torch.device("cuda", cuda_index(assigned, os.environ.get("CUDA_VISIBLE_DEVICES")))
     torch.cuda.set_device(device)  # code that says plain "cuda" means this GPU too
+    # Units' counts must not depend on which worker ran them: no autotuned, run-dependent cuDNN kernels.
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     return device
 
 
