@@ -50,7 +50,7 @@ from rna_core.evaluation import FINAL_SEED, Measure, epoch_measures, evaluate_me
 from rna_core.evaluation.training_metrics import pgd_attack
 from rna_core.optim import apply_config_on_resume, build_optimizer, build_scheduler
 from rna_core.selection import BestEpoch, Criterion, selection_criterion, selections_of, split_metric
-from rna_core.speed import SpeedFlags, resolve_speed, use_channels_last
+from rna_core.speed import SpeedFlags, optimizer_state_like_params, resolve_speed, use_channels_last
 from rna_core.training import train_epoch
 
 from . import tracking
@@ -189,11 +189,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     criterion = selection_criterion(cfg, model)
     best = {w: BestEpoch(w, split_metric(w, criterion)) for w in selections_of(cfg)}
 
+    # The layout before any state is loaded, so a resumed optimizer's momentum matches its weights.
+    speed = resolve_speed(train_cfg, device)  # train.amp_bf16 / channels_last `auto` decided for this device
+    if speed.channels_last:
+        use_channels_last(model)  # rewrites param.data in place: the optimizer keeps the same parameters
+
     start_epoch, resumed = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             payload = load_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE, model, optimizer, scheduler)
+        optimizer_state_like_params(optimizer)
         start_epoch = int(payload["epoch"])
         for w, record in (payload.get("extra") or {}).get("selection", {}).items():
             if w in best and record.get("metric") == best[w].metric:
@@ -208,16 +214,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             say(f"[{run_name}] resuming after epoch {start_epoch} from {checkpoint.path}")
 
-    speed = resolve_speed(train_cfg, device)  # train.amp_bf16 / channels_last `auto` decided for this device
-    if speed.channels_last:
-        use_channels_last(model)  # before DDP, so its buckets see the final parameter layout
     ddp_model = wrap_ddp(model, device) if world > 1 else model
 
     train_full, val_split = training_splits(cfg)
     held = HeldOut(cfg, rank, world, device, load_split(cfg, "test"), val_split)
     batch = per_worker_batch_size(cfg.data.batch_size, world)
     steps_per_epoch = -(-(len(train_full) // world) // batch)
-    sampler, noise_generator = step_streams(train_cfg, seed, rank)
+    sampler, noise_generator = step_streams(train_cfg, seed, rank, device)
     per_epoch = epoch_measures(cfg.train)
 
     client = tracking.client_for(run_ref.tracking_uri) if (rank == 0 and run_ref) else None

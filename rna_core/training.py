@@ -23,7 +23,14 @@ from .attacks.pgd import pgd_linf
 from .config import INACTIVE_CANDIDATES, AttackConfig, TrainConfig
 from .determinism import cross_entropy
 from .paths import PathSampler, fresh_path_every_forward, set_path
-from .speed import AutocastForward, as_channels_last, bf16_autocast, resolve_speed, use_channels_last
+from .speed import (
+    AutocastForward,
+    as_channels_last,
+    bf16_autocast,
+    resolve_speed,
+    use_channels_last,
+    wait_for_device,
+)
 from .units import to_unit
 
 
@@ -155,6 +162,7 @@ def train_epoch(
         loss_sum = loss_sum.to(out.loss_sum.device) + out.loss_sum
         correct = correct.to(out.correct.device) + out.correct
         n += out.n
+    wait_for_device(loss_sum.device)  # CUDA queues the steps: the epoch ends when the device has run them
     seconds = time.perf_counter() - start
     n_safe = max(n, 1)
     return {

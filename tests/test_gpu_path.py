@@ -332,3 +332,129 @@ def test_a_training_step_under_deterministic_settings_runs_and_matches_on_cpu(re
         train_step(model, x, y, build_optimizer(model, cfg), cfg, PathSampler("uniform", seed=1))
         digests.append(state_digest(model))
     assert digests[0] == digests[1]  # CPU kernels are deterministic already: the flag changes nothing here
+
+
+# ----------------------------------------------------------------------------- item 10: the smaller ones
+
+
+def test_the_random_start_generator_lives_on_the_training_device():
+    import torch
+
+    from rna_core.config import TrainConfig
+    from rna_core.distributed import step_streams
+
+    _, noise = step_streams(TrainConfig(), 0, 0, torch.device("cpu"))
+    assert noise is not None and noise.device == torch.device("cpu")
+    _, none = step_streams(TrainConfig(rank_paths="per_rank"), 0, 0, torch.device("cpu"))
+    assert none is None  # per-rank paths: the sampler's (CPU) generator draws both, as documented
+    source = (REPO / "pipelines" / "train_worker.py").read_text()
+    assert "step_streams(train_cfg, seed, rank, device)" in source  # the job passes its device
+
+
+def test_epoch_seconds_are_read_after_the_device_drains(monkeypatch):
+    import torch
+
+    import rna_core.training as training
+    from rna_core import create_model
+    from rna_core.config import AttackConfig, TrainConfig
+    from rna_core.data import BatchIterator, make_synthetic
+    from rna_core.optim import build_optimizer
+    from rna_core.paths import PathSampler
+    from rna_core.speed import wait_for_device
+
+    fake = FakeCuda(monkeypatch)
+    wait_for_device(torch.device("cuda", 0))
+    wait_for_device("cpu")
+    assert fake.calls == [("sync", torch.device("cuda", 0))]
+    order: list[str] = []
+    clock = training.time.perf_counter
+    monkeypatch.setattr(training, "wait_for_device", lambda device: order.append(f"wait {device}"))
+    monkeypatch.setattr(training.time, "perf_counter", lambda: order.append("clock") or clock())
+    cfg = TrainConfig(attack=AttackConfig(steps=1), amp_bf16="false", channels_last="false")
+    model = create_model("small_cnn", norm="bn")
+    batches = BatchIterator(make_synthetic(16, seed=0), 8, shuffle=False, seed=0)
+    training.train_epoch(model, batches, build_optimizer(model, cfg), cfg, PathSampler("uniform", seed=0))
+    assert order[-2:] == ["wait cpu", "clock"]  # the last clock reading comes after the device is drained
+
+
+def _average_buffers_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from rna_core import create_model
+    from rna_core.distributed import average_buffers
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = create_model("small_cnn", norm="bn")
+        bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        with torch.no_grad():
+            bn.running_mean.fill_(float(rank))
+            bn.num_batches_tracked.fill_(10 + rank)
+        before = {k: v.clone() for k, v in model.named_buffers() if k.startswith("standardize")}
+        for _ in range(3):  # three epochs' averaging
+            average_buffers(model)
+        after = dict(model.named_buffers())
+        report = {
+            "standardize_unchanged": all(torch.equal(v, after[k]) for k, v in before.items()),
+            "bn_mean": bn.running_mean.tolist(),
+            "bn_count": int(bn.num_batches_tracked),
+        }
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_buffer_averaging_averages_statistics_and_leaves_constants_bit_exact(tmp_path):
+    """3 ranks: sum / 3 of CIFAR's standardisation mean is not the mean itself (1 ulp per epoch)."""
+    import json
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from rna_core import create_model
+
+    mean = dict(create_model("small_cnn", norm="bn").named_buffers())["standardize.mean"]
+    assert not torch.equal((mean + mean + mean) / 3, mean)  # what averaging it did
+    world = 3
+    mp.start_processes(
+        _average_buffers_worker,
+        args=(world, str(tmp_path / "init"), str(tmp_path)),
+        nprocs=world,
+        start_method="spawn",
+    )
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for rep in reports:
+        assert rep["standardize_unchanged"]
+        assert rep["bn_mean"] == [1.0] * len(rep["bn_mean"])  # (0 + 1 + 2) / 3
+        assert rep["bn_count"] == 10  # integer counters come from rank 0
+
+
+def test_a_resumed_optimizer_state_takes_the_weights_layout():
+    import torch
+
+    from rna_core import create_model
+    from rna_core.config import TrainConfig
+    from rna_core.optim import build_optimizer
+    from rna_core.speed import optimizer_state_like_params, use_channels_last
+
+    cfg = TrainConfig()
+    model = create_model("small_cnn", norm="bn")
+    opt = build_optimizer(model, cfg)
+    model(torch.rand(4, 3, 32, 32)).sum().backward()
+    opt.step()  # momentum buffers, contiguous
+    saved = opt.state_dict()
+    resumed_model = use_channels_last(create_model("small_cnn", norm="bn"))  # converted before loading
+    resumed = build_optimizer(resumed_model, cfg)
+    resumed.load_state_dict(saved)
+    convs = [p for p in resumed_model.parameters() if p.dim() == 4]
+    assert not all(resumed.state[p]["momentum_buffer"].is_contiguous(memory_format=torch.channels_last) for p in convs)
+    optimizer_state_like_params(resumed)
+    for p, q in zip(resumed_model.parameters(), model.parameters()):
+        buf = resumed.state[p]["momentum_buffer"]
+        assert torch.equal(buf, opt.state[q]["momentum_buffer"])  # same values
+        if p.dim() == 4:
+            assert buf.is_contiguous(memory_format=torch.channels_last)
