@@ -26,9 +26,10 @@ from .source import ModelSource
 from .store import RESULTS_DIR, Unit, check_output_folder
 
 # Version of the scoring rules a unit's counts depend on beyond its settings (2: the unperturbed
-# rule for every attack under transfer and eot). Units stored under another version are other
-# units, so an earlier evaluation's counts are never mixed with this code's.
-SCORING_RULES = 2
+# rule for every attack under transfer and eot; 3: worst-of-R and vote-of-R counts, and neither
+# that rule nor EOT averaging for a deterministic model). Units stored under another version are
+# other units, so an earlier evaluation's counts are never mixed with this code's.
+SCORING_RULES = 3
 
 
 @dataclass
@@ -102,6 +103,7 @@ def plan_evaluation(source: ModelSource, options: EvalConfig | None = None) -> E
             "seed": o.seed,
             "eot_iter": o.eot_iter,
             "strategy": o.strategy,
+            "inference_draws": o.inference_draws,
         },
         10,
     )

@@ -24,7 +24,7 @@ from rna_core.builders import model_from_config
 from rna_core.config import EvalConfig, flatten, unflatten
 from rna_core.data import BatchIterator, ImageTensorDataset
 from rna_core.errors import ConfigError
-from rna_core.evaluation import accuracy_vs_distance, batch_seed, evaluate_batch, transfer_matrix, trial_seed
+from rna_core.evaluation import Counts, accuracy_vs_distance, batch_seed, evaluate_batch, transfer_matrix, trial_seed
 from rna_core.units import settings_to_unit
 
 from ..cluster import cluster_resources, resolve_use_gpu
@@ -102,13 +102,23 @@ def evaluate_unit(model_box: list, data_box: list, task: dict[str, Any]) -> dict
     bs, first = int(task["batch_size"]), int(task["first"])
     shard = data.subset(torch.arange(first, int(task["stop"])))
     tseed = trial_seed(int(task["seed"]), int(task["trial"]))
-    correct = n = 0
+    draws = int(task["inference_draws"])
+    total = Counts()
     start = time.perf_counter()
     for i, (x, y) in enumerate(BatchIterator(shard, bs, shuffle=False, seed=0, device=device)):
         bseed = batch_seed(tseed, first // bs + i)
-        correct += evaluate_batch(model, x, y, attack, task["protocol"], bseed, int(task["eot_iter"]), task["strategy"])
-        n += int(y.shape[0])
-    return {"unit_id": task["unit_id"], "correct": correct, "n": n, "seconds": time.perf_counter() - start}
+        total = total + evaluate_batch(
+            model, x, y, attack, task["protocol"], bseed, int(task["eot_iter"]), task["strategy"], draws
+        )
+    return {
+        "unit_id": task["unit_id"],
+        "correct": total.correct,
+        "worst": total.worst,
+        "vote": total.vote,
+        "draws": draws,
+        "n": total.n,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def analyze_paths(model_box: list, data_box: list, task: dict[str, Any]) -> dict[str, Any]:
@@ -199,6 +209,7 @@ def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail
         "seed": o.seed,
         "eot_iter": o.eot_iter,
         "strategy": o.strategy,
+        "inference_draws": o.inference_draws,
     }
     by_name = {a.name: a for a in plan.attacks}
     unit_task = ray.remote(evaluate_unit).options(**resources)
