@@ -4,7 +4,7 @@
     out = evaluate(checkpoint="ray_results/<run>/.../checkpoint.pt", overrides=["eval.attacks=fgsm"])
 
 MLflow. `--run-id` logs a nested run under the training run (same experiment, tag
-`mlflow.parentRunId`); a bare checkpoint gets a run of its own. Metrics
+`mlflow.parentRunId`); a bare checkpoint or a user's model gets a run of its own. Metrics
 `acc_<attack>_<protocol>` (one inference draw, mean over trials; `rna_core.evaluation.naming`),
 `acc_<attack>_<protocol>_std`, and worst-of-R / vote-of-R as `..._worst<R>`, `..._vote<R>` (mean
 over trials, and their `_std`); artifacts:
@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rna_core.attacks.registry import attack_spec, get_attack
-from rna_core.builders import model_structure
 from rna_core.config import flatten
 from rna_core.evaluation import (
     SCORES,
@@ -41,7 +40,7 @@ from rna_core.units import to_unit
 from .. import tracking
 from ..cluster import ensure_ray
 from .plan import EvalPlan, plan_evaluation
-from .source import load_source
+from .source import load_external_source, load_source
 from .store import (
     PATHS_DIR,
     RESULTS_FILE,
@@ -124,6 +123,10 @@ def eval_params(plan: EvalPlan) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if plan.source.kind == "checkpoint":  # no training run holds the config: log it here
         params.update({k: v for k, v in flatten(plan.source.cfg).items() if not k.startswith("eval.")})
+    if plan.source.external is not None:  # a user's model: its factory; of our config only where the data came from
+        params.update({k: v for k, v in flatten(plan.source.cfg).items() if k.startswith(("data.", "mlflow."))})
+        params["eval.model"] = plan.source.external.name
+        params["eval.factory_args"] = json.dumps(dict(plan.source.external.args), sort_keys=True, default=str)
     params.update(
         {
             "eval.source": plan.source.description,
@@ -206,7 +209,7 @@ def run_evaluation(plan: EvalPlan, echo: Echo = print, fail_once_marker: str | N
     clean_temporaries(plan.out_dir)
     done = done_units(plan.out_dir)
     todo = [u for u in plan.units if u.unit_id not in done]
-    with_paths = bool(o.path_analysis) and count_paths(model_structure(plan.source.cfg)) > 1 and not paths_done(plan)
+    with_paths = bool(o.path_analysis) and count_paths(plan.source.structure()) > 1 and not paths_done(plan)
     shards = len({(u.first, u.stop) for u in plan.units})
     echo(
         f"[evaluate] {plan.row_meta['model']} {plan.row_meta['method']} on {len(plan.dataset)} "
@@ -291,12 +294,20 @@ def evaluate(
     overrides: Sequence[str] = (),
     echo: Echo = print,
     selected: str | None = None,
+    model: str | None = None,
+    weights: str | None = None,
+    factory_args: Sequence[str] = (),
 ) -> EvalOutcome:
     """Load, validate and plan (nothing started or written on a bad input), then run.
 
-    `overrides` change the model's config, its `eval:` section included (`eval.attacks=fgsm`).
+    The model is a training run's checkpoint (`run_id`), a checkpoint file, or a user's `model`
+    ("module:factory", with `weights` and `factory_args`). `overrides` change the config, its
+    `eval:` section included (`eval.attacks=fgsm`).
     """
-    source = load_source(run_id=run_id, checkpoint=checkpoint, overrides=overrides, selected=selected)
+    if model is not None:
+        source = load_external_source(model, weights, factory_args, overrides)
+    else:
+        source = load_source(run_id=run_id, checkpoint=checkpoint, overrides=overrides, selected=selected)
     return run_evaluation(plan_evaluation(source), echo)
 
 

@@ -1,13 +1,22 @@
-"""The model an evaluation scores: a training run's checkpoint (MLflow) or a checkpoint file.
+"""The model an evaluation scores: a training run's checkpoint (MLflow), a checkpoint file, or a
+user's model (`--model module:factory --weights file`).
 
 Loaded and checked on the driver (config, identity, every weight's shape) and nothing written:
 an unknown run, a missing store or file, or weights that do not fit the model are one
 ConfigError or CheckpointMismatchError before Ray starts.
+
+A user's model is built on the driver by its factory with the weights loaded strictly
+(rna_core.external). Ray workers import the same module: a module that lives outside the
+installed packages (e.g. in the current folder) travels with each task as Ray's `py_modules`
+(its top-level package folder, or its single .py file), so it needs no shared disk and no
+`--working-dir`; installed packages must be installed on the cluster's nodes as well.
 """
 
 from __future__ import annotations
 
 import re
+import site
+import sysconfig
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -15,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 from mlflow.exceptions import MlflowException
 
 from rna_core.builders import model_structure
 from rna_core.checkpoint import PREDATES_HINT, checkpoint_config, identity_mismatch, model_identity, read_checkpoint
-from rna_core.config import Config, ScalingConfig, apply_overrides, config_from_dict, to_dict
+from rna_core.config import Config, ScalingConfig, apply_overrides, config_from_dict, load_config, to_dict
 from rna_core.distributed import state_digest
 from rna_core.errors import CheckpointMismatchError, ConfigError
+from rna_core.external import ExternalModel, load_into, read_weights
 from rna_core.selection import SELECTION_LABELS, SELECTIONS
 
 from .. import tracking
@@ -46,6 +57,13 @@ class ModelSource:
     training_run_id: str | None = None  # the run a bare checkpoint came from, when it says
     selection: str | None = None  # None: a last-epoch checkpoint; "val" | "test": a selected epoch (rna_core.selection)
     selected_epoch: int | None = None
+    external: ExternalModel | None = None  # kind "external": the user's factory
+    external_model: nn.Module | None = None  # built on the driver, weights loaded (for the plan's checks)
+    py_modules: tuple[str, ...] = ()  # folders or .py files the Ray tasks need to import `external`
+
+    def structure(self) -> nn.Module:
+        """The model's layers, for checks and its path count: ours on the meta device, a user's as built."""
+        return self.external_model if self.external_model is not None else model_structure(self.cfg)
 
     @property
     def checkpoint_label(self) -> str:
@@ -209,4 +227,55 @@ def load_source(
     )
 
 
-__all__ = ["ModelSource", "checked_weights", "load_source", "safe_name"]
+def _installed(origin: Path) -> bool:
+    """Whether a top-level package or module at `origin` was found in this interpreter's installed
+    packages (site-packages, the standard library), where workers of the same environment find it."""
+    paths = sysconfig.get_paths()
+    roots = {paths[k] for k in ("purelib", "platlib", "stdlib", "platstdlib")} | set(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        roots.add(site.getusersitepackages())
+    return origin.parent in {Path(r).resolve() for r in roots if r}
+
+
+def shipped_modules(spec: ExternalModel) -> tuple[str, ...]:
+    """What Ray tasks need to import `spec.module`: its top-level folder or .py file, unless installed."""
+    origin = spec.origin()
+    if origin is None or _installed(origin):
+        return ()
+    return (str(origin),)
+
+
+def load_external_source(
+    model: str, weights: str | None, factory_args: Sequence[str] = (), overrides: Sequence[str] = ()
+) -> ModelSource:
+    """A user's model: `model` ("module:factory") built with `factory_args` and `weights` loaded.
+
+    `overrides` (`data.data_dir=DIR`, `eval.*`, `mlflow.*`) apply to the default config: a user's
+    model has no config of its own, so the dataset comes from `data.*`.
+    """
+    spec = ExternalModel.parse(model, factory_args)
+    if not weights:
+        raise ConfigError(f"--model {spec.name} needs --weights FILE (a state dict: torch.save or .safetensors)")
+    cfg = resolve_paths(load_config(None, list(overrides)))
+    uri = tracking.resolve_tracking_uri(base_dir())
+    check_tracking_store(uri)
+    path = _local_checkpoint(weights)
+    state = read_weights(path)
+    built = spec.build()
+    load_into(built, state, f"weights '{weights}'", spec.name)
+    digest = state_digest(state)
+    return ModelSource(
+        "external",
+        f"model-{safe_name(spec.name)}-{digest[:8]}",
+        f"{spec.name} {path}",
+        cfg,
+        state,
+        digest,
+        uri,
+        external=spec,
+        external_model=built.eval(),
+        py_modules=shipped_modules(spec),
+    )
+
+
+__all__ = ["ModelSource", "checked_weights", "load_external_source", "load_source", "safe_name", "shipped_modules"]

@@ -25,6 +25,7 @@ from rna_core.config import EvalConfig, flatten, unflatten
 from rna_core.data import BatchIterator, ImageTensorDataset
 from rna_core.errors import ConfigError
 from rna_core.evaluation import Counts, accuracy_vs_distance, batch_seed, evaluate_batch, transfer_matrix, trial_seed
+from rna_core.external import ExternalModel
 from rna_core.units import settings_to_unit
 
 from ..cluster import cluster_resources, resolve_use_gpu
@@ -69,7 +70,11 @@ def _cached(slot: str, key: str, box: list, build: Callable[[Any], Any]) -> Any:
 
 
 def _build_model(payload: Mapping[str, Any], device: torch.device) -> torch.nn.Module:
-    model = model_from_config(unflatten(payload["config"]))
+    """Our model from its config, or a user's from its factory (importable here: see `_task_resources`)."""
+    if payload.get("external"):
+        model = ExternalModel.from_dict(payload["external"]).build()
+    else:
+        model = model_from_config(unflatten(payload["config"]))
     model.load_state_dict(payload["state"])
     return model.to(device).eval()
 
@@ -166,7 +171,12 @@ class Progress:
             self.echo(self.line())
 
 
-def _task_resources(options: EvalConfig, use_gpu: bool) -> dict[str, Any]:
+def _task_resources(options: EvalConfig, use_gpu: bool, py_modules: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Ray options of a task; a user's module outside the installed packages travels as `py_modules`.
+
+    A task's runtime_env is merged field by field over the job's (e.g. `ray job submit --working-dir`),
+    so the job's working dir stays; only `py_modules` is the task's own.
+    """
     res: dict[str, Any] = {
         "num_cpus": options.cpus_per_task,
         "max_retries": options.max_retries,
@@ -174,6 +184,8 @@ def _task_resources(options: EvalConfig, use_gpu: bool) -> dict[str, Any]:
     }
     if use_gpu and options.gpus_per_task > 0:
         res["num_gpus"] = options.gpus_per_task
+    if py_modules:
+        res["runtime_env"] = {"py_modules": list(py_modules)}
     return res
 
 
@@ -196,9 +208,10 @@ def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail
     """
     o = plan.options
     use_gpu = resolve_use_gpu(plan.source.cfg)
-    resources = _task_resources(o, use_gpu)
+    resources = _task_resources(o, use_gpu, plan.source.py_modules)
     limit = _max_in_flight(o, use_gpu)
-    model_box = [ray.put({"config": flatten(plan.source.cfg), "state": plan.source.state})]
+    external = plan.source.external.to_dict() if plan.source.external is not None else None
+    model_box = [ray.put({"config": flatten(plan.source.cfg), "state": plan.source.state, "external": external})]
     ds = plan.dataset
     data_box = [ray.put({"images": ds.images, "labels": ds.labels, "classes": list(ds.classes), "name": ds.name})]
     common = {
