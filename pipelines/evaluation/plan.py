@@ -137,16 +137,14 @@ def plan_evaluation(source: ModelSource, options: EvalConfig | None = None) -> E
         for p in o.protocols
         for first, stop in bounds
     ]
-    if source.external is not None:
-        meta = {"model": source.external.name, "method": source.external.label, "dataset": dataset.name}
-        return EvalPlan(source, o, attacks, dataset, digest, fingerprint, out_dir, units, meta)
-    spec = getattr(structure, "rna_spec", {}) or {}
-    method = method_label(spec or {"method": cfg.model.method})
-    if (
-        source.selection is not None
-    ):  # a selected epoch's weights: its own table row, never blended with the last epoch's
+    if source.external is not None:  # a user's model: its factory names it
+        model_name, method = source.external.name, source.external.label
+    else:
+        spec = getattr(structure, "rna_spec", {}) or {}
+        model_name, method = str(spec.get("model", cfg.model.name)), method_label(spec or {"method": cfg.model.method})
+    if source.selection is not None:  # a selected epoch's weights: its own table row, never blended with the last's
         method += f" [{source.checkpoint_label}, epoch {source.selected_epoch}]"
-    meta = {"model": str(spec.get("model", cfg.model.name)), "method": method, "dataset": dataset.name}
+    meta = {"model": model_name, "method": method, "dataset": dataset.name}
     return EvalPlan(source, o, attacks, dataset, digest, fingerprint, out_dir, units, meta)
 
 

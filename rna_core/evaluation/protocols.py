@@ -247,7 +247,7 @@ def vote_correct(preds: torch.Tensor, y: torch.Tensor, num_classes: int) -> torc
 
 
 def _score(
-    model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, protocol: str, seed: int, draws: int
+    model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, protocol: str, seed: int, draws: int, randomized: bool
 ) -> tuple[torch.Tensor, int]:
     """Predictions of `draws` scoring draws (R x N) and the resample calls made.
 
@@ -255,10 +255,11 @@ def _score(
     its forward under its own seed of the global RNG, so draw r is the same whatever R is.
     Draw 0 runs last: the model is left in its state. Under ``fixed-path`` nothing is resampled:
     the attacked state scores (a model that draws per forward still draws on each forward).
+    A deterministic model's R draws are one forward: they could not differ.
     """
     preds: list[torch.Tensor] = [torch.empty(0)] * draws
     made = 0
-    for r in reversed(range(draws)):
+    for r in reversed(range(draws) if randomized else range(1)):
         if protocol != "fixed-path":
             # Drawn independently of the attack path: the defender does not know which path was
             # attacked, so a `far` strategy scores like `uniform` here (far is for training updates
@@ -267,6 +268,8 @@ def _score(
             made += int(resample(model, torch.Generator().manual_seed(unit_seed(seed, *stream))))
         with torch.no_grad(), seeded_global_rng(unit_seed(seed, "score-forward", r), x_adv.device):
             preds[r] = model(x_adv).argmax(1)
+    if not randomized:
+        preds = [preds[0]] * draws
     return torch.stack(preds), made
 
 
@@ -317,7 +320,7 @@ def run_protocol(
         else:
             x_adv = attack(model, x, y, attack_gen)
         model.eval()  # whatever the attack did to the mode, scoring runs in eval mode
-        preds, score_draws = _score(model, x_adv, y, protocol, seed, inference_draws)
+        preds, score_draws = _score(model, x_adv, y, protocol, seed, inference_draws, randomized)
         score_path = get_path(model)
     right = preds == y
     num_classes = int(max(int(preds.max()), int(y.max())) + 1)
