@@ -20,7 +20,8 @@ from helpers import low_contrast
 from safetensors.torch import save_file
 
 from pipelines import tracking
-from pipelines.evaluation.source import load_external_source, shipped_modules
+from pipelines.evaluation.source import code_origin, load_external_source, pack
+from pipelines.evaluation.tasks import unpack
 from rna_core.data import make_synthetic, read_parquet_dataset, write_parquet_dataset
 from rna_core.errors import ConfigError
 from rna_core.external import ExternalModel, read_weights
@@ -46,7 +47,7 @@ class Net(nn.Module):
         )
 
     def forward(self, x):
-        return self.body(x)
+        return self.body((x - 0.5) * 8)  # its own input normalisation: the job hands it images in [0, 1]
 
 
 def build(width: int = 8, classes: int = 10) -> nn.Module:
@@ -97,10 +98,39 @@ def test_weights_load_strictly_from_torch_save_and_safetensors(user_folder):
         assert not loaded.training and torch.equal(loaded(x), net(x)), name
     assert set(read_weights(root / "net.safetensors")) == set(net.state_dict())
     # Installed packages are found by workers of the same environment; a module of the current folder travels.
-    assert shipped_modules(spec) == (str((root / f"{user_folder['module']}.py").resolve()),)
-    assert shipped_modules(ExternalModel.parse("pyautoattack.examples.resnet:ResNet18")) == ()
+    assert code_origin(spec) == (root / f"{user_folder['module']}.py").resolve()
+    assert code_origin(ExternalModel.parse("pyautoattack.examples.resnet:ResNet18")) is None
     args = ExternalModel.parse("m:f", ["width=16", "flag=true", "name=wide", "ratio=0.5"]).args
     assert args == {"width": 16, "flag": True, "name": "wide", "ratio": 0.5}
+
+
+def test_a_users_package_travels_zipped_and_imports_where_it_is_not_on_disk(tmp_path, monkeypatch):
+    """What a worker on another node does: the package exists only in the zip from the driver."""
+    pkg = tmp_path / "home" / "defense_pkg_travels"
+    _write_user_module(pkg / "nets", "wide")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets" / "__init__.py").write_text("from .wide import build\n")
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__pycache__" / "stale.pyc").write_bytes(b"x")
+    monkeypatch.syspath_prepend(str(tmp_path / "home"))
+    spec = ExternalModel.parse("defense_pkg_travels.nets:build", ["width=4"])
+    origin = code_origin(spec)
+    assert origin == pkg.resolve()  # the top-level package folder, not only the submodule's file
+    code = pack(origin)
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in sys.modules if n.startswith("defense_pkg_travels")]:
+        monkeypatch.delitem(sys.modules, name)
+    sys.path.remove(str(tmp_path / "home"))
+    pkg.rename(tmp_path / "elsewhere")  # gone from where the driver found it
+    with pytest.raises(ConfigError, match="cannot import module 'defense_pkg_travels.nets'"):
+        spec.build()
+    folder = unpack(code)
+    assert unpack(code) == folder and sys.path.count(folder) == 1  # once per process
+    assert not (Path(folder) / "defense_pkg_travels" / "__pycache__").exists()
+    assert isinstance(spec.build(), nn.Module)
+    sys.path.remove(folder)
+    for name in [n for n in sys.modules if n.startswith("defense_pkg_travels")]:
+        del sys.modules[name]
 
 
 def test_a_user_model_plans_as_an_external_source(user_folder):
@@ -197,7 +227,7 @@ def _trained_user_net(spec: ExternalModel, data, steps: int = 80) -> nn.Module:
 
 @pytest.mark.slow  # starts Ray
 def test_a_users_module_fans_out_and_a_deterministic_model_scores_the_same_under_every_protocol(user_folder, capsys):
-    """The module lives in the current folder only (workers get it as py_modules). A deterministic
+    """The module lives in the current folder only (it travels to the workers zipped). A deterministic
     model is attacked and scored on one forward, so every protocol but early-stop gives the same
     number, and worst-of-10 and vote-of-10 equal it; the fan-out equals rna_core's sequential run."""
     sys.path.insert(0, str(REPO))
@@ -244,7 +274,7 @@ def test_a_users_module_fans_out_and_a_deterministic_model_scores_the_same_under
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     metrics, params = run.data.metrics, run.data.params
     assert params["eval.model"] == f"{m}:build" and params["eval.inference_draws"] == "10"
-    pgd = {p: metrics[f"acc_pgd20_steps3_{p}" + ("_eot_iter2" if p == "eot" else "")] for p in protocols}
+    pgd = {p: metrics["acc_pgd20_steps3_" + ("eot_iter2_" if p == "eot" else "") + p] for p in protocols}
     natural = metrics["acc_natural_transfer"]
     assert pgd["transfer"] < natural - 0.2, "the attack must bite, or equal numbers prove nothing"
     for p in ("transfer-raw", "fixed-path", "eot"):

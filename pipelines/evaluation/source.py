@@ -6,18 +6,22 @@ an unknown run, a missing store or file, or weights that do not fit the model ar
 ConfigError or CheckpointMismatchError before Ray starts.
 
 A user's model is built on the driver by its factory with the weights loaded strictly
-(rna_core.external). Ray workers import the same module: a module that lives outside the
-installed packages (e.g. in the current folder) travels with each task as Ray's `py_modules`
-(its top-level package folder, or its single .py file), so it needs no shared disk and no
-`--working-dir`; installed packages must be installed on the cluster's nodes as well.
+(rna_core.external). Ray workers import the same module. Nodes share no disk, and the module
+often lives only in the folder the job started from; Ray's `py_modules` takes local folders only
+in the job-level runtime env (`ray.init`, `ray job submit`), which this job does not own once Ray
+is up. So the driver zips the module's top-level package folder (or its single .py file) and it
+travels beside the weights; each worker process unpacks it once (`tasks.py`). A module found
+among the installed packages does not travel: the nodes must have that package, as they have torch.
 """
 
 from __future__ import annotations
 
+import io
 import re
 import site
 import sysconfig
 import tempfile
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -59,7 +63,7 @@ class ModelSource:
     selected_epoch: int | None = None
     external: ExternalModel | None = None  # kind "external": the user's factory
     external_model: nn.Module | None = None  # built on the driver, weights loaded (for the plan's checks)
-    py_modules: tuple[str, ...] = ()  # folders or .py files the Ray tasks need to import `external`
+    code: bytes | None = None  # the zipped module the Ray workers import `external` from (user_code), if not installed
 
     def structure(self) -> nn.Module:
         """The model's layers, for checks and its path count: ours on the meta device, a user's as built."""
@@ -227,9 +231,13 @@ def load_source(
     )
 
 
+MAX_CODE_BYTES = 64 * 2**20  # a model's code, not its data: bigger folders are installed on the nodes
+_SKIPPED = ("__pycache__",)
+
+
 def _installed(origin: Path) -> bool:
-    """Whether a top-level package or module at `origin` was found in this interpreter's installed
-    packages (site-packages, the standard library), where workers of the same environment find it."""
+    """Whether a top-level package or module at `origin` sits in this interpreter's installed packages
+    (site-packages, the standard library), where workers of the same environment find it."""
     paths = sysconfig.get_paths()
     roots = {paths[k] for k in ("purelib", "platlib", "stdlib", "platstdlib")} | set(site.getsitepackages())
     if site.ENABLE_USER_SITE:
@@ -237,12 +245,39 @@ def _installed(origin: Path) -> bool:
     return origin.parent in {Path(r).resolve() for r in roots if r}
 
 
-def shipped_modules(spec: ExternalModel) -> tuple[str, ...]:
-    """What Ray tasks need to import `spec.module`: its top-level folder or .py file, unless installed."""
+def code_origin(spec: ExternalModel) -> Path | None:
+    """The folder or .py file the workers need in order to import `spec.module`; None when installed."""
     origin = spec.origin()
     if origin is None or _installed(origin):
-        return ()
-    return (str(origin),)
+        return None
+    return origin
+
+
+def _files(origin: Path) -> list[tuple[Path, str]]:
+    if origin.is_file():
+        return [(origin, origin.name)]
+    out = []
+    for p in sorted(origin.rglob("*")):
+        rel = p.relative_to(origin.parent)
+        if p.is_file() and not any(part in _SKIPPED or part.startswith(".") for part in rel.parts):
+            out.append((p, rel.as_posix()))
+    return out
+
+
+def pack(origin: Path) -> bytes:
+    """`origin` (a package folder or a .py file) as zip bytes, paths relative to its parent folder."""
+    files = _files(origin)
+    size = sum(p.stat().st_size for p, _ in files)
+    if size > MAX_CODE_BYTES:
+        raise ConfigError(
+            f"--model: {origin} holds {size / 2**20:.0f} MiB, too much to ship to the workers with each evaluation "
+            f"(at most {MAX_CODE_BYTES // 2**20} MiB); pip install that package on the cluster's nodes instead"
+        )
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p, name in files:
+            zf.write(p, name)
+    return buf.getvalue()
 
 
 def load_external_source(
@@ -264,6 +299,7 @@ def load_external_source(
     built = spec.build()
     load_into(built, state, f"weights '{weights}'", spec.name)
     digest = state_digest(state)
+    origin = code_origin(spec)
     return ModelSource(
         "external",
         f"model-{safe_name(spec.name)}-{digest[:8]}",
@@ -274,8 +310,17 @@ def load_external_source(
         uri,
         external=spec,
         external_model=built.eval(),
-        py_modules=shipped_modules(spec),
+        code=None if origin is None else pack(origin),
     )
 
 
-__all__ = ["ModelSource", "checked_weights", "load_external_source", "load_source", "safe_name", "shipped_modules"]
+__all__ = [
+    "MAX_CODE_BYTES",
+    "ModelSource",
+    "checked_weights",
+    "code_origin",
+    "load_external_source",
+    "load_source",
+    "pack",
+    "safe_name",
+]

@@ -2,7 +2,8 @@
 
 The weights and the test images are put in the object store once; a task receives their
 references (nested, so Ray does not fetch them for it) and fetches and builds them only when its
-worker process has not done so already. A unit evaluates its batches with the seeds the
+worker process has not done so already (a user's model: its factory's code too, when it is not
+installed on the nodes; see source.py). A unit evaluates its batches with the seeds the
 sequential `rna_core.evaluation.evaluate_model` gives them, so its counts do not depend on where
 it ran. Each task asks for `eval.cpus_per_task` CPUs and, when the cluster has GPUs,
 `eval.gpus_per_task` of a GPU; the driver keeps at most `eval.max_in_flight` tasks in flight
@@ -11,8 +12,15 @@ it ran. Each task asks for `eval.cpus_per_task` CPUs and, when the cluster has G
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import io
 import os
+import shutil
+import sys
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,6 +43,7 @@ from .store import Unit, paths_settings, save_paths, write_unit
 Echo = Callable[[str], None]
 
 _WORKER_CACHE: dict[str, tuple[str, Any]] = {}
+_UNPACKED: dict[str, str] = {}  # a user's zipped code (source.pack) by digest -> its folder, in this process
 
 
 class InjectedFailure(RuntimeError):
@@ -69,9 +78,27 @@ def _cached(slot: str, key: str, box: list, build: Callable[[Any], Any]) -> Any:
     return value
 
 
+def unpack(code: bytes) -> str:
+    """Unpack a user's zipped code (`source.pack`) once per process, into a folder put first on
+    `sys.path` and removed when the process exits; the folder."""
+    key = hashlib.sha256(code).hexdigest()[:16]
+    folder = _UNPACKED.get(key)
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix=f"rna-user-code-{key}-")
+        with zipfile.ZipFile(io.BytesIO(code)) as zf:
+            zf.extractall(folder)
+        atexit.register(shutil.rmtree, folder, True)
+        _UNPACKED[key] = folder
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return folder
+
+
 def _build_model(payload: Mapping[str, Any], device: torch.device) -> torch.nn.Module:
-    """Our model from its config, or a user's from its factory (importable here: see `_task_resources`)."""
+    """Our model from its config, or a user's from its factory (its code unpacked here first, when it travels)."""
     if payload.get("external"):
+        if payload.get("code"):
+            unpack(payload["code"])
         model = ExternalModel.from_dict(payload["external"]).build()
     else:
         model = model_from_config(unflatten(payload["config"]))
@@ -171,12 +198,7 @@ class Progress:
             self.echo(self.line())
 
 
-def _task_resources(options: EvalConfig, use_gpu: bool, py_modules: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Ray options of a task; a user's module outside the installed packages travels as `py_modules`.
-
-    A task's runtime_env is merged field by field over the job's (e.g. `ray job submit --working-dir`),
-    so the job's working dir stays; only `py_modules` is the task's own.
-    """
+def _task_resources(options: EvalConfig, use_gpu: bool) -> dict[str, Any]:
     res: dict[str, Any] = {
         "num_cpus": options.cpus_per_task,
         "max_retries": options.max_retries,
@@ -184,8 +206,6 @@ def _task_resources(options: EvalConfig, use_gpu: bool, py_modules: tuple[str, .
     }
     if use_gpu and options.gpus_per_task > 0:
         res["num_gpus"] = options.gpus_per_task
-    if py_modules:
-        res["runtime_env"] = {"py_modules": list(py_modules)}
     return res
 
 
@@ -208,10 +228,16 @@ def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail
     """
     o = plan.options
     use_gpu = resolve_use_gpu(plan.source.cfg)
-    resources = _task_resources(o, use_gpu, plan.source.py_modules)
+    resources = _task_resources(o, use_gpu)
     limit = _max_in_flight(o, use_gpu)
     external = plan.source.external.to_dict() if plan.source.external is not None else None
-    model_box = [ray.put({"config": flatten(plan.source.cfg), "state": plan.source.state, "external": external})]
+    model = {
+        "config": flatten(plan.source.cfg),
+        "state": plan.source.state,
+        "external": external,
+        "code": plan.source.code,
+    }
+    model_box = [ray.put(model)]
     ds = plan.dataset
     data_box = [ray.put({"images": ds.images, "labels": ds.labels, "classes": list(ds.classes), "name": ds.name})]
     common = {
