@@ -2,7 +2,8 @@
 
 The weights and the test images are put in the object store once; a task receives their
 references (nested, so Ray does not fetch them for it) and fetches and builds them only when its
-worker process has not done so already. A unit evaluates its batches with the seeds the
+worker process has not done so already (a user's model: its factory's code too, when it is not
+installed on the nodes; see source.py). A unit evaluates its batches with the seeds the
 sequential `rna_core.evaluation.evaluate_model` gives them, so its counts do not depend on where
 it ran. Each task asks for `eval.cpus_per_task` CPUs and, when the cluster has GPUs,
 `eval.gpus_per_task` of a GPU; the driver keeps at most `eval.max_in_flight` tasks in flight
@@ -20,8 +21,15 @@ tasks sharing a GPU (`eval.gpus_per_task` < 1) do not hold each other's reserve.
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import io
 import os
+import shutil
+import sys
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,7 +41,8 @@ from rna_core.builders import model_from_config
 from rna_core.config import EvalConfig, flatten, unflatten
 from rna_core.data import BatchIterator, ImageTensorDataset
 from rna_core.errors import ConfigError
-from rna_core.evaluation import accuracy_vs_distance, batch_seed, evaluate_batch, transfer_matrix, trial_seed
+from rna_core.evaluation import Counts, accuracy_vs_distance, batch_seed, evaluate_batch, transfer_matrix, trial_seed
+from rna_core.external import ExternalModel
 from rna_core.units import settings_to_unit
 
 from ..cluster import cluster_resources, resolve_use_gpu
@@ -43,6 +52,7 @@ from .store import Unit, paths_settings, save_paths, write_unit
 Echo = Callable[[str], None]
 
 _WORKER_CACHE: dict[str, tuple[str, Any]] = {}
+_UNPACKED: dict[str, str] = {}  # a user's zipped code (source.pack) by digest -> its folder, in this process
 # Ray's switch (ray/_private/accelerators/nvidia_gpu.py) to leave CUDA_VISIBLE_DEVICES as the worker started.
 GPU_TASK_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
 
@@ -111,8 +121,30 @@ def _cached(slot: str, key: str, box: list, build: Callable[[Any], Any]) -> Any:
     return value
 
 
+def unpack(code: bytes) -> str:
+    """Unpack a user's zipped code (`source.pack`) once per process, into a folder put first on
+    `sys.path` and removed when the process exits; the folder."""
+    key = hashlib.sha256(code).hexdigest()[:16]
+    folder = _UNPACKED.get(key)
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix=f"rna-user-code-{key}-")
+        with zipfile.ZipFile(io.BytesIO(code)) as zf:
+            zf.extractall(folder)
+        atexit.register(shutil.rmtree, folder, True)
+        _UNPACKED[key] = folder
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return folder
+
+
 def _build_model(payload: Mapping[str, Any], device: torch.device) -> torch.nn.Module:
-    model = model_from_config(unflatten(payload["config"]))
+    """Our model from its config, or a user's from its factory (its code unpacked here first, when it travels)."""
+    if payload.get("external"):
+        if payload.get("code"):
+            unpack(payload["code"])
+        model = ExternalModel.from_dict(payload["external"]).build()
+    else:
+        model = model_from_config(unflatten(payload["config"]))
     model.load_state_dict(payload["state"])
     return model.to(device).eval()
 
@@ -144,21 +176,24 @@ def evaluate_unit(model_box: list, data_box: list, task: dict[str, Any]) -> dict
     bs, first = int(task["batch_size"]), int(task["first"])
     shard = data.subset(torch.arange(first, int(task["stop"])))
     tseed = trial_seed(int(task["seed"]), int(task["trial"]))
-    correct = n = 0
+    draws = int(task["inference_draws"])
+    total = Counts()
     start = time.perf_counter()
     try:
         for i, (x, y) in enumerate(BatchIterator(shard, bs, shuffle=False, seed=0, device=device)):
             bseed = batch_seed(tseed, first // bs + i)
-            correct += evaluate_batch(
-                model, x, y, attack, task["protocol"], bseed, int(task["eot_iter"]), task["strategy"]
+            total = total + evaluate_batch(
+                model, x, y, attack, task["protocol"], bseed, int(task["eot_iter"]), task["strategy"], draws
             )
-            n += int(y.shape[0])
     finally:
         release_device_memory(device)
     return {
         "unit_id": task["unit_id"],
-        "correct": correct,
-        "n": n,
+        "correct": total.correct,
+        "worst": total.worst,
+        "vote": total.vote,
+        "draws": draws,
+        "n": total.n,
         "seconds": time.perf_counter() - start,
         "device": str(device),
         "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
@@ -247,7 +282,14 @@ def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail
     use_gpu = resolve_use_gpu(plan.source.cfg)
     resources = _task_resources(o, use_gpu)
     limit = _max_in_flight(o, use_gpu)
-    model_box = [ray.put({"config": flatten(plan.source.cfg), "state": plan.source.state})]
+    external = plan.source.external.to_dict() if plan.source.external is not None else None
+    model = {
+        "config": flatten(plan.source.cfg),
+        "state": plan.source.state,
+        "external": external,
+        "code": plan.source.code,
+    }
+    model_box = [ray.put(model)]
     ds = plan.dataset
     data_box = [ray.put({"images": ds.images, "labels": ds.labels, "classes": list(ds.classes), "name": ds.name})]
     common = {
@@ -258,6 +300,7 @@ def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail
         "seed": o.seed,
         "eot_iter": o.eot_iter,
         "strategy": o.strategy,
+        "inference_draws": o.inference_draws,
     }
     by_name = {a.name: a for a in plan.attacks}
     unit_task = ray.remote(evaluate_unit).options(**resources)
