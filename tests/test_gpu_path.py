@@ -458,3 +458,123 @@ def test_a_resumed_optimizer_state_takes_the_weights_layout():
         assert torch.equal(buf, opt.state[q]["momentum_buffer"])  # same values
         if p.dim() == 4:
             assert buf.is_contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- item 4: EOT's memory
+
+
+def _eot_grad(average: bool, draws: int = 4):
+    import torch
+    import torch.nn.functional as F
+
+    from rna_core import create_model
+    from rna_core.evaluation.protocols import LogitAverage, _Draws
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", norm="bn,gns:1").eval()
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    y = torch.arange(6) % 10
+    stream = _Draws(model, 7, "eot")
+    with stream.every_forward():
+        if average:
+            logits = LogitAverage(model, draws, stream)(x)
+        else:  # every graph kept: what LogitAverage computed before issue 18
+            logits = sum(model(x) for _ in range(draws)) / draws
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, y), [x])
+    return logits.detach(), grad, stream.count, stream.generator.get_state()
+
+
+def test_logit_average_recomputes_each_draw_with_its_own_path_and_gives_the_same_gradient():
+    import torch
+
+    new_logits, new_grad, new_count, new_state = _eot_grad(True)
+    old_logits, old_grad, old_count, old_state = _eot_grad(False)
+    assert torch.equal(new_logits, old_logits)  # the same 4 paths, in the same order
+    assert torch.allclose(new_grad, old_grad, rtol=1e-5, atol=1e-7) and new_grad.abs().sum() > 0
+    assert new_count == old_count == 4 and torch.equal(new_state, old_state)  # the stream moved on as before
+
+
+PEAK_SCRIPT = r"""
+import sys, torch, torch.nn.functional as F
+from rna_core import create_model
+from rna_core.evaluation.protocols import LogitAverage, _Draws
+torch.set_num_threads(1)
+def rss(field):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
+torch.manual_seed(0)
+model = create_model("small_cnn", norm="bn,gns:1").eval()
+x = torch.rand(128, 3, 32, 32).requires_grad_(True)
+with torch.no_grad():
+    model(x)  # warm-up: what the process holds besides the attack's graphs
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current size
+before = rss("VmRSS:")
+stream = _Draws(model, 7, "eot")
+with stream.every_forward():
+    average, draws = sys.argv[1] == "bounded", int(sys.argv[2])
+    logits = LogitAverage(model, draws, stream)(x) if average else sum(model(x) for _ in range(draws)) / draws
+    torch.autograd.grad(F.cross_entropy(logits, torch.zeros(128, dtype=torch.long)), [x])
+print(rss("VmHWM:") - before)
+"""
+
+
+@pytest.mark.slow  # three subprocesses of up to 16 forward/backward passes at batch 128
+def test_logit_average_peak_memory_is_one_graph_not_eot_iter_graphs():
+    """Peak resident memory of an EOT gradient, each variant in its own process: with every graph
+    kept it grows with the draws; bounded, 16 draws peak where 4 do.
+
+    glibc's fixed mmap threshold returns freed tensors to the system, so the peak measures live
+    memory rather than the allocator's retained heap."""
+    import subprocess
+    import sys
+
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    peaks = {}
+    for variant, draws in (("bounded", 4), ("bounded", 16), ("all_graphs", 16)):
+        proc = subprocess.run(
+            [sys.executable, "-c", PEAK_SCRIPT, variant, str(draws)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+            env=env,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        peaks[(variant, draws)] = int(proc.stdout.split()[-1])
+    mib = 2**20
+    assert peaks[("bounded", 16)] < peaks[("bounded", 4)] + 16 * mib, peaks  # flat in the draws
+    assert peaks[("all_graphs", 16)] > peaks[("bounded", 16)] + 200 * mib, peaks  # sixteen graphs kept
+
+
+def test_logit_average_replays_its_draws_in_a_backward_outside_the_attack_block():
+    import torch
+    import torch.nn.functional as F
+
+    from rna_core import create_model
+    from rna_core.evaluation.protocols import LogitAverage, _Draws
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", norm="bn,gns:1").eval()
+    x = torch.rand(4, 3, 32, 32).requires_grad_(True)
+    stream = _Draws(model, 7, "eot")
+    with stream.every_forward():
+        logits = LogitAverage(model, 3, stream)(x)
+    (late,) = torch.autograd.grad(F.cross_entropy(logits, torch.zeros(4, dtype=torch.long)), [x])
+    _, inside, _, _ = _eot_grad_small(3)
+    assert torch.allclose(late, inside, rtol=1e-5, atol=1e-7) and stream.count == 3
+
+
+def _eot_grad_small(draws: int):
+    import torch
+    import torch.nn.functional as F
+
+    from rna_core import create_model
+    from rna_core.evaluation.protocols import LogitAverage, _Draws
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", norm="bn,gns:1").eval()
+    x = torch.rand(4, 3, 32, 32).requires_grad_(True)
+    stream = _Draws(model, 7, "eot")
+    with stream.every_forward():
+        logits = LogitAverage(model, draws, stream)(x)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, torch.zeros(4, dtype=torch.long)), [x])
+    return logits, grad, stream.count, None

@@ -213,7 +213,9 @@ def test_a_model_that_holds_its_randomness_is_resampled_where_the_protocols_draw
     assert torch.equal(again.x_adv, out.x_adv) and again.counts == out.counts  # a pure function of the seed
 
     run("eot")
-    assert model.resamples == 1 + 3 * 4 + 1 and len(model.seen) == 3 * 4 + 1  # every attack forward drew
+    assert (
+        model.resamples == 1 + 3 * 4 + 1 + 3 * 4 and len(model.seen) == 3 * 4 + 1 + 3 * 4
+    )  # every attack forward drew (and LogitAverage's backward replayed each draw from its saved state, issue 18)
     fixed = run("fixed-path", inference_draws=3)
     assert model.resamples == 1 and all(torch.equal(s, model.seen[0]) for s in model.seen)
     assert fixed.correct <= out.correct + 2  # white-box bound (on 16 examples, up to noise)

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from ..attacks.registry import Attack, ThreatModel, resolve_attack, seeded_global_rng
 from ..errors import ConfigError
@@ -87,20 +88,49 @@ def check_protocol(protocol: str) -> str:
 class LogitAverage(nn.Module):
     """Output = mean logits of `draws` forwards of `model` (each on a fresh path under EOT).
 
-    All `draws` graphs are kept for the backward, so memory grows with `draws`.
+    Memory is one forward's graph, not `draws` of them: each draw runs under activation
+    checkpointing and is recomputed, draw by draw, in the backward, with the random state it first
+    ran with (`replay`, the stream that resamples before every forward, is rewound for the
+    recomputation and put back after it; torch's global RNG is restored by the checkpoint), so the
+    gradient is the one of keeping every graph. Forwards without autograd run plain. Eval mode only
+    (a recomputed train-mode forward would update running statistics twice).
     """
 
-    def __init__(self, model: nn.Module, draws: int):
+    def __init__(self, model: nn.Module, draws: int, replay: _Draws | None = None):
         super().__init__()
         self.model = model
         self.draws = int(draws)
+        self.replay = replay
         self.train(model.training)  # a new Module is in train mode; restoring that would flip `model`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        total = self.model(x)
-        for _ in range(self.draws - 1):
-            total = total + self.model(x)
+        if not torch.is_grad_enabled():
+            total = self.model(x)
+            for _ in range(self.draws - 1):
+                total = total + self.model(x)
+            return total / self.draws
+        total = None
+        for _ in range(self.draws):
+            logits = checkpoint(self._one_draw, x, [], use_reentrant=False, preserve_rng_state=True)
+            total = logits if total is None else total + logits
         return total / self.draws
+
+    def _one_draw(self, x: torch.Tensor, first_state: list) -> torch.Tensor:
+        if self.replay is None:
+            return self.model(x)
+        stream = self.replay
+        if not first_state:  # the first run: note where the stream stood before this draw
+            first_state.append((stream.generator.get_state(), stream.count))
+            return self.model(x)
+        now = (stream.generator.get_state(), stream.count)  # the recomputation: replay, then put back
+        stream.generator.set_state(first_state[0][0])
+        try:
+            if not stream.active:  # a backward after the attack's block: no hook draws, so draw here
+                stream()
+            return self.model(x)
+        finally:
+            stream.generator.set_state(now[0])
+            stream.count = now[1]
 
 
 class FirstFooled:
@@ -216,6 +246,7 @@ class _Draws:
         self.model = model
         self.generator = torch.Generator().manual_seed(unit_seed(seed, *stream))
         self.count = 0
+        self.active = False  # inside `every_forward`: each forward draws first
 
     def __call__(self) -> None:
         self.count += int(resample(self.model, self.generator))
@@ -227,9 +258,11 @@ class _Draws:
             yield
             return
         handle = self.model.register_forward_pre_hook(lambda module, args: self())
+        self.active = True
         try:
             yield
         finally:
+            self.active = False
             handle.remove()
 
 
@@ -309,7 +342,7 @@ def run_protocol(
         attack_gen = attack_generator(seed)
         if protocol == "eot" and randomized:
             draws = 1 if attack.native_eot else eot_iter
-            target = LogitAverage(model, draws) if draws > 1 else model
+            target = LogitAverage(model, draws, eot_draws) if draws > 1 else model
             with eot_draws.every_forward():
                 x_adv = attack(target, x, y, attack_gen)
         elif protocol == "early-stop" and not attack.stops_when_fooled:
