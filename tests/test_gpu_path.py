@@ -578,3 +578,32 @@ def _eot_grad_small(draws: int):
         logits = LogitAverage(model, draws, stream)(x)
         (grad,) = torch.autograd.grad(F.cross_entropy(logits, torch.zeros(4, dtype=torch.long)), [x])
     return logits, grad, stream.count, None
+
+
+# ----------------------------------------------------------------------------- item 6: early-stop without syncs
+
+
+def test_first_fooled_keeps_each_examples_first_fooling_row_without_a_python_loop():
+    """The vectorised hook against the row-by-row rule it replaced, on forwards that repeat examples."""
+    import torch
+
+    from rna_core.attacks.registry import ThreatModel
+    from rna_core.evaluation.protocols import FirstFooled
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 4, 4, generator=g)
+    y = torch.arange(6) % 3
+    eps = 8 / 255
+    watch = FirstFooled(torch.nn.Identity(), x, y, ThreatModel("linf", eps))
+    found, points = torch.zeros(6, dtype=torch.bool), x.clone()
+    for _ in range(5):
+        rows = torch.randint(0, 6, (9,), generator=g)  # a subset forward: examples repeat, some are absent
+        q = (x[rows] + (torch.rand(9, 3, 4, 4, generator=g) * 2 - 1) * eps).clamp(0, 1)
+        logits = torch.randn(9, 3, generator=g)
+        watch._hook(None, (q,), logits)
+        idx, valid = watch._match(q)  # the reference: rows in order, an example's first hit wins
+        for r in range(9):
+            i = int(idx[r])
+            if valid[r] and int(logits[r].argmax()) != int(y[i]) and not found[i]:
+                found[i], points[i] = True, q[r]
+    assert found.any() and torch.equal(watch.found, found) and torch.equal(watch.points, points)

@@ -182,12 +182,18 @@ class FirstFooled:
         if q.dim() != self.x.dim() or q.shape[1:] != self.x.shape[1:]:
             return
         idx, valid = self._match(q)
-        fooled = output.detach().argmax(1) != self.y[idx]
-        for r in (valid & fooled).nonzero().flatten().tolist():
-            i = int(idx[r])
-            if not self.found[i]:
-                self.found[i] = True
-                self.points[i] = q[r]
+        hit = valid & (output.detach().argmax(1) != self.y[idx]) & ~self.found[idx]
+        # Each example's first hit row of this forward, with tensor ops only: AutoAttack makes
+        # thousands of forwards, and a host sync per fooled row would stall the GPU at each.
+        rows = len(q)
+        first = torch.full((len(self.x),), rows, dtype=torch.long, device=q.device)
+        first.scatter_reduce_(
+            0, torch.where(hit, idx, 0), torch.where(hit, torch.arange(rows, device=q.device), rows), reduce="amin"
+        )
+        new = first < rows
+        picked = q[first.clamp(max=rows - 1)].to(self.points.dtype)
+        self.points = torch.where(new.view(-1, *([1] * (q.dim() - 1))), picked, self.points)
+        self.found = self.found | new
 
     def result(self, x_adv: torch.Tensor) -> torch.Tensor:
         """The attack's output, with each fooled example replaced by its first fooling point."""
