@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `bench` and `rna_core` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,10 +35,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import measure_interleaved, median_interval, paired_ratio, paired_ratios, report, synchronizer
+from bench.common import (
+    command_line,
+    machine,
+    measure_interleaved,
+    median_interval,
+    paired_ratio,
+    paired_ratios,
+    report,
+    synchronizer,
+)
+from bench.gpu_checks import run_checks
 from rna_core import create_model
 from rna_core.config import AttackConfig, TrainConfig
 from rna_core.data import BatchIterator, make_synthetic
+from rna_core.determinism import apply_backend_settings
+from rna_core.distributed import seeded_steps, step_streams
 from rna_core.optim import build_optimizer
 from rna_core.paths import PathSampler
 from rna_core.speed import AutocastForward, as_channels_last, use_channels_last
@@ -73,16 +90,57 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     )
 
 
+def peak_for_name(name: str) -> float | None:
+    """The bf16 peak of a GPU from its name, matching whole model tokens ("L4" is not "L40S")."""
+    tokens = {t.upper() for t in re.findall(r"[A-Za-z0-9]+", name)}
+    hits = [value for key, value in PEAK_BF16_FLOPS.items() if key in tokens]
+    return hits[0] if len(hits) == 1 else None
+
+
 def peak_flops(device: torch.device, override_tflops: float) -> float | None:
     if override_tflops > 0:
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return value
-    return None
+    return peak_for_name(torch.cuda.get_device_name(device))
+
+
+class PartialReport:
+    """The JSON of a run written after every stage, so an error late in a lent GPU window keeps the
+    results measured before it; optional parts that fail are recorded under "errors", the rest runs."""
+
+    def __init__(self, path: str | None, argv: list[str] | None):
+        self.path = path
+        self.data: dict[str, Any] = {
+            "bench": "gpu",
+            "complete": False,
+            "command": command_line("bench/gpu.py", sys.argv[1:] if argv is None else list(argv)),
+            "machine": machine(),
+            "checks": {},
+            "extra": {},
+            "errors": {},
+        }
+
+    def put(self, section: str, key: str, value: Any) -> None:
+        self.data[section][key] = value
+        self.flush()
+
+    def optional(self, part: str, fn: Callable[[], Any], default: Any = None) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # recorded, and the run goes on without this part
+            self.put("errors", part, f"{type(exc).__name__}: {exc}")
+            print(f"gpu.py: {part} failed ({type(exc).__name__}: {exc}); going on without it", file=sys.stderr)
+            return default
+
+    def flush(self) -> None:
+        if not self.path:
+            return
+        target = Path(self.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, target)
 
 
 class Variant:
@@ -97,12 +155,13 @@ class Variant:
         torch.manual_seed(seed)
         self.model = create_model(sizes.model, norm=norm).to(device)
         self.optimizer = build_optimizer(self.model, self.cfg)
-        self.sampler = PathSampler(self.cfg.sampling, seed=seed)
+        # The training job's streams: paths on the CPU, the random start on the device, reseeded per step.
+        self.sampler, self.noise = step_streams(self.cfg, seed, 0, device)
         data = make_synthetic(sizes.dataset_size, seed=seed)
         self.batches = BatchIterator(
             data, sizes.batch, shuffle=True, seed=seed, drop_last=True, augment=True, device=device
         )
-        self._stream = self._endless()
+        self._stream = seeded_steps(self._endless(), self.sampler.generator, seed, 0, 0, self.noise)
         self.steps_per_call = sizes.steps_per_call
 
     def _endless(self):
@@ -114,7 +173,7 @@ class Variant:
 
     def step(self) -> None:
         x, y = next(self._stream)
-        train_step(self.model, x, y, self.optimizer, self.cfg, self.sampler)
+        train_step(self.model, x, y, self.optimizer, self.cfg, self.sampler, noise_generator=self.noise)
 
     def call(self) -> None:
         for _ in range(self.steps_per_call):
@@ -226,12 +285,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=200, help="epochs of the projected recipe")
     p.add_argument("--eval-images", type=int, default=1000, help="images PGD-20-evaluated per epoch in the projection")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="peak FLOP/s for MFU (0 = from the GPU's name)")
-    p.add_argument("--no-cudnn-benchmark", action="store_true")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="train.deterministic=true's backend settings (default: the job's default, cuDNN autotuning on)",
+    )
     p.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; matters for --device cpu)"
     )
+    p.add_argument("--no-checks", action="store_true", help="skip the correctness checks (bench/gpu_checks.py)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="result file, written after every stage and complete at the end")
     return p.parse_args(argv)
 
 
@@ -243,29 +307,42 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("gpu.py: --device cuda but torch sees no GPU; pass --device cpu --tiny to try it on CPU")
-        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or not names:
         raise SystemExit(f"gpu.py: unknown variant(s) {unknown}; valid: {', '.join(VARIANTS)}")
     sizes = sizes_from(args)
+    partial = PartialReport(args.json, argv)
+    if not args.no_checks:  # correctness first: quick, and what a short window must not lose
+        run_checks(device, sizes.model, min(sizes.batch, 32), lambda k, v: partial.put("checks", k, v))
+    backend = apply_backend_settings(args.deterministic)  # what the training job's workers set
+    backend_text = f"train.deterministic={str(args.deterministic).lower()}: " + ", ".join(
+        f"{k}={v}" for k, v in backend.items()
+    )
     sync = synchronizer(device)
     variants = {n: Variant(n, sizes, device, args.seed) for n in names}
     first = variants[names[0]]
     x0, y0 = next(first._stream)
-    flops = flops_per_image(first.model, x0, y0, sizes.pgd_steps)
+    flops = partial.optional("flop count", lambda: flops_per_image(first.model, x0, y0, sizes.pgd_steps), 0.0)
     timings = measure_interleaved(
         {n: v.call for n, v in variants.items()}, sizes.batch * sizes.steps_per_call, sizes.repeats, sizes.warmup, sync
     )
-    eval_ips, eval_acc = eval_images_per_second(first, sizes, device, sync)
-    eval16_ips, eval16_acc = eval_images_per_second(first, sizes, device, sync, bf16=True)
+    for name, t in timings.items():
+        partial.put("extra", f"{name} images/s", f"{t.items_per_second:.1f}")
+    eval_ips, eval_acc = partial.optional(
+        "PGD-20 eval (fp32)", lambda: eval_images_per_second(first, sizes, device, sync), (0.0, 0.0)
+    )
+    eval16_ips, eval16_acc = partial.optional(
+        "PGD-20 eval (bf16 forward)", lambda: eval_images_per_second(first, sizes, device, sync, bf16=True), (0.0, 0.0)
+    )
     peak = peak_flops(device, args.peak_tflops)
     best = max(timings.values(), key=lambda t: t.items_per_second if t.name in ("fp32", "bf16_cl") else 0.0)
     extra: dict[str, object] = {
         "software": f"torchvision={_torchvision_version()} cuda={torch.version.cuda} "
         f"cudnn={torch.backends.cudnn.version()}",
         "sizes": f"model={sizes.model} batch={sizes.batch} PGD-{sizes.pgd_steps} steps/call={sizes.steps_per_call} "
-        f"repeats={sizes.repeats} device={device} cudnn.benchmark={torch.backends.cudnn.benchmark}",
+        f"repeats={sizes.repeats} device={device}",
+        "backend settings (as the training job sets them)": backend_text,
         "GFLOP per image per training step": f"{flops / 1e9:.2f}",
     }
     for name, t in timings.items():
@@ -273,17 +350,22 @@ def main(argv: list[str] | None = None) -> dict:
         mfu = f", MFU {achieved / peak:.1%} of {peak / 1e12:.4g} TFLOP/s peak" if peak else ", MFU n/a (unknown peak)"
         extra[f"{name}"] = f"{t.items_per_second:.1f} images/s, {achieved / 1e12:.3g} TFLOP/s{mfu}"
     train_s = args.epochs * CIFAR_TRAIN_IMAGES / best.items_per_second
-    eval_s = args.epochs * args.eval_images / eval_ips
+    eval_s = args.epochs * args.eval_images / eval_ips if eval_ips > 0 else float("nan")
     extra["PGD-20 eval (fp32)"] = f"{eval_ips:.1f} images/s"
-    extra["PGD-20 eval (bf16 forward)"] = (
-        f"{eval16_ips:.1f} images/s, {eval16_ips / eval_ips:.2f}x fp32; accuracy on the eval batch "
-        f"{eval16_acc:.3f} vs fp32 {eval_acc:.3f} (same weights and seeds; one batch, untrained model: speed only)"
+    if eval_ips > 0 and eval16_ips > 0:
+        extra["PGD-20 eval (bf16 forward)"] = (
+            f"{eval16_ips:.1f} images/s, {eval16_ips / eval_ips:.2f}x fp32; accuracy on the eval batch "
+            f"{eval16_acc:.3f} vs fp32 {eval_acc:.3f} (same weights and seeds; one batch, untrained model: speed only)"
+        )
+    extra["vs_torchattacks on this device"] = partial.optional(
+        "vs_torchattacks", lambda: vs_torchattacks(first, sizes, sync, sizes.repeats), "failed (see errors)"
     )
-    extra["vs_torchattacks on this device"] = vs_torchattacks(first, sizes, sync, sizes.repeats)
     extra[f"projected {args.epochs}-epoch recipe ({best.name})"] = (
         f"{(train_s + eval_s) / 3600:.2f} h (training {train_s / 3600:.2f} h + per-epoch PGD-20 eval of "
-        f"{args.eval_images} images {eval_s / 3600:.2f} h)"
+        f"{args.eval_images} images {eval_s / 3600:.2f} h; {backend_text})"
     )
+    for key, value in extra.items():
+        partial.put("extra", key, value)
     rounds: list[float] | None = None
     if "fp32" in timings and "bf16_cl" in timings:
         rounds = paired_ratios(timings["fp32"], timings["bf16_cl"])
@@ -294,7 +376,10 @@ def main(argv: list[str] | None = None) -> dict:
         extra["RNA overhead time(bf16_cl) / time(bn_bf16_cl)"] = (
             f"{paired_ratio(timings['bf16_cl'], timings['bn_bf16_cl']):.3f}"
         )
-    return report(
+    extra["device checks"] = partial.data["checks"]
+    if partial.data["errors"]:
+        extra["errors (optional parts)"] = partial.data["errors"]
+    result = report(
         "gpu",
         argv,
         timings,
@@ -306,6 +391,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.json,
         rounds=rounds,
     )
+    partial.data = {**result, "complete": True}
+    partial.flush()
+    return result
 
 
 if __name__ == "__main__":

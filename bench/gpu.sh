@@ -4,6 +4,9 @@
 # On CPU, for a quick check:  bash bench/gpu.sh --device cpu --tiny
 # PYTHON picks the interpreter (default: python3, the one holding torch on the GPU machines).
 # The defaults finish in a few minutes on an H100; `timeout` keeps a stuck run under 10 minutes.
+# It first runs issue 18's correctness checks (bench/gpu_checks.py: bit-identical steps under
+# train.deterministic, bf16 passes of bgn:8 / rpt / small_cnn, GroupNorm's channels_last layout, the
+# random start's device); --json is rewritten after every stage, so a late error keeps what was measured.
 # Benchmark 3 (our PGD-20 vs torchattacks) also runs on the GPU when torchattacks is importable; the
 # bare GPU machines lack it (its needs numpy, scipy, requests, tqdm are there). To carry it:
 #   here:  echo /.whl/ >> .git/info/exclude && python3 -m pip download --no-deps --only-binary=:all: \

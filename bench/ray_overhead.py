@@ -121,9 +121,12 @@ def plain_epochs(cfg: Config, threads: int) -> list[float]:
 
 def ray_fit(cfg: Config, name: str) -> tuple[float, float, dict[str, Any]]:
     """(fit wall seconds, epoch_seconds of the last epoch measured in the worker, last metrics)."""
+    from pipelines.cluster import DeviceChoice
     from pipelines.train import build_trainer
 
-    trainer = build_trainer(cfg, name, {"config": flatten(cfg), "run_name": name, "mlflow": None}, use_gpu=False)
+    trainer = build_trainer(
+        cfg, name, {"config": flatten(cfg), "run_name": name, "mlflow": None}, DeviceChoice(False, "bench")
+    )
     start = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - start

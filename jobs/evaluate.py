@@ -1,10 +1,13 @@
-"""Evaluate a trained model under attacks and protocols, fanned out on Ray, tracked in MLflow.
+"""Evaluate a model under attacks and protocols, fanned out on Ray, tracked in MLflow.
 
     python jobs/evaluate.py --run-id <mlflow run id>            # the checkpoint of a training run (its last epoch)
     python jobs/evaluate.py --run-id <id> --selected val        # its epoch selected on the validation split
     python jobs/evaluate.py --checkpoint ray_results/<run>/<epoch>/checkpoint.pt
     python jobs/evaluate.py --model-uri models:/<name>@<alias>  # or runs:/<run id>/model: a logged model
+    python jobs/evaluate.py --model mypkg.nets:build --weights net.safetensors [--factory-arg depth=18] \
+        --set data.data_dir=DIR                                 # any torch.nn.Module on images in [0, 1]
         [--attacks fgsm,pgd20,...] [--protocols transfer,eot,...] [--trials N] [--limit N] [--batch-size B]
+        [--inference-draws R]
     ray job submit --working-dir . -- python jobs/evaluate.py --run-id <id>
 
 Every (attack, protocol, trial, shard of the test set) is a Ray task; finished units are stored
@@ -42,6 +45,7 @@ FLAGS = (
     ("--seed", "seed", "base seed of the path draws and attacks"),
     ("--eot-iter", "eot_iter", "path draws averaged per gradient under eot"),
     ("--forward-precision", "forward_precision", "the model's forward in attacks and scoring: fp32 or bf16"),
+    ("--inference-draws", "inference_draws", "R: scoring draws per example, for worst-of-R and vote-of-R"),
     ("--strategy", "strategy", "path sampling strategy of the protocols (default: the checkpoint's train.sampling)"),
     ("--shard-size", "shard_size", "test images per Ray task, rounded up to whole batches"),
     ("--path-analysis", "path_analysis", "images for accuracy-vs-path-distance and the transfer matrix; 0 = skip"),
@@ -90,6 +94,26 @@ def parse_args(argv: Sequence[str] | None):
         help="an MLflow model logged by jobs/train.py: models:/<name>@<alias>, models:/<name>/<version>, "
         "runs:/<run id>/model (or model_selected_val); nested under its training run",
     )
+    src.add_argument(
+        "--model",
+        metavar="MODULE:FACTORY",
+        help="a user's model: FACTORY(**factory args) in MODULE (importable from the current folder or PYTHONPATH) "
+        "returns a torch.nn.Module on images in [0, 1] (wrap your own normalisation); randomized models: "
+        "rna_core/randomness.py",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="with --model: its state dict (torch.save, read with weights_only=True, or .safetensors)",
+    )
+    p.add_argument(
+        "--factory-arg",
+        dest="factory_args",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="with --model: a keyword argument of the factory (value read as YAML: 18, true, text); repeatable",
+    )
     p.add_argument(
         "--selected",
         choices=("val", "test"),
@@ -113,7 +137,8 @@ def parse_args(argv: Sequence[str] | None):
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override the checkpoint's config, e.g. --set data.data_dir=DIR or --set ray.address=local; repeatable",
+        help="override the checkpoint's config (with --model: the default config), e.g. --set data.data_dir=DIR or "
+        "--set ray.address=local; repeatable",
     )
     return p.parse_args(argv)
 
@@ -125,18 +150,24 @@ def job(argv: Sequence[str] | None) -> int:
     )  # the checkpoint download's bar: noise in job logs
     from pipelines.evaluation.job import FAIL_ONCE_ENV, run_evaluation
     from pipelines.evaluation.plan import plan_evaluation
-    from pipelines.evaluation.source import load_source
+    from pipelines.evaluation.source import load_external_source, load_source
     from pipelines.evaluation.store import TABLES_FILE
     from pipelines.model_uri import load_uri_source
 
     # Validation only (nothing started or written) up to run_evaluation.
     overrides = eval_overrides(args)
+    if args.model is None and (args.weights is not None or args.factory_args):
+        raise ConfigError("--weights and --factory-arg go with --model MODULE:FACTORY")
     if args.model_uri is not None:  # pipelines.model_uri: a logged model's checkpoint
         if args.selected is not None:
             raise ConfigError(
                 "--selected goes with --run-id; with --model-uri name the model, e.g. runs:/<id>/model_selected_val"
             )
         source = load_uri_source(args.model_uri, overrides)
+    elif args.model is not None:
+        if args.selected is not None:
+            raise ConfigError("--selected picks a checkpoint of a training run (--run-id), not of a --model")
+        source = load_external_source(args.model, args.weights, args.factory_args, overrides)
     else:
         source = load_source(
             run_id=args.run_id, checkpoint=args.checkpoint, overrides=overrides, selected=args.selected

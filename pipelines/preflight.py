@@ -129,8 +129,35 @@ def check_data(cfg: Config, echo: Echo | None = None) -> None:
         )
 
 
+def check_gpu_request(cfg: Config) -> None:
+    """GPU settings Ray would only reject after the run was opened, or run wrongly.
+
+    `gpus_per_worker` 0 with GPUs in use fails inside Ray Train; a fraction below 1 with several
+    workers lets Ray put two NCCL ranks on one GPU ("Duplicate GPU detected"); above 1, Ray
+    takes whole GPUs only.
+    """
+    r = cfg.ray
+    if str(r.use_gpu).lower() == "false":
+        return
+    if r.gpus_per_worker <= 0:
+        raise ConfigError(
+            f"ray.gpus_per_worker is 0 but ray.use_gpu is {str(r.use_gpu).lower()}; set ray.gpus_per_worker=1, "
+            "or ray.use_gpu=false to train on CPU"
+        )
+    if r.gpus_per_worker < 1 and r.num_workers > 1:
+        raise ConfigError(
+            f"ray.gpus_per_worker={r.gpus_per_worker:g} with ray.num_workers={r.num_workers} can put two NCCL ranks "
+            "on one GPU, which NCCL refuses; use ray.gpus_per_worker=1 (one GPU per worker)"
+        )
+    if r.gpus_per_worker > 1 and r.gpus_per_worker != int(r.gpus_per_worker):
+        raise ConfigError(
+            f"ray.gpus_per_worker={r.gpus_per_worker:g}: above 1, Ray gives whole GPUs only; use 1, 2, ..."
+        )
+
+
 def check_training_config(cfg: Config) -> None:
     """Checks that need no data and no cluster: the model builds, the batch fits the workers."""
+    check_gpu_request(cfg)
     effective_train_config(cfg)  # method-specific training choices can contradict each other
     structure = model_structure(cfg)  # groups that do not divide a layer's channels, etc.
     check_strategy(structure, cfg.train.sampling)  # e.g. a fixed: path of the wrong length
@@ -151,6 +178,7 @@ __all__ = [
     "MODEL_IDENTITY_KEYS",
     "check_compatible",
     "check_data",
+    "check_gpu_request",
     "check_tracking_store",
     "check_training_config",
     "check_val_size",

@@ -33,7 +33,7 @@ from rna_core.paths import count_paths
 
 from . import tracking
 from .checkpoints import CHECKPOINT_FILE, read_selected
-from .cluster import ensure_ray, resolve_use_gpu
+from .cluster import DeviceChoice, choose_training_device, ensure_ray, gpu_capacity
 from .logged_model import LoggedModelRef, log_run_models
 from .model_card import render_model_card
 from .preflight import check_compatible, check_data, check_tracking_store, check_training_config
@@ -194,19 +194,20 @@ def open_training_run(
 
 
 def build_trainer(
-    cfg: Config, run_name: str, loop_config: dict[str, Any], use_gpu: bool, callbacks: list | None = None
+    cfg: Config, run_name: str, loop_config: dict[str, Any], device: DeviceChoice, callbacks: list | None = None
 ):
     """The TorchTrainer for `cfg`: DDP over gloo on CPU, NCCL on GPU; checkpoints in storage_path.
 
     `callbacks` go to the Train RunConfig (a sweep trial passes Tune's report callback).
     """
+    use_gpu = device.use_gpu
     resources: dict[str, float] = {"CPU": float(cfg.ray.cpus_per_worker)}
     if use_gpu:
         resources["GPU"] = float(cfg.ray.gpus_per_worker)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=device.backend),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name,
@@ -278,6 +279,8 @@ def run_training(
     check_data(cfg, echo)
     if parent_run is None and not plan.job:  # a new run goes to the local store: it must be creatable
         check_tracking_store(tracking.resolve_tracking_uri(base_dir()))
+    ensure_ray(cfg, echo)
+    device = choose_training_device(cfg, gpu_capacity())  # refuses before the run is opened
 
     client, ref = open_training_run(plan, echo, parent_run, run_tags)
     status = "FAILED"
@@ -300,12 +303,12 @@ def run_training(
             f"{cfg.train.epochs} epochs, {cfg.ray.num_workers} worker(s); folder {plan.run_dir}"
         )
 
-        ensure_ray(cfg, echo)
-        use_gpu = resolve_use_gpu(cfg)
+        echo(device.line(cfg))
+        tracking.log_new_params(client, ref.run_id, device.params())
         loop_config = {"config": flatten(cfg), "run_name": plan.run_name, "mlflow": ref.to_dict()}
         if fail_after_epoch is not None:
             loop_config["fail_after_epoch"] = int(fail_after_epoch)
-        result = build_trainer(cfg, plan.run_name, loop_config, use_gpu, trainer_callbacks).fit()
+        result = build_trainer(cfg, plan.run_name, loop_config, device, trainer_callbacks).fit()
         out = result.return_value or {}
 
         checkpoint_file, last = None, None

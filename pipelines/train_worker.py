@@ -32,6 +32,7 @@ from rna_core.builders import effective_train_config, model_from_config
 from rna_core.checkpoint import load_checkpoint
 from rna_core.config import Config, unflatten
 from rna_core.data import BatchIterator, ImageTensorDataset, load_split, training_splits
+from rna_core.determinism import apply_backend_settings
 from rna_core.distributed import (
     all_gather_text,
     all_reduce_max,
@@ -45,11 +46,19 @@ from rna_core.distributed import (
     step_streams,
     wrap_ddp,
 )
-from rna_core.evaluation import FINAL_SEED, Measure, epoch_measures, evaluate_measures, final_measures, pgd_metric
+from rna_core.evaluation import (
+    FINAL_INFERENCE_DRAWS,
+    FINAL_SEED,
+    Measure,
+    epoch_measures,
+    evaluate_measures,
+    final_measures,
+    pgd_metric,
+)
 from rna_core.evaluation.training_metrics import pgd_attack
 from rna_core.optim import apply_config_on_resume, build_optimizer, build_scheduler
 from rna_core.selection import BestEpoch, Criterion, selection_criterion, selections_of, split_metric
-from rna_core.speed import SpeedFlags, resolve_speed, use_channels_last
+from rna_core.speed import SpeedFlags, optimizer_state_like_params, resolve_speed, use_channels_last
 from rna_core.training import train_epoch
 
 from . import tracking
@@ -78,6 +87,13 @@ def speed_line(cfg: Config, speed: SpeedFlags) -> str:
         f"speed: train.amp_bf16={cfg.train.amp_bf16} -> {str(speed.amp_bf16).lower()}, "
         f"train.channels_last={cfg.train.channels_last} -> {str(speed.channels_last).lower()} ({speed.reason})"
     )
+
+
+def device_line(device: torch.device, world: int) -> str:
+    """The device this worker trains on, as it sees it (the launcher printed what it asked for)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none (one worker)"
+    return f"device: {device} ({name}), {world} worker(s), backend {backend}"
 
 
 def format_epoch_line(run_name: str, epoch: int, epochs: int, m: Mapping[str, float], pgd: str = "pgd20_acc") -> str:
@@ -120,7 +136,9 @@ class HeldOut:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.held_out, self.val_split = held_out, val_split
 
-    def measure(self, model: nn.Module, measures: list[Measure], seed: int, split: str = "test") -> dict[str, float]:
+    def measure(
+        self, model: nn.Module, measures: list[Measure], seed: int, split: str = "test", inference_draws: int = 1
+    ) -> dict[str, float]:
         data = self.val_split if split == "val" else self.held_out
         return evaluate_measures(
             model,
@@ -132,6 +150,7 @@ class HeldOut:
             device=self.device,
             rank=self.rank,
             world=self.world,
+            inference_draws=inference_draws,
         )
 
 
@@ -171,6 +190,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     seed = cfg.train.seed
 
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    backend = apply_backend_settings(cfg.train.deterministic)  # before any kernel runs (cuBLAS reads its env once)
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -183,11 +203,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     criterion = selection_criterion(cfg, model)
     best = {w: BestEpoch(w, split_metric(w, criterion)) for w in selections_of(cfg)}
 
+    # The layout before any state is loaded, so a resumed optimizer's momentum matches its weights.
+    speed = resolve_speed(train_cfg, device)  # train.amp_bf16 / channels_last `auto` decided for this device
+    if speed.channels_last:
+        use_channels_last(model)  # rewrites param.data in place: the optimizer keeps the same parameters
+
     start_epoch, resumed = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             payload = load_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE, model, optimizer, scheduler)
+        optimizer_state_like_params(optimizer)
         start_epoch = int(payload["epoch"])
         for w, record in (payload.get("extra") or {}).get("selection", {}).items():
             if w in best and record.get("metric") == best[w].metric:
@@ -202,23 +228,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             say(f"[{run_name}] resuming after epoch {start_epoch} from {checkpoint.path}")
 
-    speed = resolve_speed(train_cfg, device)  # train.amp_bf16 / channels_last `auto` decided for this device
-    if speed.channels_last:
-        use_channels_last(model)  # before DDP, so its buckets see the final parameter layout
     ddp_model = wrap_ddp(model, device) if world > 1 else model
 
     train_full, val_split = training_splits(cfg)
     held = HeldOut(cfg, rank, world, device, load_split(cfg, "test"), val_split)
     batch = per_worker_batch_size(cfg.data.batch_size, world)
     steps_per_epoch = -(-(len(train_full) // world) // batch)
-    sampler, noise_generator = step_streams(train_cfg, seed, rank)
+    sampler, noise_generator = step_streams(train_cfg, seed, rank, device)
     per_epoch = epoch_measures(cfg.train)
 
     client = tracking.client_for(run_ref.tracking_uri) if (rank == 0 and run_ref) else None
     if rank == 0:
+        say(f"[{run_name}] {device_line(device, world)}")
         say(f"[{run_name}] {speed_line(cfg, speed)}")
+        if device.type == "cuda":
+            say(f"[{run_name}] backend: " + ", ".join(f"{k}={v}" for k, v in backend.items()))
         if client is not None:
-            tracking.log_new_params(client, run_ref.run_id, speed.params())
+            resolved = {**speed.params(), "resolved.device": str(device)}
+            resolved.update({f"resolved.backend.{k}": v for k, v in backend.items()})
+            tracking.log_new_params(client, run_ref.run_id, resolved)
     inputs = training_inputs(cfg, train_full, val_split, held.held_out) if client is not None else []
     if client is not None:  # which rows it trains, selects and is scored on (pipelines.data_inputs)
         log_inputs(client, run_ref.run_id, inputs)
@@ -359,8 +387,9 @@ def final_evaluation(
     """The last epoch's final metrics, and those of each selected epoch's weights (same seed)."""
     measures = final_measures(cfg.train)
     t0 = time.perf_counter()
-    acc = held.measure(model, measures, FINAL_SEED)
-    final: dict[str, float] = {m.name: acc[m.name] for m in measures}
+    acc = held.measure(model, measures, FINAL_SEED, inference_draws=FINAL_INFERENCE_DRAWS)
+    names = [k for k in acc if k != "n"]  # each measure's one-draw, worst-of-R and vote-of-R accuracy
+    final: dict[str, float] = {k: acc[k] for k in names}
     final.update(eval_images=acc["n"], eval_seconds=time.perf_counter() - t0)
     selected: dict[str, dict[str, Any]] = {}
     for w, record in best.items():
@@ -369,9 +398,9 @@ def final_evaluation(
         where = selected_dir(cfg.ray.storage_path, run_name, w)
         chosen = model_from_config(cfg).to(held.device)
         chosen.load_state_dict(read_selected(where)["model"])
-        sacc = held.measure(chosen, measures, FINAL_SEED)
+        sacc = held.measure(chosen, measures, FINAL_SEED, inference_draws=FINAL_INFERENCE_DRAWS)
         final.update({f"{w}_selected_epoch": float(record.epoch), f"{w}_selected_score": record.score})
-        final.update({f"{w}_selected_{m.name}": sacc[m.name] for m in measures})
+        final.update({f"{w}_selected_{k}": sacc[k] for k in names})
         selected[w] = {
             "epoch": record.epoch,
             "metric": record.metric,
@@ -380,7 +409,7 @@ def final_evaluation(
             "criterion": criterion.description,
         }
     if held.rank == 0:
-        names = [m.name for m in measures]
+        names = [m.name for m in measures]  # the one-draw numbers in the log line
         say(f"[{run_name}] final ({int(acc['n'])} held-out images): " + "  ".join(f"{n} {final[n]:.3f}" for n in names))
         for w, info in selected.items():
             say(

@@ -131,6 +131,9 @@ class TrainConfig:
     # bit-exact comparisons set false. Jobs log the resolved values (resolved.train.*).
     channels_last: str = "auto"  # auto | true | false: channels_last memory format for the model and batches
     amp_bf16: str = "auto"  # auto | true | false: bf16 autocast for the forwards (attack and update)
+    # Deterministic kernels on GPU (rna_core/determinism.py): torch's deterministic algorithms, cuDNN
+    # without autotuning, a fixed cuBLAS workspace. The bit-exact guarantees (README) need it on GPU.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         # True/False (Python, YAML, old checkpoints' flattened configs) mean "true"/"false".

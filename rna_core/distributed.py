@@ -42,9 +42,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .norms import BatchGroupNorm
 from .paths import PathSampler
+from .quant import RunningRange
 
 SHARED_PATH_STREAM = -0x5A7  # the `rank` slot of the path stream that every rank shares
+# Modules whose floating buffers are statistics each rank measures on its own data (averaged per epoch).
+MEASURED_STATISTICS = (nn.modules.batchnorm._NormBase, BatchGroupNorm, RunningRange)
 
 
 def mix_seed(*parts: int) -> int:
@@ -72,14 +76,19 @@ def per_worker_batch_size(global_batch: int, world: int) -> int:
     return max(1, global_batch // world)
 
 
-def step_streams(train_cfg: Any, seed: int, rank: int) -> tuple[PathSampler, torch.Generator | None]:
+def step_streams(
+    train_cfg: Any, seed: int, rank: int, device: torch.device | str = "cpu"
+) -> tuple[PathSampler, torch.Generator | None]:
     """The path sampler and the noise generator of a rank (None: the sampler's generator draws both).
 
     `train.rank_paths: shared` gives a separate noise generator, so that `seeded_steps` can seed
-    the paths from (seed, step) on every rank and the random start from (seed, rank, step).
+    the paths from (seed, step) on every rank and the random start from (seed, rank, step). It
+    lives on the training `device`: on a GPU the random start is drawn there (seeding a CUDA
+    generator waits for nothing), not on one CPU thread and copied over at every step. Paths stay
+    on the CPU: their choices are read on the host.
     """
     sampler = PathSampler(train_cfg.sampling, seed=mix_seed(seed, rank))
-    return sampler, (torch.Generator() if train_cfg.rank_paths == "shared" else None)
+    return sampler, (torch.Generator(device=device) if train_cfg.rank_paths == "shared" else None)
 
 
 def seeded_steps(
@@ -132,16 +141,25 @@ def is_distributed() -> bool:
 
 @torch.no_grad()
 def average_buffers(module: nn.Module) -> None:
-    """Average floating buffers (BN running stats) over ranks; integer ones come from rank 0."""
+    """Average the statistics measured on each rank's data; every other buffer comes from rank 0.
+
+    Measured: the floating buffers of norm layers with running statistics and of quantized layers'
+    input ranges (`MEASURED_STATISTICS`); their integer counters come from rank 0. The rest (the
+    input standardisation's constant mean and std) is equal on all ranks and is broadcast, not
+    averaged: the sum of W equal floats divided by W is not always the value itself (W = 3, 5, 6
+    or 7 moved a CIFAR std by one ulp per epoch).
+    """
     if not is_distributed():
         return
     world = dist.get_world_size()
-    for buf in module.buffers():
-        if buf.is_floating_point():
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-            buf.div_(world)
-        else:
-            dist.broadcast(buf, src=0)
+    for sub in module.modules():
+        measured = isinstance(sub, MEASURED_STATISTICS)
+        for buf in sub.buffers(recurse=False):
+            if measured and buf.is_floating_point():
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf.div_(world)
+            else:
+                dist.broadcast(buf, src=0)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .attacks.registry import Attack, attack_spec, get_attack
 from .errors import ConfigError
-from .evaluation.protocols import DEFAULT_EOT_ITER, check_protocol
+from .evaluation.protocols import DEFAULT_EOT_ITER, DEFAULT_INFERENCE_DRAWS, check_protocol
 from .evaluation.tables import PAPER_COLUMNS
 from .speed import FORWARD_PRECISIONS
 from .units import settings_to_unit
@@ -56,7 +56,8 @@ class EvalConfig:
     batch_size: int | None = None  # None: data.eval_batch_size
     seed: int = 0
     eot_iter: int = DEFAULT_EOT_ITER
-    strategy: str | None = None  # path strategy of the protocols; None: train.sampling
+    inference_draws: int = DEFAULT_INFERENCE_DRAWS  # R of worst-of-R and vote-of-R (scoring draws per example)
+    strategy: str | None = None  # path strategy of the protocols; None: train.sampling (our models only)
     # The model's forward in attacks and scoring: fp32 (default) | bf16 (autocast, channels_last;
     # metric names tagged _bf16). fp32 by default: see docs/benchmarks.md, `eval_precision`.
     forward_precision: str = "fp32"
@@ -96,6 +97,7 @@ class EvalConfig:
             ("eval.trials", self.trials, 1),
             ("eval.shard_size", self.shard_size, 1),
             ("eval.eot_iter", self.eot_iter, 1),
+            ("eval.inference_draws", self.inference_draws, 1),
             ("eval.limit", self.limit, 0),
             ("eval.path_analysis", self.path_analysis, 0),
             ("eval.max_retries", self.max_retries, 0),

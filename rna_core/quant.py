@@ -19,6 +19,11 @@ The quantizer follows the original code (GATECH-EIC/Double-Win-Quant, `CIFAR/mod
 * Backward: the identity (straight-through estimator), so PGD and SGD see gradients through every
   precision, clamped values included.
 
+Precision: the layers compute in float32 even inside a bf16 autocast region (`train.amp_bf16`):
+bf16 keeps 8 significant bits, so a 9-16-bit quantized activation or weight cast to bf16 for the
+convolution would land on bf16's grid instead of its own, and the precisions above 8 bits would
+all compute the same thing. The rest of the model (norms, the full-precision head) still autocasts.
+
 Deviations, both deliberate: the original starts the running range at zero, so its first batches
 measure a range shrunk toward 0; here the first training batch sets the range directly (a counter
 of measured batches says which batch is the first). And a layer that was never measured (a model
@@ -28,8 +33,9 @@ still runs; its predictions then do depend on the batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -142,6 +148,17 @@ class RunningRange(nn.Module):
         return f"momentum={self.momentum}"
 
 
+@contextlib.contextmanager
+def full_precision(x: torch.Tensor) -> Iterator[None]:
+    """Autocast off for the block on `x`'s device (quantized levels need float32's 24 bits)."""
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type=device_type, enabled=False):
+            yield
+    else:
+        yield
+
+
 class _QuantLayer(RandomLayer):
     """Shared bookkeeping: the precision set, the active precision, the tie and the input range."""
 
@@ -195,8 +212,9 @@ class QuantConv2d(_QuantLayer):
         _reset(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qx = self.quantize_input(x)
-        return F.conv2d(qx, quantize_weight(self.weight, self.bits), self.bias, self.stride, self.padding)
+        with full_precision(x):
+            qx = self.quantize_input(x.float())
+            return F.conv2d(qx, quantize_weight(self.weight, self.bits), self.bias, self.stride, self.padding)
 
     def extra_repr(self) -> str:
         return (
@@ -227,8 +245,9 @@ class QuantLinear(_QuantLayer):
         _reset(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qx = self.quantize_input(x)
-        return F.linear(qx, quantize_weight(self.weight, self.bits), self.bias)
+        with full_precision(x):
+            qx = self.quantize_input(x.float())
+            return F.linear(qx, quantize_weight(self.weight, self.bits), self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, " + super().extra_repr()
@@ -251,6 +270,7 @@ __all__ = [
     "QuantLinear",
     "RunningRange",
     "channel_range",
+    "full_precision",
     "quantize",
     "quantize_values",
     "quantize_weight",

@@ -58,6 +58,13 @@ def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor
     return t.to(device)
 
 
+def wait_for_device(device: torch.device | str) -> None:
+    """Wait until `device` has run everything queued (CUDA runs asynchronously): before a clock is read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # ----------------------------------------------------------------------------- auto: the device
 
 
@@ -218,6 +225,28 @@ def use_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
+def optimizer_state_like_params(optimizer: torch.optim.Optimizer) -> None:
+    """Give each parameter's optimizer state (SGD's momentum) the parameter's memory format.
+
+    A resumed run loads the optimizer state as it was saved; a checkpoint written in another layout
+    (another machine's `auto`, or `channels_last` switched) would otherwise leave contiguous
+    momentum beside channels_last weights: slower update kernels, and not the state a run that
+    never stopped has.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if param.dim() != 4:
+                continue
+            layout = torch.channels_last if param.is_contiguous(memory_format=torch.channels_last) else None
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    if layout is not None:
+                        state[key] = value.contiguous(memory_format=layout)
+                    elif not value.is_contiguous():
+                        state[key] = value.contiguous()
+
+
 def as_channels_last(x: torch.Tensor) -> torch.Tensor:
     """A 4-d batch in channels_last layout (same values); other tensors unchanged."""
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
@@ -302,8 +331,10 @@ __all__ = [
     "bf16_weight_cache",
     "cpu_bf16_features",
     "evaluation_forward",
+    "optimizer_state_like_params",
     "resolve_speed",
     "speed_choice",
     "to_device_async",
     "use_channels_last",
+    "wait_for_device",
 ]

@@ -18,12 +18,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .attacks.pgd import pgd_linf
 from .config import INACTIVE_CANDIDATES, AttackConfig, TrainConfig
+from .determinism import cross_entropy
 from .paths import PathSampler, fresh_path_every_forward, set_path
-from .speed import AutocastForward, as_channels_last, bf16_autocast, resolve_speed, use_channels_last
+from .speed import (
+    AutocastForward,
+    as_channels_last,
+    bf16_autocast,
+    resolve_speed,
+    use_channels_last,
+    wait_for_device,
+)
 from .units import to_unit
 
 
@@ -127,7 +134,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     with bf16_autocast(x_train.device, speed.amp_bf16):
         logits = model(x_train)
-    loss = F.cross_entropy(logits.float(), y)
+    loss = cross_entropy(logits.float(), y)
     loss.backward()
     give_unused_parameters_zero_grad(optimizer, cfg.inactive_candidates)
     optimizer.step()
@@ -155,6 +162,7 @@ def train_epoch(
         loss_sum = loss_sum.to(out.loss_sum.device) + out.loss_sum
         correct = correct.to(out.correct.device) + out.correct
         n += out.n
+    wait_for_device(loss_sum.device)  # CUDA queues the steps: the epoch ends when the device has run them
     seconds = time.perf_counter() - start
     n_safe = max(n, 1)
     return {

@@ -228,6 +228,9 @@ def test_gpu_bench_compares_with_torchattacks_where_it_is_installed():
     line = result["extra"]["vs_torchattacks on this device"]
     assert line.startswith("time(torchattacks) / time(ours) = ") and "batch 8" in line
     assert float(line.split(" = ")[1].split(" ")[0]) > 0
+    # Item 9 of issue 18: the projection names the backend settings, the ones the training job sets.
+    projection = next(v for k, v in result["extra"].items() if k.startswith("projected 200-epoch recipe"))
+    assert "train.deterministic=false: " in projection and "cudnn.benchmark=true" in projection
 
 
 def test_eval_precision_tiny_runs_both_precisions_on_the_same_units(capsys, tmp_path):
@@ -286,3 +289,42 @@ def test_norm_layout_tiny_times_both_ways(capsys):
         "bn C=64 channels_last",
     }
     assert "C=64 D=16: channels_last / via_contiguous" in result["extra"]
+
+
+def test_gpu_peak_lookup_matches_whole_model_names():
+    """Issue 18: a substring match took an L40S for an L4."""
+    assert gpu.peak_for_name("NVIDIA L4") == gpu.PEAK_BF16_FLOPS["L4"]
+    assert gpu.peak_for_name("NVIDIA L40S") is None and gpu.peak_for_name("NVIDIA L40") is None
+    assert gpu.peak_for_name("NVIDIA A100-SXM4-80GB") == gpu.PEAK_BF16_FLOPS["A100"]
+    assert gpu.peak_for_name("NVIDIA H100 80GB HBM3") == gpu.PEAK_BF16_FLOPS["H100"]
+    assert gpu.peak_for_name("NVIDIA H200") == gpu.PEAK_BF16_FLOPS["H200"]
+
+
+def test_gpu_bench_writes_its_json_as_it_goes_and_records_failed_optional_parts(tmp_path, monkeypatch):
+    """One late error must not lose a lent GPU window: checks and timings are on disk before it."""
+    out = tmp_path / "gpu.json"
+    argv = ["--device", "cpu", "--tiny", "--variants", "fp32", "--threads", "1", "--json", str(out)]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("torchattacks exploded")
+
+    monkeypatch.setattr(gpu, "vs_torchattacks", broken)
+    result = gpu.main(argv)
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is True and saved["ratio"] == result["ratio"]
+    assert saved["extra"]["errors (optional parts)"] == {"vs_torchattacks": "RuntimeError: torchattacks exploded"}
+    checks = saved["extra"]["device checks"]
+    assert checks["bit_identical_steps"]["identical"] is True
+    assert checks["bf16_forward_backward"]["rpt"]["quantized_output_dtypes"] == ["torch.float32"]
+
+    def late(*args, **kwargs):
+        raise RuntimeError("the window closed")
+
+    monkeypatch.setattr(gpu, "report", late)
+    out.unlink()
+    with pytest.raises(RuntimeError, match="the window closed"):
+        gpu.main(argv)
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and float(partial["extra"]["fp32 images/s"]) > 0
+    assert partial["checks"]["noise_on_device"] == {"noise_generator_device": "cpu"}
+    assert "projected 200-epoch recipe (fp32)" in partial["extra"]

@@ -20,6 +20,7 @@ from rna_core.data import BatchIterator, make_synthetic
 from rna_core.errors import ConfigError, DatasetNotFoundError
 from rna_core.evaluation import (
     PAPER_COLUMNS,
+    Counts,
     ResultRow,
     accuracy_vs_distance,
     batch_seed,
@@ -146,7 +147,9 @@ def test_eot_draws_a_fresh_path_on_every_forward(random_model, test_data, count_
     assert not random_model.training and all(torch.equal(v, state[k]) for k, v in random_model.state_dict().items())
     attack_forwards = len(spy.paths) - 1
     assert attack_forwards == 3 * 4  # each step averages eot_iter forwards
-    assert len(count_draws) == out.path_draws == 1 + attack_forwards + 1  # every forward drew
+    assert out.path_draws == 1 + attack_forwards + 1  # every forward drew
+    # LogitAverage's backward replays each draw once from its saved generator state (bounded memory, issue 18)
+    assert len(count_draws) == out.path_draws + attack_forwards
     assert len(set(spy.paths[:-1])) >= 4  # and the draws really vary (16 paths)
     # an attack that repeats forwards itself (eot_pgd) is not wrapped again: steps x its own eot_iter
     count_draws.clear()
@@ -281,12 +284,17 @@ def test_batch_seeds_make_a_sharded_run_equal_to_a_sequential_one(random_model, 
     units = [(t, b, p) for t in range(2) for b in range(len(batches)) for p in ("transfer", "eot")]
     random.Random(0).shuffle(units)  # any worker, any order
     fgsm = get_attack("fgsm")
-    counts: dict[tuple[int, str], int] = {}
+    counts: dict[tuple[int, str], Counts] = {}
     for t, b, p in units:
         x, y = batches[b]
-        c = evaluate_batch(random_model, x, y, fgsm, p, batch_seed(trial_seed(5, t), b), eot_iter=2)
-        counts[(t, p)] = counts.get((t, p), 0) + c
-    assert {(r.trial, r.protocol): r.correct for r in rows if r.attack == "fgsm"} == counts
+        c = evaluate_batch(random_model, x, y, fgsm, p, batch_seed(trial_seed(5, t), b), eot_iter=2, inference_draws=10)
+        counts[(t, p)] = counts.get((t, p), Counts()) + c
+    got = {
+        (r.trial, r.protocol): Counts(r.n, r.correct, r.correct_worst, r.correct_vote)
+        for r in rows
+        if r.attack == "fgsm"
+    }
+    assert got == counts and all(r.draws == 10 for r in rows)  # one draw, worst-of-10 and vote-of-10 alike
     # the batch seed pairs the paths across protocols: natural accuracy is scored on the same paths
     natural = {(r.trial, r.protocol): r.correct for r in rows if r.attack == "natural"}
     assert natural[(0, "transfer")] == natural[(0, "eot")] and natural[(1, "transfer")] == natural[(1, "eot")]
@@ -333,6 +341,11 @@ def make_rows() -> list[ResultRow]:
                             n=1000,
                             correct=correct,
                             seconds=1.5,
+                            **(
+                                dict(draws=10, correct_worst=correct - 50, correct_vote=correct + 5)
+                                if method == "rna"
+                                else {}
+                            ),
                         )
                     )
     return rows
@@ -359,8 +372,19 @@ def test_parquet_round_trip_and_merge_without_duplicates(tmp_path):
         "correct",
         "accuracy",
         "seconds",
+        "draws",  # added for randomized models: R, and worst-of-R and vote-of-R
+        "correct_worst",
+        "accuracy_worst",
+        "correct_vote",
+        "accuracy_vote",
     ]
     assert table.column("eps").null_count == 12  # deepfool: unbounded
+    # a file of the first format (DESIGN.md's 13 columns) still reads, its R columns null
+    old = tmp_path / "v1.parquet"
+    pq.write_table(table.select(table.column_names[:13]), old)
+    v1 = read_rows_parquet(old)
+    assert [r.correct for r in v1] == [r.correct for r in rows] and all(r.draws is None for r in v1)
+    assert back[0].accuracy_worst == (back[0].correct - 50) / 1000 and back[0].draws == 10
     # merging: a re-run replaces rows with the same key, new rows are added
     changed = dataclasses.replace(rows[0], correct=1, accuracy=0.001)
     extra = dataclasses.replace(rows[0], trial=9, n=10, correct=5, accuracy=0.5)
@@ -443,9 +467,16 @@ def test_markdown_table_has_the_papers_columns_one_table_per_protocol():
     header = paper_table(rows + [weaker], "transfer").splitlines()[0]
     assert "| PGD20 | PGD20 (eps 4) | CW |" in header
     doc = render_markdown(rows, title="Evaluation")
-    assert doc.count("| Model | Method | Natural |") == 2
+    assert doc.count("| Model | Method | Natural |") == 2 * 3  # per protocol: one draw, worst-of-10, vote-of-10
     assert "## Protocol `transfer`" in doc and "## Protocol `eot`" in doc
     assert doc.index("`transfer`") < doc.index("`eot`")
+    worst = paper_table(rows, "transfer", score="worst").splitlines()
+    rna_worst = next(line for line in worst if "| rna |" in line)
+    assert rna_worst.split("|")[3].strip() == "74.30"  # 50 fewer of 1000 than the one-draw 79.30
+    assert next(line for line in worst if "| natural |" in line).split("|")[3].strip() == "-"  # rows without R
+    assert doc.index("one inference draw") < doc.index("worst-of-10") < doc.index("vote-of-10")
+    old_rows = [r for r in rows if r.draws is None]  # rows without R get only the one-draw table
+    assert render_markdown(old_rows).count("| Model | Method | Natural |") == 2
 
 
 def test_stability_statistics_are_computed_over_the_trials_rows(random_model, test_data):

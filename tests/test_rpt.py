@@ -594,3 +594,42 @@ def test_evaluation_package_runs_its_protocols_on_an_rpt_model():
     moved = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
     assert not moved, f"evaluation changed BatchNorm statistics (a forward ran in train mode): {moved[:2]}"
     assert [r.correct for r in rows] == [r.correct for r in again]  # reproducible on the precision draws
+
+
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_quantized_layers_compute_in_float32_under_bf16_autocast(layer):
+    """bf16 has 8 significant bits: 9-16-bit levels cast to it would all compute the same thing."""
+    torch.manual_seed(0)
+    if layer == "conv":
+        q = QuantConv2d(4, 6, 3, padding=1, precisions=(12, 16))
+        x = torch.rand(2, 4, 8, 8)
+    else:
+        q = QuantLinear(32, 5, precisions=(12, 16))
+        x = torch.rand(3, 32)
+    with torch.no_grad():
+        q(x)  # train mode: measures the input range
+    q.eval()
+    outs = {}
+    for choice in (0, 1):
+        q.choice = choice
+        ref = q(x)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            out = q(x.bfloat16() if layer == "conv" else x)
+        assert out.dtype == torch.float32
+        if layer == "conv":  # a bf16 input is exact in float32: the same levels, the same result
+            ref = q(x.bfloat16().float())
+        assert torch.equal(out, ref)
+        outs[choice] = out
+    assert not torch.equal(outs[0], outs[1])  # 12 and 16 bits still differ under autocast
+
+
+def test_an_rpt_model_under_bf16_autocast_keeps_its_quantized_layers_in_float32():
+    model = create_model("small_cnn", method="rpt", precisions="15,16")
+    dtypes = []
+    for m in model.modules():
+        if isinstance(m, (QuantConv2d, QuantLinear)):
+            m.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        logits = model(torch.rand(4, 3, 32, 32))
+    assert dtypes and set(dtypes) == {torch.float32}
+    assert logits.dtype == torch.bfloat16  # the full-precision head still autocasts

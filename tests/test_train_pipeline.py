@@ -854,6 +854,13 @@ def test_train_then_resume_into_same_run(ray_env, monkeypatch):
     assert params["resolved.train.amp_bf16"] == str(decided.amp_bf16).lower()
     assert params["resolved.train.channels_last"] == str(decided.channels_last).lower()
     assert params["resolved.bf16_fast_path"] == decided.reason
+    # The device and backend the launcher chose, and what the worker ran on (no GPU here: gloo on CPU).
+    assert (params["resolved.ray.use_gpu"], params["resolved.ray.backend"], params["resolved.device"]) == (
+        "false",
+        "gloo",
+        "cpu",
+    )
+    assert params["resolved.ray.device_reason"] == "set explicitly"  # TINY sets ray.use_gpu=false
     # per epoch: the PGD accuracy is named by the steps it ran (train.eval_pgd_steps=2)
     for metric in ("train_loss", "train_acc", "clean_acc", "pgd2_acc", "lr", "epoch_seconds", "images_per_second"):
         assert _steps(client, out.mlflow.run_id, metric) == [1, 2], metric

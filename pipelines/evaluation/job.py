@@ -4,9 +4,10 @@
     out = evaluate(checkpoint="ray_results/<run>/.../checkpoint.pt", overrides=["eval.attacks=fgsm"])
 
 MLflow. `--run-id` and `--model-uri` log a nested run under the training run (same experiment,
-tag `mlflow.parentRunId`); a bare checkpoint gets a run of its own. The test rows are the run's
-dataset input (pipelines.data_inputs). Metrics `acc_<attack>_<protocol>`
-(mean over trials; `rna_core.evaluation.naming`) and `acc_<attack>_<protocol>_std`; artifacts:
+tag `mlflow.parentRunId`); a bare checkpoint or a user's model gets a run of its own. The test rows
+are the run's dataset input (pipelines.data_inputs). Metrics `acc_<attack>_<protocol>` (one inference
+draw, mean over trials; `rna_core.evaluation.naming`), `acc_<attack>_<protocol>_std`, and worst-of-R /
+vote-of-R as `..._worst<R>`, `..._vote<R>` (mean over trials, and their `_std`); artifacts:
 the Parquet table, the paper-style tables, the stability summary, the path-analysis plots. A
 re-run reopens the same run.
 """
@@ -14,19 +15,21 @@ re-run reopens the same run.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rna_core.attacks.registry import attack_spec, get_attack
-from rna_core.builders import model_structure
 from rna_core.config import flatten
 from rna_core.evaluation import (
+    SCORES,
     ResultRow,
     read_rows_parquet,
     render_markdown,
     result_metric,
+    score_metric,
     stability,
     stability_table,
     write_rows_parquet,
@@ -38,7 +41,7 @@ from .. import tracking
 from ..cluster import ensure_ray
 from ..data_inputs import evaluation_input, log_inputs
 from .plan import EvalPlan, plan_evaluation
-from .source import load_source
+from .source import load_external_source, load_source
 from .store import (
     PATHS_DIR,
     RESULTS_FILE,
@@ -77,8 +80,15 @@ class EvalOutcome:
     path_analysis: dict[str, str] = field(default_factory=dict)
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
 def summary_metrics(rows: Sequence[ResultRow], plan: EvalPlan) -> dict[str, float]:
-    """`acc_<attack>_<protocol>` (mean over trials) and `..._std` (sample std over trials)."""
+    """`acc_<attack>_<protocol>` (mean over trials) and `..._std` (sample std over trials), and the
+    same for worst-of-R and vote-of-R (`..._worst<R>`, `..._vote<R>`)."""
     by_name = {a.name: a for a in plan.attacks}
     out: dict[str, float] = {}
     for s in stability(rows):
@@ -89,7 +99,23 @@ def summary_metrics(rows: Sequence[ResultRow], plan: EvalPlan) -> dict[str, floa
         name = result_metric(attack, s.protocol, plan.options.eot_iter, plan.options.forward_precision)
         out[name] = s.mean
         out[f"{name}_std"] = s.std
+        group = [r for r in rows if _group(r) == _group(s)]
+        for draws in sorted({r.draws for r in group if r.draws is not None}):
+            same_r = [r for r in group if r.draws == draws]
+            for score in SCORES:
+                mean, std = _mean_std([r.score(score) for r in same_r])
+                out[score_metric(name, score, draws)] = mean
+                out[f"{score_metric(name, score, draws)}_std"] = std
     return out
+
+
+def _eps_key(eps: float | None) -> float | None:
+    return None if eps is None or math.isnan(eps) else round(float(eps), 6)
+
+
+def _group(r: Any) -> tuple:
+    """The rows a stability entry (rna_core.evaluation.stability) summarises: all but the trial."""
+    return (r.run_id, r.model, r.method, r.dataset, r.attack, r.protocol, _eps_key(r.eps))
 
 
 def eval_params(plan: EvalPlan) -> dict[str, Any]:
@@ -98,6 +124,10 @@ def eval_params(plan: EvalPlan) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if plan.source.kind == "checkpoint":  # no training run holds the config: log it here
         params.update({k: v for k, v in flatten(plan.source.cfg).items() if not k.startswith("eval.")})
+    if plan.source.external is not None:  # a user's model: its factory; of our config only where the data came from
+        params.update({k: v for k, v in flatten(plan.source.cfg).items() if k.startswith(("data.", "mlflow."))})
+        params["eval.model"] = plan.source.external.name
+        params["eval.factory_args"] = json.dumps(dict(plan.source.external.args), sort_keys=True, default=str)
     params.update(
         {
             "eval.source": plan.source.description,
@@ -109,6 +139,7 @@ def eval_params(plan: EvalPlan) -> dict[str, Any]:
             "eval.batch_size": o.batch_size,
             "eval.seed": o.seed,
             "eval.eot_iter": o.eot_iter,
+            "eval.inference_draws": o.inference_draws,
             "eval.strategy": o.strategy,
             "eval.forward_precision": o.forward_precision,
             "eval.shard_size": o.shard_size,
@@ -180,7 +211,7 @@ def run_evaluation(plan: EvalPlan, echo: Echo = print, fail_once_marker: str | N
     clean_temporaries(plan.out_dir)
     done = done_units(plan.out_dir)
     todo = [u for u in plan.units if u.unit_id not in done]
-    with_paths = bool(o.path_analysis) and count_paths(model_structure(plan.source.cfg)) > 1 and not paths_done(plan)
+    with_paths = bool(o.path_analysis) and count_paths(plan.source.structure()) > 1 and not paths_done(plan)
     shards = len({(u.first, u.stop) for u in plan.units})
     echo(
         f"[evaluate] {plan.row_meta['model']} {plan.row_meta['method']} on {len(plan.dataset)} "
@@ -266,12 +297,20 @@ def evaluate(
     overrides: Sequence[str] = (),
     echo: Echo = print,
     selected: str | None = None,
+    model: str | None = None,
+    weights: str | None = None,
+    factory_args: Sequence[str] = (),
 ) -> EvalOutcome:
     """Load, validate and plan (nothing started or written on a bad input), then run.
 
-    `overrides` change the model's config, its `eval:` section included (`eval.attacks=fgsm`).
+    The model is a training run's checkpoint (`run_id`), a checkpoint file, or a user's `model`
+    ("module:factory", with `weights` and `factory_args`). `overrides` change the config, its
+    `eval:` section included (`eval.attacks=fgsm`).
     """
-    source = load_source(run_id=run_id, checkpoint=checkpoint, overrides=overrides, selected=selected)
+    if model is not None:
+        source = load_external_source(model, weights, factory_args, overrides)
+    else:
+        source = load_source(run_id=run_id, checkpoint=checkpoint, overrides=overrides, selected=selected)
     return run_evaluation(plan_evaluation(source), echo)
 
 

@@ -13,12 +13,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rna_core.attacks.registry import Attack
-from rna_core.builders import model_structure
 from rna_core.config import EvalConfig
 from rna_core.data import ImageTensorDataset, held_out_rows
 from rna_core.errors import ConfigError
 from rna_core.evaluation import method_label
+from rna_core.external import check_outputs
 from rna_core.paths import check_strategy
 
 from ..run_folder import base_dir
@@ -26,9 +28,10 @@ from .source import ModelSource
 from .store import RESULTS_DIR, Unit, check_output_folder
 
 # Version of the scoring rules a unit's counts depend on beyond its settings (2: the unperturbed
-# rule for every attack under transfer and eot). Units stored under another version are other
-# units, so an earlier evaluation's counts are never mixed with this code's.
-SCORING_RULES = 2
+# rule for every attack under transfer and eot; 3: worst-of-R and vote-of-R counts, and neither
+# that rule nor EOT averaging for a deterministic model). Units stored under another version are
+# other units, so an earlier evaluation's counts are never mixed with this code's.
+SCORING_RULES = 3
 
 
 @dataclass
@@ -64,13 +67,21 @@ def data_digest(ds: ImageTensorDataset) -> str:
 
 
 def resolve_options(source: ModelSource, options: EvalConfig | None = None) -> EvalConfig:
-    """The `eval:` section with what comes from the model's config filled in, checked."""
+    """The `eval:` section with what comes from the model's config filled in, checked.
+
+    A user's model draws its own randomness: a path strategy is refused, and stays None.
+    """
     cfg = source.cfg
     o = options or cfg.eval or EvalConfig()
+    if source.external is not None and o.strategy is not None:
+        raise ConfigError(
+            f"--strategy draws paths of rna_core models; {source.external.name} draws its own randomness "
+            "(resample(generator), see rna_core/randomness.py): drop --strategy"
+        )
     o = replace(
         o,
         batch_size=o.batch_size if o.batch_size is not None else cfg.data.eval_batch_size,
-        strategy=o.strategy or cfg.train.sampling,
+        strategy=None if source.external is not None else (o.strategy or cfg.train.sampling),
     )
     o.validate()
     return o
@@ -81,13 +92,16 @@ def plan_evaluation(source: ModelSource, options: EvalConfig | None = None) -> E
     list the units (no Ray, nothing written)."""
     cfg = source.cfg
     o = resolve_options(source, options)
-    structure = model_structure(cfg)
-    check_strategy(structure, o.strategy)  # e.g. a fixed: path of the wrong length, before any data or cluster
+    structure = source.structure()
+    if o.strategy is not None:
+        check_strategy(structure, o.strategy)  # e.g. a fixed: path of the wrong length, before any data or cluster
     attacks = o.attack_objects()
 
     dataset = held_out_rows(cfg.data, o.limit)
     if len(dataset) == 0:
         raise ConfigError(f"the {cfg.data.dataset} test set is empty; check data.data_dir")
+    if source.external is not None:  # logits of this dataset's classes for images in [0, 1], before Ray starts
+        check_outputs(structure, dataset.images[:2].to(torch.float32) / 255, len(dataset.classes), source.external.name)
     digest = data_digest(dataset)
     fingerprint = short_hash(
         {
@@ -98,6 +112,8 @@ def plan_evaluation(source: ModelSource, options: EvalConfig | None = None) -> E
             "seed": o.seed,
             "eot_iter": o.eot_iter,
             "strategy": o.strategy,
+            "inference_draws": o.inference_draws,
+            **({"external": source.external.to_dict()} if source.external is not None else {}),
             # only when not fp32, so that fp32 evaluations keep the folders they always had
             **({"forward_precision": o.forward_precision} if o.forward_precision != "fp32" else {}),
         },
@@ -119,15 +135,16 @@ def plan_evaluation(source: ModelSource, options: EvalConfig | None = None) -> E
         for p in o.protocols
         for first, stop in bounds
     ]
-    spec = getattr(structure, "rna_spec", {}) or {}
-    method = method_label(spec or {"method": cfg.model.method})
-    if (
-        source.selection is not None
-    ):  # a selected epoch's weights: its own table row, never blended with the last epoch's
+    if source.external is not None:  # a user's model: its factory names it
+        model_name, method = source.external.name, source.external.label
+    else:
+        spec = getattr(structure, "rna_spec", {}) or {}
+        model_name, method = str(spec.get("model", cfg.model.name)), method_label(spec or {"method": cfg.model.method})
+    if source.selection is not None:  # a selected epoch's weights: its own table row, never blended with the last's
         method += f" [{source.checkpoint_label}, epoch {source.selected_epoch}]"
     if o.forward_precision != "fp32":  # its own table row, never blended with fp32 rows
         method += f" [{o.forward_precision} forward]"
-    meta = {"model": str(spec.get("model", cfg.model.name)), "method": method, "dataset": dataset.name}
+    meta = {"model": model_name, "method": method, "dataset": dataset.name}
     return EvalPlan(source, o, attacks, dataset, digest, fingerprint, out_dir, units, meta)
 
 

@@ -1,27 +1,42 @@
-"""The model an evaluation scores: a training run's checkpoint (MLflow) or a checkpoint file.
+"""The model an evaluation scores: a training run's checkpoint (MLflow), a checkpoint file, or a
+user's model (`--model module:factory --weights file`).
 
 Loaded and checked on the driver (config, identity, every weight's shape) and nothing written:
 an unknown run, a missing store or file, or weights that do not fit the model are one
 ConfigError or CheckpointMismatchError before Ray starts.
+
+A user's model is built on the driver by its factory with the weights loaded strictly
+(rna_core.external). Ray workers import the same module. Nodes share no disk, and the module
+often lives only in the folder the job started from; Ray's `py_modules` takes local folders only
+in the job-level runtime env (`ray.init`, `ray job submit`), which this job does not own once Ray
+is up. So the driver zips the module's top-level package folder (or its single .py file) and it
+travels beside the weights; each worker process unpacks it once (`tasks.py`). A module found
+among the installed packages does not travel: the nodes must have that package, as they have torch.
 """
 
 from __future__ import annotations
 
+import io
 import re
+import site
+import sysconfig
 import tempfile
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 from mlflow.exceptions import MlflowException
 
 from rna_core.builders import model_structure
 from rna_core.checkpoint import PREDATES_HINT, checkpoint_config, identity_mismatch, model_identity, read_checkpoint
-from rna_core.config import Config, ScalingConfig, apply_overrides, config_from_dict, to_dict
+from rna_core.config import Config, ScalingConfig, apply_overrides, config_from_dict, load_config, to_dict
 from rna_core.distributed import state_digest
 from rna_core.errors import CheckpointMismatchError, ConfigError
+from rna_core.external import ExternalModel, load_into, read_weights
 from rna_core.selection import SELECTION_LABELS, SELECTIONS
 
 from .. import tracking
@@ -46,6 +61,13 @@ class ModelSource:
     training_run_id: str | None = None  # the run a bare checkpoint came from, when it says
     selection: str | None = None  # None: a last-epoch checkpoint; "val" | "test": a selected epoch (rna_core.selection)
     selected_epoch: int | None = None
+    external: ExternalModel | None = None  # kind "external": the user's factory
+    external_model: nn.Module | None = None  # built on the driver, weights loaded (for the plan's checks)
+    code: bytes | None = None  # the zipped module the Ray workers import `external` from (user_code), if not installed
+
+    def structure(self) -> nn.Module:
+        """The model's layers, for checks and its path count: ours on the meta device, a user's as built."""
+        return self.external_model if self.external_model is not None else model_structure(self.cfg)
 
     @property
     def checkpoint_label(self) -> str:
@@ -209,4 +231,96 @@ def load_source(
     )
 
 
-__all__ = ["ModelSource", "checked_weights", "load_source", "safe_name"]
+MAX_CODE_BYTES = 64 * 2**20  # a model's code, not its data: bigger folders are installed on the nodes
+_SKIPPED = ("__pycache__",)
+
+
+def _installed(origin: Path) -> bool:
+    """Whether a top-level package or module at `origin` sits in this interpreter's installed packages
+    (site-packages, the standard library), where workers of the same environment find it."""
+    paths = sysconfig.get_paths()
+    roots = {paths[k] for k in ("purelib", "platlib", "stdlib", "platstdlib")} | set(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        roots.add(site.getusersitepackages())
+    return origin.parent in {Path(r).resolve() for r in roots if r}
+
+
+def code_origin(spec: ExternalModel) -> Path | None:
+    """The folder or .py file the workers need in order to import `spec.module`; None when installed."""
+    origin = spec.origin()
+    if origin is None or _installed(origin):
+        return None
+    return origin
+
+
+def _files(origin: Path) -> list[tuple[Path, str]]:
+    if origin.is_file():
+        return [(origin, origin.name)]
+    out = []
+    for p in sorted(origin.rglob("*")):
+        rel = p.relative_to(origin.parent)
+        if p.is_file() and not any(part in _SKIPPED or part.startswith(".") for part in rel.parts):
+            out.append((p, rel.as_posix()))
+    return out
+
+
+def pack(origin: Path) -> bytes:
+    """`origin` (a package folder or a .py file) as zip bytes, paths relative to its parent folder."""
+    files = _files(origin)
+    size = sum(p.stat().st_size for p, _ in files)
+    if size > MAX_CODE_BYTES:
+        raise ConfigError(
+            f"--model: {origin} holds {size / 2**20:.0f} MiB, too much to ship to the workers with each evaluation "
+            f"(at most {MAX_CODE_BYTES // 2**20} MiB); pip install that package on the cluster's nodes instead"
+        )
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p, name in files:
+            zf.write(p, name)
+    return buf.getvalue()
+
+
+def load_external_source(
+    model: str, weights: str | None, factory_args: Sequence[str] = (), overrides: Sequence[str] = ()
+) -> ModelSource:
+    """A user's model: `model` ("module:factory") built with `factory_args` and `weights` loaded.
+
+    `overrides` (`data.data_dir=DIR`, `eval.*`, `mlflow.*`) apply to the default config: a user's
+    model has no config of its own, so the dataset comes from `data.*`.
+    """
+    spec = ExternalModel.parse(model, factory_args)
+    if not weights:
+        raise ConfigError(f"--model {spec.name} needs --weights FILE (a state dict: torch.save or .safetensors)")
+    cfg = resolve_paths(load_config(None, list(overrides)))
+    uri = tracking.resolve_tracking_uri(base_dir())
+    check_tracking_store(uri)
+    path = _local_checkpoint(weights)
+    state = read_weights(path)
+    built = spec.build()
+    load_into(built, state, f"weights '{weights}'", spec.name)
+    digest = state_digest(state)
+    origin = code_origin(spec)
+    return ModelSource(
+        "external",
+        f"model-{safe_name(spec.name)}-{digest[:8]}",
+        f"{spec.name} {path}",
+        cfg,
+        state,
+        digest,
+        uri,
+        external=spec,
+        external_model=built.eval(),
+        code=None if origin is None else pack(origin),
+    )
+
+
+__all__ = [
+    "MAX_CODE_BYTES",
+    "ModelSource",
+    "checked_weights",
+    "code_origin",
+    "load_external_source",
+    "load_source",
+    "pack",
+    "safe_name",
+]

@@ -53,6 +53,9 @@ UNIT_SCHEMA = pa.schema(
         ("n", pa.int64()),
         ("correct", pa.int64()),
         ("seconds", pa.float64()),
+        ("draws", pa.int32()),  # R scoring draws per example
+        ("correct_worst", pa.int64()),  # right under all R draws
+        ("correct_vote", pa.int64()),  # the plurality of R draws is right
     ]
 )
 
@@ -135,6 +138,9 @@ def write_unit(out_dir: Path, unit: Unit, attack: Attack, result: Mapping[str, A
         "n": int(result["n"]),
         "correct": int(result["correct"]),
         "seconds": float(result["seconds"]),
+        "draws": int(result["draws"]),
+        "correct_worst": int(result["worst"]),
+        "correct_vote": int(result["vote"]),
     }
     table = pa.Table.from_pylist([row], schema=UNIT_SCHEMA)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -166,17 +172,21 @@ def clean_temporaries(out_dir: Path) -> None:
 def gather_rows(plan: Any, run_id: str) -> list[ResultRow]:
     """The result rows of a plan (pipelines.evaluation.plan.EvalPlan): each (attack, protocol,
     trial) summed over its shards."""
-    totals: dict[tuple[str, str, int], list[float]] = defaultdict(lambda: [0, 0, 0.0])
+    totals: dict[tuple[str, str, int], list[float]] = defaultdict(lambda: [0, 0, 0.0, 0, 0])
     for unit in plan.units:
         r = read_unit(plan.out_dir, unit)
+        if r["draws"] != plan.options.inference_draws:
+            raise ConfigError(
+                f"{unit_path(plan.out_dir, unit)} scored {r['draws']} inference draws, this evaluation "
+                f"{plan.options.inference_draws}; delete it and run again"
+            )
         acc = totals[(unit.attack, unit.protocol, unit.trial)]
-        acc[0] += r["correct"]
-        acc[1] += r["n"]
-        acc[2] += r["seconds"]
+        for i, key in enumerate(("correct", "n", "seconds", "correct_worst", "correct_vote")):
+            acc[i] += r[key]
     by_name = {a.name: a for a in plan.attacks}
     rows = []
     for attack_name, protocol, t in plan.groups:
-        correct, n, seconds = totals[(attack_name, protocol, t)]
+        correct, n, seconds, worst, vote = totals[(attack_name, protocol, t)]
         rows.append(
             ResultRow.make(
                 run_id=run_id,
@@ -189,6 +199,9 @@ def gather_rows(plan: Any, run_id: str) -> list[ResultRow]:
                 n=int(n),
                 correct=int(correct),
                 seconds=float(seconds),
+                draws=plan.options.inference_draws,
+                correct_worst=int(worst),
+                correct_vote=int(vote),
             )
         )
     return rows

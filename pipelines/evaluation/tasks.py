@@ -2,17 +2,34 @@
 
 The weights and the test images are put in the object store once; a task receives their
 references (nested, so Ray does not fetch them for it) and fetches and builds them only when its
-worker process has not done so already. A unit evaluates its batches with the seeds the
+worker process has not done so already (a user's model: its factory's code too, when it is not
+installed on the nodes; see source.py). A unit evaluates its batches with the seeds the
 sequential `rna_core.evaluation.evaluate_model` gives them, so its counts do not depend on where
 it ran. Each task asks for `eval.cpus_per_task` CPUs and, when the cluster has GPUs,
 `eval.gpus_per_task` of a GPU; the driver keeps at most `eval.max_in_flight` tasks in flight
 (`ray.wait`), and Ray retries a failed task (`eval.max_retries`, `retry_exceptions=True`).
+
+GPUs. Ray gives a GPU task its GPU by setting `CUDA_VISIBLE_DEVICES` for the task, but keeps the
+worker process for later tasks (`num_gpus` passed through `.options()` leaves worker reuse on, which
+the weight cache relies on), and CUDA reads that variable once per process: a reused worker would
+stay on its first task's GPU whatever GPU Ray assigned next. So GPU tasks ask Ray to leave the
+variable alone (`GPU_TASK_ENV`), every GPU of the node stays visible, and each task picks the GPU
+Ray assigned it by id (`task_device`). The weight cache is keyed by that device, and after every
+unit the memory the unit's batches reserved goes back to the GPU (`release_device_memory`), so the
+tasks sharing a GPU (`eval.gpus_per_task` < 1) do not hold each other's reserve.
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import io
 import os
+import shutil
+import sys
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,7 +41,8 @@ from rna_core.builders import model_from_config
 from rna_core.config import EvalConfig, flatten, unflatten
 from rna_core.data import BatchIterator, ImageTensorDataset
 from rna_core.errors import ConfigError
-from rna_core.evaluation import accuracy_vs_distance, batch_seed, evaluate_batch, transfer_matrix, trial_seed
+from rna_core.evaluation import Counts, accuracy_vs_distance, batch_seed, evaluate_batch, transfer_matrix, trial_seed
+from rna_core.external import ExternalModel
 from rna_core.speed import evaluation_forward
 from rna_core.units import settings_to_unit
 
@@ -35,6 +53,9 @@ from .store import Unit, paths_settings, save_paths, write_unit
 Echo = Callable[[str], None]
 
 _WORKER_CACHE: dict[str, tuple[str, Any]] = {}
+_UNPACKED: dict[str, str] = {}  # a user's zipped code (source.pack) by digest -> its folder, in this process
+# Ray's switch (ray/_private/accelerators/nvidia_gpu.py) to leave CUDA_VISIBLE_DEVICES as the worker started.
+GPU_TASK_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
 
 
 class InjectedFailure(RuntimeError):
@@ -58,19 +79,73 @@ def fail_once(marker: str | None, unit_id: str) -> None:
     raise InjectedFailure(f"injected failure of unit {unit_id} (fail_once_marker test hook)")
 
 
+def cuda_index(assigned: list, visible: str | None) -> int:
+    """torch's index of the GPU Ray assigned (`ray.get_gpu_ids()[0]`) in a process whose
+    CUDA_VISIBLE_DEVICES is `visible` (as the node started the worker; None or empty: all GPUs)."""
+    gpu = str(assigned[0]).strip()
+    ids = [v.strip() for v in (visible or "").split(",") if v.strip()]
+    if not ids:
+        return int(gpu)
+    if gpu not in ids:
+        raise RuntimeError(f"Ray assigned GPU {gpu} but this worker sees only CUDA_VISIBLE_DEVICES={visible}")
+    return ids.index(gpu)
+
+
+def task_device() -> torch.device:
+    """The device of the running task: the GPU Ray assigned it (by id, see the module docstring), else CPU."""
+    assigned = ray.get_gpu_ids()
+    if not assigned or not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", cuda_index(assigned, os.environ.get("CUDA_VISIBLE_DEVICES")))
+    torch.cuda.set_device(device)  # code that says plain "cuda" means this GPU too
+    # Units' counts must not depend on which worker ran them: no autotuned, run-dependent cuDNN kernels.
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    return device
+
+
+def release_device_memory(device: torch.device) -> None:
+    """Give the memory cached by torch's allocator back to the GPU (the cached weights stay)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
 def _cached(slot: str, key: str, box: list, build: Callable[[Any], Any]) -> Any:
     """The value of `slot` in this worker process, fetched from the object store only when `key` changed."""
     hit = _WORKER_CACHE.get(slot)
     if hit is not None and hit[0] == key:
         return hit[1]
-    _WORKER_CACHE.pop(slot, None)  # free the old one before fetching the new one
+    if _WORKER_CACHE.pop(slot, None) is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # the old value's GPU memory back before the new one is built
     value = build(ray.get(box[0]))
     _WORKER_CACHE[slot] = (key, value)
     return value
 
 
+def unpack(code: bytes) -> str:
+    """Unpack a user's zipped code (`source.pack`) once per process, into a folder put first on
+    `sys.path` and removed when the process exits; the folder."""
+    key = hashlib.sha256(code).hexdigest()[:16]
+    folder = _UNPACKED.get(key)
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix=f"rna-user-code-{key}-")
+        with zipfile.ZipFile(io.BytesIO(code)) as zf:
+            zf.extractall(folder)
+        atexit.register(shutil.rmtree, folder, True)
+        _UNPACKED[key] = folder
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return folder
+
+
 def _build_model(payload: Mapping[str, Any], device: torch.device, precision: str = "fp32") -> torch.nn.Module:
-    model = model_from_config(unflatten(payload["config"]))
+    """Our model from its config, or a user's from its factory (its code unpacked here first, when it travels)."""
+    if payload.get("external"):
+        if payload.get("code"):
+            unpack(payload["code"])
+        model = ExternalModel.from_dict(payload["external"]).build()
+    else:
+        model = model_from_config(unflatten(payload["config"]))
     model.load_state_dict(payload["state"])
     return evaluation_forward(model.to(device).eval(), precision)
 
@@ -83,8 +158,7 @@ def _task_context(
     task: Mapping[str, Any], model_box: list, data_box: list
 ) -> tuple[torch.nn.Module, ImageTensorDataset, torch.device]:
     torch.set_num_threads(max(1, int(task["threads"])))
-    use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = task_device()
     precision = task.get("forward_precision", "fp32")
     key = f"{task['weights']}@{device}/{precision}"
     model = _cached("model", key, model_box, lambda p: _build_model(p, device, precision))
@@ -105,13 +179,28 @@ def evaluate_unit(model_box: list, data_box: list, task: dict[str, Any]) -> dict
     bs, first = int(task["batch_size"]), int(task["first"])
     shard = data.subset(torch.arange(first, int(task["stop"])))
     tseed = trial_seed(int(task["seed"]), int(task["trial"]))
-    correct = n = 0
+    draws = int(task["inference_draws"])
+    total = Counts()
     start = time.perf_counter()
-    for i, (x, y) in enumerate(BatchIterator(shard, bs, shuffle=False, seed=0, device=device)):
-        bseed = batch_seed(tseed, first // bs + i)
-        correct += evaluate_batch(model, x, y, attack, task["protocol"], bseed, int(task["eot_iter"]), task["strategy"])
-        n += int(y.shape[0])
-    return {"unit_id": task["unit_id"], "correct": correct, "n": n, "seconds": time.perf_counter() - start}
+    try:
+        for i, (x, y) in enumerate(BatchIterator(shard, bs, shuffle=False, seed=0, device=device)):
+            bseed = batch_seed(tseed, first // bs + i)
+            total = total + evaluate_batch(
+                model, x, y, attack, task["protocol"], bseed, int(task["eot_iter"]), task["strategy"], draws
+            )
+    finally:
+        release_device_memory(device)
+    return {
+        "unit_id": task["unit_id"],
+        "correct": total.correct,
+        "worst": total.worst,
+        "vote": total.vote,
+        "draws": draws,
+        "n": total.n,
+        "seconds": time.perf_counter() - start,
+        "device": str(device),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+    }
 
 
 def analyze_paths(model_box: list, data_box: list, task: dict[str, Any]) -> dict[str, Any]:
@@ -120,10 +209,14 @@ def analyze_paths(model_box: list, data_box: list, task: dict[str, Any]) -> dict
     subset = data.head(int(task["limit"]))
     batches = list(BatchIterator(subset, int(task["batch_size"]), shuffle=False, seed=0, device=device))
     attack = get_attack(task["attack"])
-    return {
-        "distance": accuracy_vs_distance(model, batches, attack, seed=int(task["seed"])),
-        "matrix": transfer_matrix(model, batches, attack, num_paths=4, seed=int(task["seed"])),
-    }
+    try:
+        return {
+            "distance": accuracy_vs_distance(model, batches, attack, seed=int(task["seed"])),
+            "matrix": transfer_matrix(model, batches, attack, num_paths=4, seed=int(task["seed"])),
+        }
+    finally:
+        del batches
+        release_device_memory(device)
 
 
 def _clock(seconds: float) -> str:
@@ -167,6 +260,7 @@ def _task_resources(options: EvalConfig, use_gpu: bool) -> dict[str, Any]:
     }
     if use_gpu and options.gpus_per_task > 0:
         res["num_gpus"] = options.gpus_per_task
+        res["runtime_env"] = {"env_vars": dict(GPU_TASK_ENV)}  # merged over the job's runtime_env
     return res
 
 
@@ -191,7 +285,14 @@ def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail
     use_gpu = resolve_use_gpu(plan.source.cfg)
     resources = _task_resources(o, use_gpu)
     limit = _max_in_flight(o, use_gpu)
-    model_box = [ray.put({"config": flatten(plan.source.cfg), "state": plan.source.state})]
+    external = plan.source.external.to_dict() if plan.source.external is not None else None
+    model = {
+        "config": flatten(plan.source.cfg),
+        "state": plan.source.state,
+        "external": external,
+        "code": plan.source.code,
+    }
+    model_box = [ray.put(model)]
     ds = plan.dataset
     data_box = [ray.put({"images": ds.images, "labels": ds.labels, "classes": list(ds.classes), "name": ds.name})]
     common = {
@@ -203,6 +304,7 @@ def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail
         "eot_iter": o.eot_iter,
         "strategy": o.strategy,
         "forward_precision": o.forward_precision,
+        "inference_draws": o.inference_draws,
     }
     by_name = {a.name: a for a in plan.attacks}
     unit_task = ray.remote(evaluate_unit).options(**resources)
@@ -255,4 +357,15 @@ def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail
     return ran
 
 
-__all__ = ["InjectedFailure", "Progress", "analyze_paths", "evaluate_unit", "fail_once", "fan_out"]
+__all__ = [
+    "GPU_TASK_ENV",
+    "InjectedFailure",
+    "Progress",
+    "analyze_paths",
+    "cuda_index",
+    "evaluate_unit",
+    "fail_once",
+    "fan_out",
+    "release_device_memory",
+    "task_device",
+]

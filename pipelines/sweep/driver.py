@@ -32,7 +32,7 @@ from rna_core.errors import ConfigError
 from rna_core.sweep_config import Dimension, SweepConfig
 
 from .. import tracking
-from ..cluster import cluster_resources, ensure_ray, resolve_use_gpu
+from ..cluster import choose_training_device, cluster_resources, ensure_ray, gpu_capacity
 from ..preflight import check_data, check_tracking_store, check_writable_folder
 from ..run_folder import base_dir, exists, join, read_job_file, resolve_paths, write_job_file
 from ..train import JOB_FILE_TAG
@@ -322,7 +322,7 @@ def run_sweep(
         tracking.set_tags(client, parent.run_id, {JOB_FILE_TAG: "written"})
         spec = plan.spec  # a local Ray has room for the trial drivers beside their workers
         ensure_ray(plan.base, echo, extra_cpus=spec.trial_cpus * (spec.max_concurrent_trials or 1))
-        tuner, restored = _build_tuner(plan, parent, resolve_use_gpu(plan.base), echo)
+        tuner, restored = _build_tuner(plan, parent, choose_training_device(plan.base, gpu_capacity()).use_gpu, echo)
         grid = tuner.fit()
         last = {str((r.metrics or {}).get("trial_id")): (r.metrics or {}) for r in grid}
         statuses = {

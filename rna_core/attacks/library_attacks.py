@@ -4,7 +4,8 @@ Which library runs what:
 - torchattacks: ``fgsm`` (FGSM), ``pgd20`` (PGD), ``cw_l2`` (CW), ``mifgsm`` (MIFGSM),
   ``deepfool`` (DeepFool), ``eot_pgd`` (EOTPGD).
 - pyautoattack (Croce & Hein's code; never ``import autoattack``, a broken package shipped by
-  torchattacks): ``autoattack`` (version ``standard``) and ``autoattack_rand`` (version ``rand``).
+  torchattacks): ``autoattack`` (version ``standard``), ``autoattack_rand`` (version ``rand``) and
+  ``apgd_ce`` (its APGD-CE alone, as AutoAttack's first attack runs it).
 - rna_core (``own_attacks.py``): ``natural`` and ``cw_inf``, which neither library implements.
 
 Settings are those of the RNA paper's released evaluation script (eps 8/255; PGD-20 step 2/255
@@ -190,3 +191,37 @@ class AutoAttackStandard(_AutoAttack):
 class AutoAttackRand(_AutoAttack):
     version = "rand"
     native_eot = True
+
+
+@register_attack("apgd_ce", eps=EPS, steps=100, restarts=1, rho=0.75)
+class APGDCE(Attack):
+    """APGD on the cross-entropy loss (Croce & Hein 2020), L-inf, with AutoAttack's settings (100
+    iterations, one restart, rho 0.75). Runs: pyautoattack.autopgd_base.APGDAttack.
+
+    As in AutoAttack, it attacks only the examples the model classifies correctly and returns the
+    clean input for those it cannot fool (the unperturbed rule covers them where another path
+    scores). Its seed is drawn from the call's generator; APGD seeds the global RNG with it.
+    Under ``eot`` it sees the logit average of ``eot_iter`` draws, like every attack that does not
+    average itself (``autoattack_rand`` is APGD with its own EOT).
+    """
+
+    library = "pyautoattack"
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        from pyautoattack.autopgd_base import APGDAttack
+
+        s = self.settings
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+        apgd = APGDAttack(
+            model,
+            n_iter=int(s["steps"]),
+            norm="Linf",
+            n_restarts=int(s["restarts"]),
+            eps=float(s["eps"]),
+            seed=seed,
+            loss="ce",
+            eot_iter=1,
+            rho=float(s["rho"]),
+            device=x.device,
+        )
+        return apgd.perturb(x, y)

@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..determinism import cross_entropy
 from ..speed import AutocastForward, bf16_weight_cache, to_device_async
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -66,7 +66,7 @@ def pgd_linf(
     fresh path on every forward). `active_mask_fn(x_adv)` may return a boolean mask of examples
     still to attack (early stopping); inactive examples keep their current value.
     """
-    loss_fn = loss_fn or (lambda logits, target: F.cross_entropy(logits, target))
+    loss_fn = loss_fn or cross_entropy  # F.cross_entropy, or its deterministic form on GPU (determinism.py)
     x = x.detach()
     x_adv = random_start(x, eps, generator) if use_random_start else x.clone()
     # The L-inf ball intersected with the [0, 1] box, computed once: clamping to it equals

@@ -273,7 +273,7 @@ def attack_spec(name: str) -> AttackSpec:
     return _REGISTRY[key]
 
 
-_INT_SETTINGS = {"steps", "eot_iter"}
+_INT_SETTINGS = {"steps", "eot_iter", "restarts"}
 
 
 def _check_setting(name: str, key: str, value: Any, default: Any = None) -> Any:

@@ -7,7 +7,7 @@
 Pure PyTorch (no Ray, no MLflow); a fan-out calls :func:`evaluate_batch` with :func:`batch_seed`.
 """
 
-from .naming import CLEAN_METRIC, pgd_metric, result_metric
+from .naming import CLEAN_METRIC, SCORES, pgd_metric, result_metric, score_metric
 from .path_analysis import (
     DistanceRecord,
     TransferMatrix,
@@ -19,14 +19,18 @@ from .path_analysis import (
 )
 from .protocols import (
     DEFAULT_EOT_ITER,
+    DEFAULT_INFERENCE_DRAWS,
     PROTOCOLS,
+    Counts,
     FirstFooled,
     LogitAverage,
     ProtocolOutcome,
+    attack_generator,
     evaluate_attack,
     evaluate_batch,
     list_protocols,
     run_protocol,
+    vote_correct,
 )
 from .results import (
     ResultRow,
@@ -42,6 +46,7 @@ from .seeds import batch_seed, trial_seed, unit_seed
 from .stability import StabilityStats, stability, stability_table
 from .tables import EXTRA_COLUMNS, PAPER_COLUMNS, paper_table, paper_tables, render_markdown
 from .training_metrics import (
+    FINAL_INFERENCE_DRAWS,
     FINAL_SEED,
     Measure,
     epoch_measures,
@@ -53,7 +58,14 @@ from .training_metrics import (
 
 __all__ = [
     "CLEAN_METRIC",
+    "Counts",
+    "DEFAULT_INFERENCE_DRAWS",
+    "FINAL_INFERENCE_DRAWS",
     "FINAL_SEED",
+    "SCORES",
+    "attack_generator",
+    "score_metric",
+    "vote_correct",
     "Measure",
     "epoch_measures",
     "epoch_metric_names",

@@ -7,6 +7,9 @@
   (`acc_pgd20_steps3_transfer` is a 3-step PGD; eps in pixels/255: `acc_fgsm_eps4_transfer`) and,
   under `eot`, an `eot_iter` other than the default for attacks that do not average themselves,
   and `_bf16` when the model's forward ran in bf16 (`eval.forward_precision`; fp32 is untagged).
+- Scores of R inference draws beside the one-draw accuracy: `<result metric>_worst<R>` (right
+  under all R draws) and `<result metric>_vote<R>` (the plurality of R draws is right), e.g.
+  `acc_pgd20_transfer_worst10`.
 """
 
 from __future__ import annotations
@@ -43,4 +46,14 @@ def result_metric(attack: Attack, protocol: str, eot_iter: int = DEFAULT_EOT_ITE
     return f"acc_{attack.name}{tags}_{protocol}"
 
 
-__all__ = ["CLEAN_METRIC", "pgd_metric", "result_metric"]
+SCORES = ("worst", "vote")
+
+
+def score_metric(metric: str, score: str, draws: int) -> str:
+    """The name of worst-of-R (`score="worst"`) or vote-of-R (`"vote"`) beside the one-draw `metric`."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    return f"{metric}_{score}{int(draws)}"
+
+
+__all__ = ["CLEAN_METRIC", "SCORES", "pgd_metric", "result_metric", "score_metric"]

@@ -17,15 +17,33 @@ The protocol, not the attack, decides the paths:
 - ``eot``: every forward inside the attack draws a fresh path, and gradients are averaged over
   ``eot_iter`` draws; a fresh path scores. The unperturbed rule applies, as under ``transfer``.
 
-Batch evaluation is a pure function of (model state, batch, attack, protocol, seed): all path draws
+A "path" here is any model's random state: every draw is a ``resample(generator)`` call
+(:mod:`rna_core.randomness`). Our networks resample a path with the evaluation's strategy; a
+foreign model resamples its own state, or draws per forward from torch's global RNG, which the
+protocols seed around every attack and every scoring forward. One code path serves both.
+
+Batch evaluation is a pure function of (model state, batch, attack, protocol, seed): all draws
 and attack randomness come from generators seeded from ``seed``, so a fan-out that evaluates
 batches on other workers reproduces a sequential run exactly.
 
+Scoring: R = ``inference_draws`` scoring draws per batch (each a fresh draw; under ``fixed-path``
+the attacked state). The first is the one-draw accuracy papers report (``correct``); ``worst``
+counts the examples right under all R, ``vote`` those whose label wins the plurality of the R
+predictions outright (a tie with another class counts as wrong). Draw r has its own seed, so the
+first r draws are the same for every R.
+
 How ``eot`` averages: attacks that repeat forwards themselves (``eot_pgd``: loss gradients summed
-over its ``eot_iter`` forwards; ``autoattack_rand``: APGD's EOT 20) just get a fresh path on every
+over its ``eot_iter`` forwards; ``autoattack_rand``: APGD's EOT 20) just get a fresh draw on every
 forward. Every other attack sees a model whose output is the mean of the logits of ``eot_iter``
-forwards, each on a fresh path (expectation over logits, the form that works with any library
-attack). A model with a single path needs no averaging, so there all protocols coincide.
+forwards, each on a fresh draw (expectation over logits, the form that works with any library
+attack).
+
+A deterministic model (``rna_core.randomness.is_randomized`` is False: one path, a ``fixed:``
+strategy, or a foreign model whose forwards do not differ) is attacked and scored on the same
+forward, so it needs neither EOT averaging nor the unperturbed rule: ``transfer``,
+``transfer-raw``, ``fixed-path`` and ``eot`` coincide exactly, and every R gives the one-draw
+number. ``early-stop`` keeps an example's first success, so it can only score lower, and only
+where an attack's later iterates un-fool an example.
 
 How ``early-stop`` stops: while the attack runs, every forward is watched; the first queried point
 at which an example is misclassified on the attack path (and that lies inside the threat model)
@@ -44,14 +62,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
-from ..attacks.registry import Attack, ThreatModel, resolve_attack
+from ..attacks.registry import Attack, ThreatModel, resolve_attack, seeded_global_rng
 from ..errors import ConfigError
-from ..paths import Path, PathSampler, count_paths, fresh_path_every_forward, set_path
+from ..paths import Path, get_path
+from ..randomness import can_resample, is_randomized, resample, sampling_strategy
 from .seeds import batch_seed, unit_seed
 
 PROTOCOLS = ("transfer", "transfer-raw", "early-stop", "fixed-path", "eot")
 DEFAULT_EOT_ITER = 10
+DEFAULT_INFERENCE_DRAWS = 10  # R of worst-of-R and vote-of-R in the evaluation job
 
 
 def list_protocols() -> list[str]:
@@ -67,20 +88,49 @@ def check_protocol(protocol: str) -> str:
 class LogitAverage(nn.Module):
     """Output = mean logits of `draws` forwards of `model` (each on a fresh path under EOT).
 
-    All `draws` graphs are kept for the backward, so memory grows with `draws`.
+    Memory is one forward's graph, not `draws` of them: each draw runs under activation
+    checkpointing and is recomputed, draw by draw, in the backward, with the random state it first
+    ran with (`replay`, the stream that resamples before every forward, is rewound for the
+    recomputation and put back after it; torch's global RNG is restored by the checkpoint), so the
+    gradient is the one of keeping every graph. Forwards without autograd run plain. Eval mode only
+    (a recomputed train-mode forward would update running statistics twice).
     """
 
-    def __init__(self, model: nn.Module, draws: int):
+    def __init__(self, model: nn.Module, draws: int, replay: _Draws | None = None):
         super().__init__()
         self.model = model
         self.draws = int(draws)
+        self.replay = replay
         self.train(model.training)  # a new Module is in train mode; restoring that would flip `model`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        total = self.model(x)
-        for _ in range(self.draws - 1):
-            total = total + self.model(x)
+        if not torch.is_grad_enabled():
+            total = self.model(x)
+            for _ in range(self.draws - 1):
+                total = total + self.model(x)
+            return total / self.draws
+        total = None
+        for _ in range(self.draws):
+            logits = checkpoint(self._one_draw, x, [], use_reentrant=False, preserve_rng_state=True)
+            total = logits if total is None else total + logits
         return total / self.draws
+
+    def _one_draw(self, x: torch.Tensor, first_state: list) -> torch.Tensor:
+        if self.replay is None:
+            return self.model(x)
+        stream = self.replay
+        if not first_state:  # the first run: note where the stream stood before this draw
+            first_state.append((stream.generator.get_state(), stream.count))
+            return self.model(x)
+        now = (stream.generator.get_state(), stream.count)  # the recomputation: replay, then put back
+        stream.generator.set_state(first_state[0][0])
+        try:
+            if not stream.active:  # a backward after the attack's block: no hook draws, so draw here
+                stream()
+            return self.model(x)
+        finally:
+            stream.generator.set_state(now[0])
+            stream.count = now[1]
 
 
 class FirstFooled:
@@ -132,12 +182,18 @@ class FirstFooled:
         if q.dim() != self.x.dim() or q.shape[1:] != self.x.shape[1:]:
             return
         idx, valid = self._match(q)
-        fooled = output.detach().argmax(1) != self.y[idx]
-        for r in (valid & fooled).nonzero().flatten().tolist():
-            i = int(idx[r])
-            if not self.found[i]:
-                self.found[i] = True
-                self.points[i] = q[r]
+        hit = valid & (output.detach().argmax(1) != self.y[idx]) & ~self.found[idx]
+        # Each example's first hit row of this forward, with tensor ops only: AutoAttack makes
+        # thousands of forwards, and a host sync per fooled row would stall the GPU at each.
+        rows = len(q)
+        first = torch.full((len(self.x),), rows, dtype=torch.long, device=q.device)
+        first.scatter_reduce_(
+            0, torch.where(hit, idx, 0), torch.where(hit, torch.arange(rows, device=q.device), rows), reduce="amin"
+        )
+        new = first < rows
+        picked = q[first.clamp(max=rows - 1)].to(self.points.dtype)
+        self.points = torch.where(new.view(-1, *([1] * (q.dim() - 1))), picked, self.points)
+        self.found = self.found | new
 
     def result(self, x_adv: torch.Tensor) -> torch.Tensor:
         """The attack's output, with each fooled example replaced by its first fooling point."""
@@ -155,21 +211,105 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@dataclass(frozen=True)
+class Counts:
+    """Examples scored, and how many were right: on one draw, on all R draws, by the vote of R draws."""
+
+    n: int = 0
+    correct: int = 0  # the first inference draw (what papers report)
+    worst: int = 0  # right under every one of the R draws
+    vote: int = 0  # the plurality of the R draws' predictions is the label (a tie with another class is wrong)
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(self.n + other.n, self.correct + other.correct, self.worst + other.worst, self.vote + other.vote)
+
+
 @dataclass
 class ProtocolOutcome:
-    """What one batch under one protocol produced (for tests and analysis; the runner keeps `correct`)."""
+    """What one batch under one protocol produced (for tests and analysis; the runner keeps the counts)."""
 
     x_adv: torch.Tensor
     correct: int
     n: int
-    attack_path: Path
-    score_path: Path
-    path_draws: int  # paths drawn in total (attack path, EOT draws, scoring path)
+    attack_path: Path  # the path attacked (empty for a model without random layers, e.g. a foreign one)
+    score_path: Path  # the path of the first scoring draw
+    path_draws: int  # resample calls in total (attack state, EOT draws, scoring draws)
     seconds: float
+    worst: int = 0
+    vote: int = 0
+    inference_draws: int = 1
+    randomized: bool = False
+
+    @property
+    def counts(self) -> Counts:
+        return Counts(self.n, self.correct, self.worst, self.vote)
 
 
-def _sampler(strategy: str, seed: int, stream: str) -> PathSampler:
-    return PathSampler(strategy, generator=torch.Generator().manual_seed(unit_seed(seed, stream)))
+class _Draws:
+    """A seeded stream of `resample` calls on one model, counted."""
+
+    def __init__(self, model: nn.Module, seed: int, *stream: object):
+        self.model = model
+        self.generator = torch.Generator().manual_seed(unit_seed(seed, *stream))
+        self.count = 0
+        self.active = False  # inside `every_forward`: each forward draws first
+
+    def __call__(self) -> None:
+        self.count += int(resample(self.model, self.generator))
+
+    @contextlib.contextmanager
+    def every_forward(self) -> Iterator[None]:
+        """Every forward of the model draws first (EOT over a state the model holds)."""
+        if not can_resample(self.model):
+            yield
+            return
+        handle = self.model.register_forward_pre_hook(lambda module, args: self())
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+            handle.remove()
+
+
+def attack_generator(seed: int) -> torch.Generator:
+    """The generator a batch's attack draws its own randomness from (random starts, library seeds)."""
+    return torch.Generator().manual_seed(unit_seed(seed, "attack"))
+
+
+def vote_correct(preds: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per example: the label has strictly more of the R draws' votes (`preds`: R x N) than any other class."""
+    votes = torch.nn.functional.one_hot(preds, num_classes).sum(0)  # N x C
+    true = votes.gather(1, y[:, None]).squeeze(1)
+    others = votes.scatter(1, y[:, None], -1).amax(1)
+    return true > others
+
+
+def _score(
+    model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, protocol: str, seed: int, draws: int, randomized: bool
+) -> tuple[torch.Tensor, int]:
+    """Predictions of `draws` scoring draws (R x N) and the resample calls made.
+
+    Draw r resamples from its own stream (draw 0 from ``score-path``, the one-draw score) and runs
+    its forward under its own seed of the global RNG, so draw r is the same whatever R is.
+    Draw 0 runs last: the model is left in its state. Under ``fixed-path`` nothing is resampled:
+    the attacked state scores (a model that draws per forward still draws on each forward).
+    A deterministic model's R draws are one forward: they could not differ.
+    """
+    preds: list[torch.Tensor] = [torch.empty(0)] * draws
+    made = 0
+    for r in reversed(range(draws) if randomized else range(1)):
+        if protocol != "fixed-path":
+            # Drawn independently of the attack path: the defender does not know which path was
+            # attacked, so a `far` strategy scores like `uniform` here (far is for training updates
+            # and for analysis, rna_core.evaluation.path_analysis).
+            stream = ("score-path",) if r == 0 else ("score-path", r)
+            made += int(resample(model, torch.Generator().manual_seed(unit_seed(seed, *stream))))
+        with torch.no_grad(), seeded_global_rng(unit_seed(seed, "score-forward", r), x_adv.device):
+            preds[r] = model(x_adv).argmax(1)
+    if not randomized:
+        preds = [preds[0]] * draws
+    return torch.stack(preds), made
 
 
 def run_protocol(
@@ -180,53 +320,61 @@ def run_protocol(
     protocol: str,
     seed: int,
     eot_iter: int = DEFAULT_EOT_ITER,
-    strategy: str = "uniform",
+    strategy: str | None = "uniform",
+    inference_draws: int = 1,
 ) -> ProtocolOutcome:
-    """Attack one batch under `protocol` and score it; the model runs in eval mode.
+    """Attack one batch under `protocol` and score it on `inference_draws` draws; the model runs in eval mode.
 
-    Separate seeded streams draw the attack path, the scoring path, the EOT paths and the attack's
-    own randomness, so e.g. the scoring path does not depend on how many forwards the attack made.
-    The model is left on the scoring path.
+    Separate seeded streams draw the attack state, the scoring draws, the EOT draws and the attack's
+    own randomness, so e.g. the scoring draws do not depend on how many forwards the attack made.
+    Every draw is a ``resample`` (:mod:`rna_core.randomness`); `strategy` is the path strategy of
+    our networks (None: the model's own). The model is left in the first scoring draw's state.
     """
     check_protocol(protocol)
     attack = resolve_attack(attack)
     if eot_iter < 1:
         raise ConfigError(f"eot_iter must be a positive integer, got {eot_iter}")
-    if protocol in ("transfer", "eot"):  # the score runs a path the attack's forwards did not: no clean inputs
-        attack = attack.scored_on_another_path()
+    if inference_draws < 1:
+        raise ConfigError(f"inference_draws must be a positive integer, got {inference_draws}")
     start = time.perf_counter()
-    attack_sampler = _sampler(strategy, seed, "attack-path")
-    score_sampler = _sampler(strategy, seed, "score-path")
-    eot_sampler = _sampler(strategy, seed, "eot")
-    attack_gen = torch.Generator().manual_seed(unit_seed(seed, "attack"))
-    with eval_mode(model):
-        attack_path = attack_sampler.apply(model)
-        if protocol == "eot":
-            draws = eot_iter if count_paths(model) > 1 and not attack.native_eot else 1
-            target = LogitAverage(model, draws) if draws > 1 else model
-            with fresh_path_every_forward(model, eot_sampler):
+    attack_draw = _Draws(model, seed, "attack-path")
+    eot_draws = _Draws(model, seed, "eot")
+    with eval_mode(model), sampling_strategy(model, strategy):
+        randomized = is_randomized(model, x, unit_seed(seed, "probe"))
+        if randomized and protocol in ("transfer", "eot"):
+            attack = attack.scored_on_another_path()  # the score runs a draw the attack's forwards did not
+        attack_draw()
+        attack_path = get_path(model)
+        attack_gen = attack_generator(seed)
+        if protocol == "eot" and randomized:
+            draws = 1 if attack.native_eot else eot_iter
+            target = LogitAverage(model, draws, eot_draws) if draws > 1 else model
+            with eot_draws.every_forward():
                 x_adv = attack(target, x, y, attack_gen)
         elif protocol == "early-stop" and not attack.stops_when_fooled:
             with FirstFooled(model, x, y, attack.threat) as watch:
-                with torch.no_grad():
+                with torch.no_grad(), seeded_global_rng(unit_seed(seed, "clean-forward"), x.device):
                     model(x)  # an example already misclassified keeps its clean input
                 x_adv = watch.result(attack(model, x, y, attack_gen))
         else:
             x_adv = attack(model, x, y, attack_gen)
         model.eval()  # whatever the attack did to the mode, scoring runs in eval mode
-        if protocol == "fixed-path":
-            set_path(model, attack_path)
-            score_path = attack_path
-        else:
-            # Drawn independently of the attack path: the defender does not know which path was
-            # attacked, so a `far` strategy scores like `uniform` here (far is for training updates
-            # and for analysis, rna_core.evaluation.path_analysis).
-            score_path = score_sampler.apply(model)
-        with torch.no_grad():
-            correct = int((model(x_adv).argmax(1) == y).sum().item())
-    draws_total = attack_sampler.draws + score_sampler.draws + eot_sampler.draws
+        preds, score_draws = _score(model, x_adv, y, protocol, seed, inference_draws, randomized)
+        score_path = get_path(model)
+    right = preds == y
+    num_classes = int(max(int(preds.max()), int(y.max())) + 1)
     return ProtocolOutcome(
-        x_adv, correct, int(y.shape[0]), attack_path, score_path, draws_total, time.perf_counter() - start
+        x_adv,
+        int(right[0].sum()),
+        int(y.shape[0]),
+        attack_path,
+        score_path,
+        attack_draw.count + eot_draws.count + score_draws,
+        time.perf_counter() - start,
+        worst=int(right.all(0).sum()),
+        vote=int(vote_correct(preds, y, num_classes).sum()),
+        inference_draws=inference_draws,
+        randomized=randomized,
     )
 
 
@@ -238,10 +386,11 @@ def evaluate_batch(
     protocol: str,
     seed: int,
     eot_iter: int = DEFAULT_EOT_ITER,
-    strategy: str = "uniform",
-) -> int:
-    """Correct predictions on one batch: a pure function of (model state, batch, attack, protocol, seed)."""
-    return run_protocol(model, x, y, attack, protocol, seed, eot_iter, strategy).correct
+    strategy: str | None = "uniform",
+    inference_draws: int = 1,
+) -> Counts:
+    """Counts on one batch: a pure function of (model state, batch, attack, protocol, seed, draws)."""
+    return run_protocol(model, x, y, attack, protocol, seed, eot_iter, strategy, inference_draws).counts
 
 
 def evaluate_attack(
@@ -251,13 +400,12 @@ def evaluate_attack(
     protocol: str,
     seed: int = 0,
     eot_iter: int = DEFAULT_EOT_ITER,
-    strategy: str = "uniform",
+    strategy: str | None = "uniform",
 ) -> tuple[int, int]:
-    """(correct, n) over `batches`; batch i uses seed ``batch_seed(seed, i)`` as the runner does."""
+    """(correct, n) of one inference draw over `batches`; batch i uses seed ``batch_seed(seed, i)``, as the runner."""
     attack = resolve_attack(attack)
     check_protocol(protocol)
-    correct, n = 0, 0
+    total = Counts()
     for i, (x, y) in enumerate(batches):
-        correct += evaluate_batch(model, x, y, attack, protocol, batch_seed(seed, i), eot_iter, strategy)
-        n += int(y.shape[0])
-    return correct, n
+        total = total + evaluate_batch(model, x, y, attack, protocol, batch_seed(seed, i), eot_iter, strategy)
+    return total.correct, total.n

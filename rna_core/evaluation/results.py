@@ -1,8 +1,12 @@
 """Result rows (one per model, attack, protocol, trial) and their Parquet file.
 
 One row per (model, attack, protocol, trial): run_id, model, method, dataset, attack, protocol,
-eps, trial, seed, n, correct, accuracy, seconds. ``eps`` is in pixels/255 like every eps a user
-writes (8.0 means 8/255); it is null for unbounded attacks (DeepFool, CW-L2) and 0 for ``natural``.
+eps, trial, seed, n, correct, accuracy, seconds (DESIGN.md's columns: ``correct`` and ``accuracy``
+are one inference draw, what papers report), then the randomized-model scores: ``draws`` (R),
+``correct_worst`` / ``accuracy_worst`` (right under all R draws) and ``correct_vote`` /
+``accuracy_vote`` (the plurality of R draws is right). ``eps`` is in pixels/255 like every eps a
+user writes (8.0 means 8/255); it is null for unbounded attacks (DeepFool, CW-L2) and 0 for
+``natural``. Files written before the R columns existed (schema version 1) read with them null.
 Writing merges with an existing file: a new row replaces an old one with the same key, so a
 re-run or a resumed fan-out never duplicates rows.
 """
@@ -25,7 +29,7 @@ import pyarrow.parquet as pq
 from ..errors import ConfigError, DatasetNotFoundError
 from ..methods import method_row_label
 
-SCHEMA_TAG = {"kind": "rna-evaluation-results", "version": 1}
+SCHEMA_TAG = {"kind": "rna-evaluation-results", "version": 2}
 
 SCHEMA = pa.schema(
     [
@@ -42,6 +46,11 @@ SCHEMA = pa.schema(
         ("correct", pa.int64()),
         ("accuracy", pa.float64()),
         ("seconds", pa.float64()),
+        ("draws", pa.int32()),
+        ("correct_worst", pa.int64()),
+        ("accuracy_worst", pa.float64()),
+        ("correct_vote", pa.int64()),
+        ("accuracy_vote", pa.float64()),
     ],
     metadata={b"rna_core": json.dumps(SCHEMA_TAG).encode()},
 )
@@ -73,11 +82,43 @@ class ResultRow:
     correct: int
     accuracy: float
     seconds: float
+    draws: int | None = None  # R; None in rows written before worst-of-R and vote-of-R existed
+    correct_worst: int | None = None
+    accuracy_worst: float | None = None
+    correct_vote: int | None = None
+    accuracy_vote: float | None = None
 
     @classmethod
-    def make(cls, *, n: int, correct: int, **rest: object) -> ResultRow:
-        """A row with accuracy = correct / n (NaN for an empty evaluation)."""
-        return cls(n=int(n), correct=int(correct), accuracy=correct / n if n else math.nan, **rest)  # type: ignore[arg-type]
+    def make(
+        cls,
+        *,
+        n: int,
+        correct: int,
+        draws: int | None = None,
+        correct_worst: int | None = None,
+        correct_vote: int | None = None,
+        **rest: object,
+    ) -> ResultRow:
+        """A row with accuracy = correct / n (NaN for an empty evaluation), likewise for worst and vote."""
+
+        def ratio(c: int | None) -> float | None:
+            return None if c is None else (c / n if n else math.nan)
+
+        return cls(  # type: ignore[arg-type]
+            n=int(n),
+            correct=int(correct),
+            accuracy=ratio(correct),
+            draws=None if draws is None else int(draws),
+            correct_worst=None if correct_worst is None else int(correct_worst),
+            accuracy_worst=ratio(correct_worst),
+            correct_vote=None if correct_vote is None else int(correct_vote),
+            accuracy_vote=ratio(correct_vote),
+            **rest,
+        )
+
+    def score(self, which: str) -> float | None:
+        """The accuracy of one score: "one" (one draw), "worst" (worst-of-R) or "vote" (vote-of-R)."""
+        return {"one": self.accuracy, "worst": self.accuracy_worst, "vote": self.accuracy_vote}[which]
 
     def key(self) -> tuple:
         """Identity of a row: two rows with the same key describe the same measurement."""
@@ -86,6 +127,7 @@ class ResultRow:
 
 
 ROW_FIELDS = [f.name for f in fields(ResultRow)]
+ADDED_FIELDS = ("draws", "correct_worst", "accuracy_worst", "correct_vote", "accuracy_vote")  # in version 2
 KEY_FIELDS = ("run_id", "model", "method", "dataset", "attack", "protocol", "eps", "trial")
 
 
@@ -107,8 +149,10 @@ def rows_to_table(rows: Iterable[ResultRow]) -> pa.Table:
 
 def table_to_rows(table: pa.Table) -> list[ResultRow]:
     missing = [name for name in ROW_FIELDS if name not in table.column_names]
-    if missing:
+    if [name for name in missing if name not in ADDED_FIELDS]:
         raise ConfigError(f"not an evaluation results table: columns {', '.join(missing)} are missing")
+    for name in missing:  # a version-1 file: no worst-of-R and vote-of-R columns
+        table = table.append_column(name, pa.nulls(table.num_rows, SCHEMA.field(name).type))
     table = table.select(ROW_FIELDS).cast(SCHEMA)
     return [ResultRow(**d) for d in table.to_pylist()]
 

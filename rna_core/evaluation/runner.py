@@ -23,7 +23,7 @@ from ..data.loader import BatchIterator
 from ..data.tensor_dataset import ImageTensorDataset
 from ..errors import ConfigError
 from ..units import to_pixels
-from .protocols import DEFAULT_EOT_ITER, check_protocol, evaluate_batch
+from .protocols import DEFAULT_EOT_ITER, DEFAULT_INFERENCE_DRAWS, Counts, check_protocol, evaluate_batch
 from .results import ResultRow, method_label
 from .seeds import batch_seed, trial_seed
 
@@ -90,18 +90,24 @@ def evaluate_model(
     limit: int | None = None,
     meta: dict[str, Any] | None = None,
     eot_iter: int = DEFAULT_EOT_ITER,
-    strategy: str = "uniform",
+    strategy: str | None = "uniform",
     include_natural: bool = True,
     progress: bool | None = None,
+    inference_draws: int = DEFAULT_INFERENCE_DRAWS,
 ) -> list[ResultRow]:
     """Rows for every attack x protocol x trial (``natural`` added first unless `include_natural` is False).
 
+    `model` is any module on images in [0, 1] (ours, or one that follows rna_core.randomness).
     `data` is a dataset (batched here, in order) or an iterable of (x, y) batches in [0, 1].
     `meta` gives run_id, model, method and dataset for the rows (defaults: "local", the model's
-    ``rna_spec``, the dataset's name). `progress`: None shows a bar only on a terminal.
+    ``rna_spec``, the dataset's name). `inference_draws` is R of worst-of-R and vote-of-R;
+    `strategy` the path strategy of our networks (None: the model's own). `progress`: None shows
+    a bar only on a terminal.
     """
     if trials < 1:
         raise ConfigError(f"trials must be a positive integer, got {trials}")
+    if inference_draws < 1:
+        raise ConfigError(f"inference_draws must be a positive integer, got {inference_draws}")
     resolved = [resolve_attack(a) for a in attacks]
     if include_natural and "natural" not in {a.name for a in resolved}:
         resolved.insert(0, resolve_attack("natural"))
@@ -114,7 +120,8 @@ def evaluate_model(
         raise ConfigError(f"protocols must be unique, got {', '.join(protocols)}")
     info = _meta(model, data, meta)
     batches = make_batches(data, batch_size, limit, _device_of(model))
-    totals: dict[tuple[str, str, int], list[float]] = defaultdict(lambda: [0, 0, 0.0])
+    totals: dict[tuple[str, str, int], Counts] = defaultdict(Counts)
+    seconds: dict[tuple[str, str, int], float] = defaultdict(float)
     bar = tqdm(
         total=trials * len(batches),
         desc=f"evaluate {info['model']}",
@@ -130,11 +137,11 @@ def evaluate_model(
                 for attack in resolved:
                     for protocol in protocols:
                         start = time.perf_counter()
-                        correct = evaluate_batch(model, x, y, attack, protocol, bseed, eot_iter, strategy)
-                        acc = totals[(attack.name, protocol, t)]
-                        acc[0] += correct
-                        acc[1] += int(y.shape[0])
-                        acc[2] += time.perf_counter() - start
+                        key = (attack.name, protocol, t)
+                        totals[key] = totals[key] + evaluate_batch(
+                            model, x, y, attack, protocol, bseed, eot_iter, strategy, inference_draws
+                        )
+                        seconds[key] += time.perf_counter() - start
                 bar.update(1)
     finally:
         bar.close()
@@ -143,7 +150,7 @@ def evaluate_model(
         for attack in resolved:
             eps = to_pixels(attack.eps)
             for protocol in protocols:
-                correct, n, seconds = totals[(attack.name, protocol, t)]
+                c = totals[(attack.name, protocol, t)]
                 rows.append(
                     ResultRow.make(
                         **info,
@@ -152,9 +159,12 @@ def evaluate_model(
                         eps=eps,
                         trial=t,
                         seed=trial_seed(seed, t),
-                        n=int(n),
-                        correct=int(correct),
-                        seconds=float(seconds),
+                        n=c.n,
+                        correct=c.correct,
+                        seconds=float(seconds[(attack.name, protocol, t)]),
+                        draws=inference_draws,
+                        correct_worst=c.worst,
+                        correct_vote=c.vote,
                     )
                 )
     return rows

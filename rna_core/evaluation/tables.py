@@ -2,9 +2,13 @@
 DeepFool, AutoAttack (the RNA paper's Table 1 layout), one table per protocol.
 
 The paper's "CW" column is CW-L2 as its script ran it (``cw_l2``). Attacks beyond the paper's
-columns (``cw_inf``, ``eot_pgd``, ``autoattack_rand`` and any registered later) follow as extra
-columns. A cell is the accuracy in percent, averaged over trials ("-" when not evaluated). An
-attack evaluated at a non-default eps gets its own column, labelled with that eps.
+columns (``cw_inf``, ``eot_pgd``, ``autoattack_rand``, ``apgd_ce`` and any registered later)
+follow as extra columns. A cell is the accuracy in percent, averaged over trials ("-" when not
+evaluated). An attack evaluated at a non-default eps gets its own column, labelled with that eps.
+
+Each protocol has three tables: one inference draw (the paper's number), worst-of-R (right under
+all R draws) and vote-of-R (the plurality of R draws is right); rows written before R existed
+have only the first.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ EXTRA_COLUMNS: tuple[tuple[str, str], ...] = (
     ("CW-inf", "cw_inf"),
     ("EOT-PGD", "eot_pgd"),
     ("AutoAttack-rand", "autoattack_rand"),
+    ("APGD-CE", "apgd_ce"),
 )
+SCORE_TITLES = {"one": "one inference draw", "worst": "worst-of-{R}", "vote": "vote-of-{R}"}
 _LABELS = dict((a, label) for label, a in PAPER_COLUMNS + EXTRA_COLUMNS)
 _ORDER = [a for _, a in PAPER_COLUMNS + EXTRA_COLUMNS]
 
@@ -71,15 +77,16 @@ def _columns(rows: list[ResultRow]) -> list[tuple[str, float | None]]:
     return cols
 
 
-def _format(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
+def _format(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return "-"
     return f"{100 * sum(values) / len(values):.2f}"
 
 
-def paper_table(rows: Iterable[ResultRow], protocol: str, dataset: str | None = None) -> str:
-    """One Markdown table of `protocol` (restricted to `dataset` when given).
+def paper_table(rows: Iterable[ResultRow], protocol: str, dataset: str | None = None, score: str = "one") -> str:
+    """One Markdown table of `protocol` (restricted to `dataset` when given) for `score`
+    ("one": one inference draw; "worst" / "vote": worst-of-R / vote-of-R).
 
     A cell averages the trials of one evaluated model. Two runs with the same model and method
     label (e.g. two RNA runs trained with different modes) get a row each, the method then
@@ -93,7 +100,7 @@ def paper_table(rows: Iterable[ResultRow], protocol: str, dataset: str | None = 
     cells: dict[tuple[str, str], dict[tuple[str, float | None], list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         method = r.method if len(runs[(r.model, r.method)]) == 1 else f"{r.method} [{r.run_id[:8]}]"
-        cells[(r.model, method)][(r.attack, _eps_key(r.eps))].append(r.accuracy)
+        cells[(r.model, method)][(r.attack, _eps_key(r.eps))].append(r.score(score))
     header = ["Model", "Method"] + [_column_label(a, e) for a, e in cols]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(cols)) + "|"]
     for model, method in sorted(cells):
@@ -103,12 +110,21 @@ def paper_table(rows: Iterable[ResultRow], protocol: str, dataset: str | None = 
     return "\n".join(lines)
 
 
-def paper_tables(rows: Iterable[ResultRow]) -> dict[str, str]:
-    """{protocol: table} for each protocol present, in the canonical protocol order."""
-    rows = list(rows)
+def _protocol_order(rows: list[ResultRow]) -> list[str]:
     present = {r.protocol for r in rows}
-    order = [p for p in PROTOCOLS if p in present] + sorted(present - set(PROTOCOLS))
-    return {p: paper_table(rows, p) for p in order}
+    return [p for p in PROTOCOLS if p in present] + sorted(present - set(PROTOCOLS))
+
+
+def paper_tables(rows: Iterable[ResultRow], score: str = "one") -> dict[str, str]:
+    """{protocol: table of `score`} for each protocol present, in the canonical protocol order."""
+    rows = list(rows)
+    return {p: paper_table(rows, p, score=score) for p in _protocol_order(rows)}
+
+
+def _draws(rows: list[ResultRow]) -> str | None:
+    """R as a table title says it ("10", or "5/10" when merged rows differ); None without R."""
+    values = sorted({r.draws for r in rows if r.draws is not None})
+    return "/".join(map(str, values)) if values else None
 
 
 def render_markdown(rows: Iterable[ResultRow], title: str | None = None) -> str:
@@ -118,14 +134,18 @@ def render_markdown(rows: Iterable[ResultRow], title: str | None = None) -> str:
     datasets = sorted({r.dataset for r in rows})
     for dataset in datasets:
         subset = [r for r in rows if r.dataset == dataset]
-        for protocol in paper_tables(subset):
+        for protocol in _protocol_order(subset):
             heading = f"## {dataset}: protocol `{protocol}`" if len(datasets) > 1 else f"## Protocol `{protocol}`"
-            parts += [
-                heading,
-                "",
-                "Accuracy (%) under attack; rows model x method.",
-                "",
-                paper_table(subset, protocol),
-                "",
-            ]
+            in_protocol = [r for r in subset if r.protocol == protocol]
+            draws = _draws(in_protocol)
+            scores = ("one", "worst", "vote") if draws else ("one",)
+            parts += [heading, ""]
+            for score in scores:
+                what = SCORE_TITLES[score].format(R=draws)
+                parts += [
+                    f"Accuracy (%) under attack, {what}; rows model x method.",
+                    "",
+                    paper_table(subset, protocol, score=score),
+                    "",
+                ]
     return "\n".join(parts).rstrip() + "\n"

@@ -5,7 +5,9 @@ Per epoch: `clean_acc` and `pgd<k>_acc` (natural and PGD-k under `transfer`, k =
 natural and PGD-k under `transfer` and EOT-PGD-k under `eot`, named as the evaluation job names
 the same computations (:func:`rna_core.evaluation.naming.result_metric`), and computed exactly
 as it computes them: with the same seed, batch size, strategy and test rows, `jobs/evaluate.py`
-reports the same numbers for the saved checkpoint.
+reports the same numbers for the saved checkpoint. The final evaluation scores R =
+``DEFAULT_INFERENCE_DRAWS`` inference draws, as the evaluation job does by default, so it also
+logs `<name>_worst10` and `<name>_vote10`; per-epoch measures score one draw.
 
 Under data parallelism batch b goes to rank b % world and uses the seed the sequential run gives
 it (`batch_seed`), and the counts are summed over ranks: a result does not depend on the number
@@ -26,8 +28,8 @@ from ..data.loader import BatchIterator
 from ..data.tensor_dataset import ImageTensorDataset
 from ..distributed import all_reduce_sum
 from ..units import to_unit
-from .naming import CLEAN_METRIC, pgd_metric, result_metric
-from .protocols import DEFAULT_EOT_ITER, evaluate_batch
+from .naming import CLEAN_METRIC, SCORES, pgd_metric, result_metric, score_metric
+from .protocols import DEFAULT_EOT_ITER, DEFAULT_INFERENCE_DRAWS, Counts, evaluate_batch
 from .seeds import batch_seed, trial_seed
 
 FINAL_SEED = 0  # the evaluation job's default seed (trial 0): its numbers and these agree
@@ -74,6 +76,9 @@ def final_measures(train_cfg: Any) -> list[Measure]:
     return [Measure(result_metric(attack, protocol), attack, protocol) for attack, protocol in pairs]
 
 
+FINAL_INFERENCE_DRAWS = DEFAULT_INFERENCE_DRAWS  # R of the final evaluation: the evaluation job's default
+
+
 def final_metric_names(train_cfg: Any) -> dict[str, str]:
     """{"natural" | "pgd" | "eot": metric name} of the final evaluation of a run with `train_cfg`."""
     return dict(zip(("natural", "pgd", "eot"), (m.name for m in final_measures(train_cfg))))
@@ -91,30 +96,43 @@ def evaluate_measures(
     rank: int = 0,
     world: int = 1,
     eot_iter: int = DEFAULT_EOT_ITER,
+    inference_draws: int = 1,
 ) -> dict[str, float]:
     """{measure name: accuracy} plus "n" (images), each rank scoring batches b with b % world == rank.
 
-    Batch b of trial 0 uses `batch_seed(trial_seed(seed, 0), b)`, as `evaluate_model` and the
-    evaluation job's units do. Counts are summed over ranks when a process group is up.
+    With `inference_draws` R > 1 also `<name>_worst<R>` and `<name>_vote<R>`. Batch b of trial 0
+    uses `batch_seed(trial_seed(seed, 0), b)`, as `evaluate_model` and the evaluation job's units
+    do. Counts are summed over ranks when a process group is up.
     """
     tseed = trial_seed(seed, 0)
-    counts = [0.0] * (len(measures) + 1)
+    counts = [Counts() for _ in measures]
+    n_local = 0
     batches = BatchIterator(data, batch_size, shuffle=False, seed=0, device=device)
     for b, (x, y) in enumerate(batches):
         if b % world != rank:
             continue
         bseed = batch_seed(tseed, b)
         for i, m in enumerate(measures):
-            counts[i] += evaluate_batch(model, x, y, m.attack, m.protocol, bseed, eot_iter, m.strategy or strategy)
-        counts[-1] += int(y.shape[0])
-    totals = all_reduce_sum(counts, device)
+            counts[i] = counts[i] + evaluate_batch(
+                model, x, y, m.attack, m.protocol, bseed, eot_iter, m.strategy or strategy, inference_draws
+            )
+        n_local += int(y.shape[0])
+    flat = [float(v) for c in counts for v in (c.correct, c.worst, c.vote)] + [float(n_local)]
+    totals = all_reduce_sum(flat, device)
     n = totals[-1]
-    out = {m.name: totals[i] / max(n, 1.0) for i, m in enumerate(measures)}
+    out: dict[str, float] = {}
+    for i, m in enumerate(measures):
+        correct, worst, vote = totals[3 * i : 3 * i + 3]
+        out[m.name] = correct / max(n, 1.0)
+        if inference_draws > 1:
+            for score, value in zip(SCORES, (worst, vote)):
+                out[score_metric(m.name, score, inference_draws)] = value / max(n, 1.0)
     out["n"] = n
     return out
 
 
 __all__ = [
+    "FINAL_INFERENCE_DRAWS",
     "FINAL_SEED",
     "epoch_metric_names",
     "Measure",

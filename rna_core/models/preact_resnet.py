@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..randomness import PathNetwork
 from .init import init_resnet_style
 from .layers import LayerFactory, Standardize, build_stages, final_norm_identity
 from .registry import register_model
@@ -46,7 +47,7 @@ class PreActBlock(nn.Module):
         return out + skip
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(PathNetwork):
     def __init__(self, f: LayerFactory, blocks: tuple[int, ...], num_classes: int, standardize: Standardize):
         super().__init__()
         self.standardize = standardize

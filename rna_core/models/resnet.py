@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..randomness import PathNetwork
 from .init import init_resnet_style
 from .layers import LayerFactory, Standardize, build_stages
 from .registry import register_model
@@ -34,7 +35,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(PathNetwork):
     def __init__(self, f: LayerFactory, blocks: tuple[int, ...], num_classes: int, standardize: Standardize):
         super().__init__()
         self.standardize = standardize

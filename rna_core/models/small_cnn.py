@@ -11,11 +11,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..randomness import PathNetwork
 from .layers import LayerFactory, Standardize
 from .registry import register_model
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(PathNetwork):
     def __init__(self, f: LayerFactory, num_classes: int, standardize: Standardize, width: int = 16):
         super().__init__()
         self.standardize = standardize

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..randomness import PathNetwork
 from .init import init_wide_resnet_style
 from .layers import LayerFactory, Standardize, build_stages, final_norm_identity
 from .preact_resnet import PreActBlock
@@ -24,7 +25,7 @@ class WideBasicBlock(PreActBlock):
     SHORTCUT_ON_BLOCK_INPUT = False
 
 
-class WideResNet(nn.Module):
+class WideResNet(PathNetwork):
     def __init__(self, f: LayerFactory, depth: int, widen: int, num_classes: int, standardize: Standardize):
         super().__init__()
         if (depth - 4) % 6:
