@@ -69,6 +69,36 @@ def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
         check_writable_folder(uri, "the MLflow store")
 
 
+def is_driver_local(uri: str) -> bool:
+    """Whether only this machine's disk can serve `uri` (a path, file://, a SQLite or file MLflow store)."""
+    return not is_uri(uri) or uri.startswith(("file://", "sqlite://"))
+
+
+def check_cluster_paths(cfg: Config, tracking_uri: str, where: str) -> None:
+    """Workers on other nodes share no disk with the driver: refuse settings only its disk serves.
+
+    `where` says why it matters (e.g. "the cluster at ... runs workers on 2 other node(s)").
+    Train workers write checkpoints to `ray.storage_path`, read `data.data_dir` and log metrics
+    to the tracking store; on another node a local path is another disk, so the driver would
+    never see what they wrote.
+    """
+    if is_driver_local(cfg.ray.storage_path):
+        raise ConfigError(
+            f"ray.storage_path {cfg.ray.storage_path} is on the driver's disk but {where}; "
+            "use an object-store URI, e.g. --set ray.storage_path=s3://BUCKET/ray_results"
+        )
+    if cfg.data.dataset != "synthetic" and is_driver_local(cfg.data.data_dir or "./data"):
+        raise ConfigError(
+            f"data.data_dir {cfg.data.data_dir} is on the driver's disk but {where}; upload the Parquet files and "
+            "use their object-store URI, e.g. --set data.data_dir=s3://BUCKET/data/cifar10"
+        )
+    if is_driver_local(tracking_uri):
+        raise ConfigError(
+            f"the MLflow store {tracking_uri} is on the driver's disk but {where}; "
+            "set MLFLOW_TRACKING_URI=http://HOST:PORT of a tracking server that every node reaches"
+        )
+
+
 def check_compatible(stored_flat: dict[str, Any], cfg: Config, run_dir: str) -> None:
     """A resumed run must train the same network; refuse a different model before Ray starts."""
     flat = flatten(cfg)
@@ -149,10 +179,12 @@ def check_training_config(cfg: Config) -> None:
 
 __all__ = [
     "MODEL_IDENTITY_KEYS",
+    "check_cluster_paths",
     "check_compatible",
     "check_data",
     "check_tracking_store",
     "check_training_config",
     "check_val_size",
     "check_writable_folder",
+    "is_driver_local",
 ]

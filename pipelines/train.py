@@ -32,9 +32,9 @@ from rna_core.paths import count_paths
 
 from . import tracking
 from .checkpoints import CHECKPOINT_FILE
-from .cluster import ensure_ray, resolve_use_gpu
+from .cluster import check_ray_address, ensure_ray, resolve_use_gpu, workers_elsewhere
 from .model_card import render_model_card
-from .preflight import check_compatible, check_data, check_tracking_store, check_training_config
+from .preflight import check_cluster_paths, check_compatible, check_data, check_tracking_store, check_training_config
 from .run_folder import (
     JOB_FILE,
     base_dir,
@@ -170,7 +170,16 @@ def open_training_run(
     else:
         uri, exp_id = (reopen.tracking_uri if reopen else tracking.resolve_tracking_uri(base_dir())), None
     opened = tracking.open_run(
-        uri, cfg.mlflow.experiment, plan.run_name, params, tags, reopen=reopen, owner=owner, experiment_id=exp_id
+        uri,
+        cfg.mlflow.experiment,
+        plan.run_name,
+        params,
+        tags,
+        reopen=reopen,
+        owner=owner,
+        experiment_id=exp_id,
+        if_missing=cfg.mlflow.if_run_missing,
+        named_by=join(plan.run_dir, JOB_FILE),
     )
     if opened.how == "reopened":
         changed = opened.changed
@@ -268,6 +277,12 @@ def run_training(
     check_data(cfg, echo)
     if parent_run is None and not plan.job:  # a new run goes to the local store: it must be creatable
         check_tracking_store(tracking.resolve_tracking_uri(base_dir()))
+    if parent_run is None:  # a sweep trial runs inside the sweep's Ray, checked by the sweep
+        check_ray_address(cfg)  # a cluster that does not answer: one line in seconds, not minutes of waiting
+        elsewhere = workers_elsewhere(cfg)
+        if elsewhere:
+            stored = (plan.job or {}).get("mlflow") or {}
+            check_cluster_paths(cfg, stored.get("tracking_uri") or tracking.resolve_tracking_uri(base_dir()), elsewhere)
 
     client, ref = open_training_run(plan, echo, parent_run, run_tags)
     status = "FAILED"

@@ -34,13 +34,14 @@ from rna_core.paths import count_paths
 from rna_core.units import to_unit
 
 from .. import tracking
-from ..cluster import ensure_ray
+from ..cluster import check_ray_address, ensure_ray
 from .plan import EvalPlan, plan_evaluation
 from .source import load_source
 from .store import (
     PATHS_DIR,
     RESULTS_FILE,
     STABILITY_FILE,
+    STATE_FILE,
     TABLES_FILE,
     clean_temporaries,
     done_units,
@@ -151,6 +152,8 @@ def open_eval_run(plan: EvalPlan, echo: Echo) -> tuple[Any, tracking.RunRef]:
         tags,
         reopen=reopen,
         experiment_id=src.parent_experiment_id if src.parent_run_id else None,
+        if_missing=src.cfg.mlflow.if_run_missing,
+        named_by=str(plan.out_dir / STATE_FILE),
     )
     if opened.how == "reopened":
         echo(f"[evaluate] resuming MLflow run {opened.ref.run_id}")
@@ -173,7 +176,6 @@ def run_evaluation(plan: EvalPlan, echo: Echo = print, fail_once_marker: str | N
     """
     start = time.monotonic()
     o = plan.options
-    plan.out_dir.mkdir(parents=True, exist_ok=True)
     clean_temporaries(plan.out_dir)
     done = done_units(plan.out_dir)
     todo = [u for u in plan.units if u.unit_id not in done]
@@ -186,7 +188,10 @@ def run_evaluation(plan: EvalPlan, echo: Echo = print, fail_once_marker: str | N
         f"{len(plan.units)} units; {len(plan.units) - len(todo)} done earlier; folder {plan.out_dir}"
     )
 
+    if todo or with_paths:
+        check_ray_address(plan.source.cfg)  # before the run opens: one line, nothing started
     client, ref = open_eval_run(plan, echo)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
     status = "FAILED"
     try:
         write_state(

@@ -32,8 +32,8 @@ from rna_core.errors import ConfigError
 from rna_core.sweep_config import Dimension, SweepConfig
 
 from .. import tracking
-from ..cluster import cluster_resources, ensure_ray, resolve_use_gpu
-from ..preflight import check_data, check_tracking_store, check_writable_folder
+from ..cluster import check_ray_address, cluster_resources, ensure_ray, resolve_use_gpu, workers_elsewhere
+from ..preflight import check_cluster_paths, check_data, check_tracking_store, check_writable_folder
 from ..run_folder import base_dir, exists, join, read_job_file, resolve_paths, write_job_file
 from ..train import JOB_FILE_TAG
 from .spec import base_config, identity, sweep_section, validate_sweep
@@ -220,7 +220,15 @@ def open_parent(plan: SweepPlan, config_text: str, echo: Echo) -> tuple[Any, tra
     owner = {"rna.sweep_dir": plan.sweep_dir, JOB_FILE_TAG: "pending"}  # "written" once SWEEP_FILE names it
     uri = reopen.tracking_uri if reopen else tracking.resolve_tracking_uri(base_dir())
     opened = tracking.open_run(
-        uri, plan.cfg.mlflow.experiment, plan.name, {} if reopen else params, tags, reopen=reopen, owner=owner
+        uri,
+        plan.cfg.mlflow.experiment,
+        plan.name,
+        {} if reopen and tracking.run_exists(reopen) else params,
+        tags,
+        reopen=reopen,
+        owner=owner,
+        if_missing=plan.cfg.mlflow.if_run_missing,
+        named_by=join(plan.sweep_dir, SWEEP_FILE),
     )
     if opened.how == "reopened":
         echo(f"resuming MLflow parent run {opened.ref.run_id}")
@@ -297,6 +305,13 @@ def run_sweep(
     check_writable_folder(plan.cfg.ray.storage_path, "ray.storage_path")
     if not plan.stored:
         check_tracking_store(tracking.resolve_tracking_uri(base_dir()))
+    check_ray_address(plan.base)
+    elsewhere = workers_elsewhere(plan.base)
+    if elsewhere:  # trials train on any node
+        stored = (plan.stored or {}).get("mlflow") or {}
+        check_cluster_paths(
+            plan.base, stored.get("tracking_uri") or tracking.resolve_tracking_uri(base_dir()), elsewhere
+        )
     text = config_text or yaml.safe_dump(to_dict(plan.cfg), sort_keys=False)
 
     client, parent = open_parent(plan, text, echo)
