@@ -34,7 +34,14 @@ from . import tracking
 from .checkpoints import CHECKPOINT_FILE
 from .cluster import check_ray_address, ensure_ray, resolve_use_gpu, workers_elsewhere
 from .model_card import render_model_card
-from .preflight import check_cluster_paths, check_compatible, check_data, check_tracking_store, check_training_config
+from .preflight import (
+    check_cluster_paths,
+    check_compatible,
+    check_data,
+    check_object_store,
+    check_tracking_store,
+    check_training_config,
+)
 from .run_folder import (
     JOB_FILE,
     base_dir,
@@ -87,6 +94,7 @@ class RunPlan:
 
 def load_resume_config(run_dir: str, overrides: list[str] | None = None) -> Config:
     """The config stored with a run (for `--resume` without `--config`), with overrides applied."""
+    check_object_store(run_dir, "--resume")
     job = read_job_file(run_dir)
     if job is None:
         raise ConfigError(
@@ -264,6 +272,8 @@ def run_training(
     a sweep trial fails with ActorDiedError when Tune stops it (ASHA, Ctrl+C), so only the
     sweep's driver, which knows Tune's status, can tell FINISHED (stopped early) from FAILED.
     """
+    if parent_run is None:  # before the run folder is looked up there: S3 clients retry for minutes
+        check_object_store(resume or cfg.ray.storage_path, "--resume" if resume else "ray.storage_path")
     plan = plan_run(cfg, config_path, resume)
     cfg = plan.cfg
     check_training_config(cfg)

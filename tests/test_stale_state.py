@@ -218,3 +218,27 @@ def test_evaluation_file_naming_a_lost_run_is_one_line(workdir, capsys, tmp_path
     assert not (workdir / "mlflow.db").exists()
     assert sorted(p.name for p in out.iterdir()) == ["evaluation.json"]
     assert os.environ.get("MLFLOW_TRACKING_URI") == ref.tracking_uri
+
+
+# ------------------------------------------------------------- services that do not answer at start
+
+
+def test_an_object_store_or_tracking_server_that_does_not_answer_is_one_line_nothing_written(
+    workdir, capsys, monkeypatch
+):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{dead_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    start = time.monotonic()
+    assert train_job.main([*SMOKE, "--set", "ray.storage_path=s3://rna/ray_results", "--set", "ray.address=local"]) == 2
+    line = one_error_line(capsys)
+    assert "ray.storage_path s3://rna/ray_results" in line and "AWS_ENDPOINT_URL" in line, line
+    assert time.monotonic() - start < 30
+
+    mlflow_port = dead_port()
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{mlflow_port}")
+    assert train_job.main([*SMOKE, "--set", "ray.address=local"]) == 2
+    line = one_error_line(capsys)
+    assert f"http://127.0.0.1:{mlflow_port}" in line and "not reachable" in line, line
+    assert sorted(p.name for p in workdir.iterdir()) == []

@@ -33,7 +33,13 @@ from rna_core.sweep_config import Dimension, SweepConfig
 
 from .. import tracking
 from ..cluster import check_ray_address, cluster_resources, ensure_ray, resolve_use_gpu, workers_elsewhere
-from ..preflight import check_cluster_paths, check_data, check_tracking_store, check_writable_folder
+from ..preflight import (
+    check_cluster_paths,
+    check_data,
+    check_object_store,
+    check_tracking_store,
+    check_writable_folder,
+)
 from ..run_folder import base_dir, exists, join, read_job_file, resolve_paths, write_job_file
 from ..train import JOB_FILE_TAG
 from .spec import base_config, identity, sweep_section, validate_sweep
@@ -300,6 +306,7 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run (or resume) a sweep; returns where everything is. Validation happens before Ray starts."""
     validate_sweep(cfg)
+    check_object_store(cfg.ray.storage_path, "ray.storage_path")  # before the sweep folder is looked up there
     plan = plan_sweep(cfg, config_path, resume)
     check_data(plan.base, echo)
     check_writable_folder(plan.cfg.ray.storage_path, "ray.storage_path")
