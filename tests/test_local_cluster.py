@@ -188,20 +188,47 @@ SMOKE = [
 ]  # fmt: skip
 
 
-def test_training_on_two_nodes_writes_checkpoints_to_s3_and_metrics_to_the_server(stack):
+@pytest.fixture(scope="module")
+def trained(stack):
+    """The smoke run trained by `ray job submit` with its two DDP workers on the two worker nodes
+    (each offers one CPU, the head none), checkpoints in S3; its MLflow run."""
     run = run_job(stack, "jobs/train.py", *SMOKE, "--set", "ray.storage_path=s3://rna/ray_results",
                   "--set", "mlflow.run_name=two-nodes")  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     client = mlflow_client(stack)
     exp = client.get_experiment_by_name("cluster")
     (mlrun,) = client.search_runs([exp.experiment_id], "tags.`rna.run_dir` = 's3://rna/ray_results/two-nodes'")
+    return client, mlrun
+
+
+def test_training_on_two_nodes_writes_checkpoints_to_s3_and_metrics_to_the_server(stack, trained):
+    client, mlrun = trained
     assert mlrun.info.status == "FINISHED"
     history = client.get_metric_history(mlrun.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == [1, 2]  # every epoch once
+    assert 0.0 <= mlrun.data.metrics["acc_pgd20_steps2_transfer"] <= 1.0
     keys = s3_keys(stack, "ray_results/two-nodes/")
     assert "ray_results/two-nodes/rna_job.json" in keys
     assert any(k.endswith("/checkpoint.pt") for k in keys), keys
-    assert any(k.startswith("mlflow/") for k in s3_keys(stack, "mlflow/"))  # artifacts proxied to S3
+    artifacts = [f.path for f in client.list_artifacts(mlrun.info.run_id)]
+    assert "checkpoint" in artifacts and "config.yaml" in artifacts
+    assert any(k.endswith("checkpoint/checkpoint.pt") for k in s3_keys(stack, "mlflow/"))  # proxied to S3
+
+
+def test_evaluation_fans_out_over_the_nodes_and_nests_its_run(stack, trained):
+    client, mlrun = trained
+    run = run_job(stack, "jobs/evaluate.py", "--run-id", mlrun.info.run_id, "--attacks", "natural,fgsm",
+                  "--protocols", "transfer", "--limit", "32", "--batch-size", "8", "--shard-size", "8")  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    ev = client.search_runs(
+        [mlrun.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{mlrun.info.run_id}'",
+        order_by=["attributes.start_time DESC"],
+    )[0]
+    assert ev.info.status == "FINISHED"
+    assert ev.data.metrics["eval_units"] == 8 and ev.data.metrics["eval_units_run"] == 8  # 2 attacks x 4 shards
+    assert 0.0 <= ev.data.metrics["acc_fgsm_transfer"] <= ev.data.metrics["acc_natural_transfer"] <= 1.0
+    assert "results.parquet" in [f.path for f in client.list_artifacts(ev.info.run_id)]
 
 
 def test_driver_local_paths_are_refused_before_anything_runs_when_workers_are_elsewhere(stack, tmp_path):
