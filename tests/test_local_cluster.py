@@ -249,3 +249,20 @@ def test_driver_local_paths_are_refused_before_anything_runs_when_workers_are_el
         assert len(lines) == 1 and setting in lines[0] and "other node" in lines[0], lines
     assert list(tmp_path.iterdir()) == []
     assert s3_keys(stack, "refused/") == []
+
+
+def test_sweep_runs_trials_on_the_cluster_with_a_parent_and_a_child_run_per_trial(stack):
+    run = run_job(stack, "jobs/sweep.py", "--config", "configs/sweep_smoke.yaml",
+                  "--set", "ray.storage_path=s3://rna/sweeps", "--set", "sweep.name=cluster-sweep",
+                  "--set", "sweep.scheduler=none", "--set", "train.epochs=1",
+                  "--set", "mlflow.experiment=cluster-sweep")  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    client = mlflow_client(stack)
+    exp = client.get_experiment_by_name("cluster-sweep")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert sorted(c.data.params["model.norm"] for c in children) == ["bn,gns:1", "bn,in,bgn:8"]
+    assert all(c.info.status == "FINISHED" and "pgd2_acc" in c.data.metrics for c in children)
+    assert "rna_sweep.json" in " ".join(s3_keys(stack, "sweeps/cluster-sweep/"))
