@@ -3,7 +3,7 @@
     python infra/local_cluster.py up   [--dir DIR] [--workers 2] [--cpus-per-node 1]   # make cluster-up
     eval "$(python infra/local_cluster.py env [--dir DIR])"     # the settings a user of the cluster needs
     ray job submit --working-dir . -- python jobs/train.py --config configs/smoke.yaml \
-        --set ray.storage_path=s3://rna/ray_results --set data.data_dir=s3://rna/data/cifar10
+        --set ray.storage_path=s3://rna/ray_results --set data.dataset=synthetic
     python infra/local_cluster.py status [--dir DIR]
     python infra/local_cluster.py kill-node worker-2 [--dir DIR]  # drill: a node dies (SIGKILL, no clean-up)
     python infra/local_cluster.py down [--dir DIR]                # make cluster-down
@@ -446,7 +446,9 @@ def start_tracking_server(folder: Path, state, env, cluster_env, sec, port: int)
     )
     server_env = {
         **env,
-        **{k: v for k, v in cluster_env.items() if k.startswith(("AWS_", "MLFLOW_S3_"))},  # the server writes artifacts to S3
+        **{
+            k: v for k, v in cluster_env.items() if k.startswith(("AWS_", "MLFLOW_S3_"))
+        },  # the server writes artifacts to S3
         "MLFLOW_AUTH_CONFIG_PATH": str(ini),
         "MLFLOW_AUTH_ADMIN_PASSWORD": sec["mlflow_admin_password"],
         "MLFLOW_FLASK_SERVER_SECRET_KEY": sec["mlflow_flask_secret"],
@@ -692,7 +694,9 @@ def describe(state: dict[str, Any]) -> str:
         f"Use it:\n"
         f'  eval "$(python infra/local_cluster.py env --dir {state["dir"]})"\n'
         f"  ray job submit --working-dir . -- python jobs/train.py --config configs/smoke.yaml \\\n"
-        f"      --set ray.storage_path=s3://{state['bucket']}/ray_results --set data.data_dir=s3://{state['bucket']}/data/cifar10\n"
+        f"      --set ray.storage_path=s3://{state['bucket']}/ray_results --set data.dataset=synthetic\n"
+        f"  (real data: upload train.parquet and test.parquet to s3://{state['bucket']}/data/cifar10/ and set "
+        f"data.data_dir to that URI)\n"
         f"Stop it:  python infra/local_cluster.py down --dir {state['dir']}"
     )
 
