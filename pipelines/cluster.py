@@ -23,6 +23,8 @@ import ray
 from rna_core.config import Config
 from rna_core.errors import ConfigError
 
+from .preflight import check_cluster_paths
+
 Echo = Callable[[str], None]
 PROBE_TIMEOUT_S = 3.0
 ADDRESS_FILE = "ray_current_cluster"  # written by `ray start`, removed by `ray stop`
@@ -80,6 +82,8 @@ def configured_address(cfg: Config) -> tuple[str | None, str]:
 
 def check_ray_address(cfg: Config) -> None:
     """ConfigError (one line) when the cluster the job would join does not answer; nothing started."""
+    if ray.is_initialized():  # already attached (a notebook, a test): ensure_ray will not join another
+        return
     address, source = configured_address(cfg)
     if address is None or address in ("local", "auto") or answers(address):
         return
@@ -109,6 +113,15 @@ def workers_elsewhere(cfg: Config) -> str | None:
     if not others:
         return None
     return f"the cluster at {address} runs workers on {len(others)} other node(s)"
+
+
+def check_cluster(cfg: Config, tracking_uri: str) -> None:
+    """Before a job opens its run: the cluster answers, and if its workers run on other nodes, no
+    setting needs the driver's disk (storage, data, the tracking store `tracking_uri`)."""
+    check_ray_address(cfg)
+    elsewhere = workers_elsewhere(cfg)
+    if elsewhere:
+        check_cluster_paths(cfg, tracking_uri, elsewhere)
 
 
 def ensure_ray(cfg: Config, echo: Echo | None = None) -> None:
@@ -149,6 +162,7 @@ def cluster_resources() -> dict[str, float]:
 
 
 __all__ = [
+    "check_cluster",
     "check_ray_address",
     "cluster_resources",
     "configured_address",

@@ -32,16 +32,9 @@ from rna_core.paths import count_paths
 
 from . import tracking
 from .checkpoints import CHECKPOINT_FILE
-from .cluster import check_ray_address, ensure_ray, resolve_use_gpu, workers_elsewhere
+from .cluster import check_cluster, ensure_ray, resolve_use_gpu
 from .model_card import render_model_card
-from .preflight import (
-    check_cluster_paths,
-    check_compatible,
-    check_data,
-    check_object_store,
-    check_tracking_store,
-    check_training_config,
-)
+from .preflight import check_compatible, check_data, check_object_store, check_tracking_store, check_training_config
 from .run_folder import (
     JOB_FILE,
     base_dir,
@@ -288,11 +281,8 @@ def run_training(
     if parent_run is None and not plan.job:  # a new run goes to the local store: it must be creatable
         check_tracking_store(tracking.resolve_tracking_uri(base_dir()))
     if parent_run is None:  # a sweep trial runs inside the sweep's Ray, checked by the sweep
-        check_ray_address(cfg)  # a cluster that does not answer: one line in seconds, not minutes of waiting
-        elsewhere = workers_elsewhere(cfg)
-        if elsewhere:
-            stored = (plan.job or {}).get("mlflow") or {}
-            check_cluster_paths(cfg, stored.get("tracking_uri") or tracking.resolve_tracking_uri(base_dir()), elsewhere)
+        stored = ((plan.job or {}).get("mlflow") or {}).get("tracking_uri")
+        check_cluster(cfg, stored or tracking.resolve_tracking_uri(base_dir()))  # one line in seconds
 
     client, ref = open_training_run(plan, echo, parent_run, run_tags)
     status = "FAILED"

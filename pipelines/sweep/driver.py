@@ -32,14 +32,8 @@ from rna_core.errors import ConfigError
 from rna_core.sweep_config import Dimension, SweepConfig
 
 from .. import tracking
-from ..cluster import check_ray_address, cluster_resources, ensure_ray, resolve_use_gpu, workers_elsewhere
-from ..preflight import (
-    check_cluster_paths,
-    check_data,
-    check_object_store,
-    check_tracking_store,
-    check_writable_folder,
-)
+from ..cluster import check_cluster, cluster_resources, ensure_ray, resolve_use_gpu
+from ..preflight import check_data, check_object_store, check_tracking_store, check_writable_folder
 from ..run_folder import base_dir, exists, join, read_job_file, resolve_paths, write_job_file
 from ..train import JOB_FILE_TAG
 from .spec import base_config, identity, sweep_section, validate_sweep
@@ -312,13 +306,8 @@ def run_sweep(
     check_writable_folder(plan.cfg.ray.storage_path, "ray.storage_path")
     if not plan.stored:
         check_tracking_store(tracking.resolve_tracking_uri(base_dir()))
-    check_ray_address(plan.base)
-    elsewhere = workers_elsewhere(plan.base)
-    if elsewhere:  # trials train on any node
-        stored = (plan.stored or {}).get("mlflow") or {}
-        check_cluster_paths(
-            plan.base, stored.get("tracking_uri") or tracking.resolve_tracking_uri(base_dir()), elsewhere
-        )
+    stored = ((plan.stored or {}).get("mlflow") or {}).get("tracking_uri")
+    check_cluster(plan.base, stored or tracking.resolve_tracking_uri(base_dir()))  # trials train on any node
     text = config_text or yaml.safe_dump(to_dict(plan.cfg), sort_keys=False)
 
     client, parent = open_parent(plan, text, echo)
