@@ -59,7 +59,7 @@ REGION = "us-east-1"
 WORKER_PORTS = 100  # per node: one per Ray worker process
 EXIT_USAGE = 2
 RAY_STARTED = "Ray runtime started"  # what `ray start` prints once its node is registered
-START_ATTEMPTS = 3
+START_ATTEMPTS = 4  # Ray gives a joining node 30 s to register (fixed); a loaded machine can miss it
 
 
 class ClusterError(Exception):
