@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast lint format demo bench clean
+.PHONY: install test test-fast lint format demo bench clean cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ format: $(STAMP)
 
 demo: $(STAMP)
 	bash infra/demo.sh
+
+# The local multi-node cluster (root; README "Running on a cluster"): CLUSTER_DIR defaults to /tmp/rna-cluster.
+CLUSTER_DIR ?= /tmp/rna-cluster
+cluster-up: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[cluster]'
+	$(PY) infra/local_cluster.py up --dir $(CLUSTER_DIR)
+
+cluster-down:
+	$(PY) infra/local_cluster.py down --dir $(CLUSTER_DIR)
 
 bench: $(STAMP)
 	$(PY) bench/at_step.py

@@ -8,11 +8,15 @@ nothing behind. The checks create nothing: a folder is checked on its nearest ex
 from __future__ import annotations
 
 import os
+import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pyarrow.fs as pafs
 
 from rna_core.builders import effective_train_config, model_structure
 from rna_core.config import Config, flatten
@@ -21,7 +25,7 @@ from rna_core.data.torchvision_data import TORCHVISION_FOLDERS, load_torchvision
 from rna_core.errors import ConfigError, DatasetNotFoundError
 from rna_core.paths import check_strategy
 
-from .run_folder import is_uri, join
+from .run_folder import filesystem, is_uri, join
 
 # What a resumed run must share with the run it continues (the network it trains).
 MODEL_IDENTITY_KEYS = ("model.name", "model.method", "model.norm", "model.precisions", "data.dataset")
@@ -47,6 +51,37 @@ def check_writable_folder(path: str, what: str) -> None:
         raise ConfigError(f"{what} {target} is not writable (no write permission on {probe}); choose another place")
 
 
+def check_object_store(uri: str, what: str, timeout_s: float = 5.0) -> None:
+    """An object-store URI must be reachable (one line after `timeout_s`, not minutes of retries).
+
+    S3 clients retry an endpoint that does not answer for minutes; the endpoint (`AWS_ENDPOINT_URL`,
+    e.g. a MinIO or moto server) is probed first, then the bucket is looked up.
+    """
+    if not uri.startswith("s3://"):
+        return
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urllib.parse.urlsplit(endpoint)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname or "127.0.0.1", port), timeout=timeout_s).close()
+        except OSError as e:
+            raise ConfigError(
+                f"{what} {uri}: the object store {endpoint} (AWS_ENDPOINT_URL) is not reachable ({e.strerror or e}); "
+                "start it or fix AWS_ENDPOINT_URL"
+            ) from None
+    bucket = uri[len("s3://") :].split("/", 1)[0]
+    try:
+        fs, path = filesystem(f"s3://{bucket}")
+        found = fs.get_file_info(path).type
+    except OSError as e:
+        raise ConfigError(
+            f"{what} {uri}: the object store refused the request ({' '.join(str(e).split())[:200]})"
+        ) from None
+    if found == pafs.FileType.NotFound:
+        raise ConfigError(f"{what} {uri}: the bucket {bucket} does not exist; create it or fix the URI")
+
+
 def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
     """The MLflow store must be usable: a local one creatable, a tracking server answering.
 
@@ -67,6 +102,36 @@ def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
             ) from None
     elif not is_uri(uri):
         check_writable_folder(uri, "the MLflow store")
+
+
+def is_driver_local(uri: str) -> bool:
+    """Whether only this machine's disk can serve `uri` (a path, file://, a SQLite or file MLflow store)."""
+    return not is_uri(uri) or uri.startswith(("file://", "sqlite://"))
+
+
+def check_cluster_paths(cfg: Config, tracking_uri: str, where: str) -> None:
+    """Workers on other nodes share no disk with the driver: refuse settings only its disk serves.
+
+    `where` says why it matters (e.g. "the cluster at ... runs workers on 2 other node(s)").
+    Train workers write checkpoints to `ray.storage_path`, read `data.data_dir` and log metrics
+    to the tracking store; on another node a local path is another disk, so the driver would
+    never see what they wrote.
+    """
+    if is_driver_local(cfg.ray.storage_path):
+        raise ConfigError(
+            f"ray.storage_path {cfg.ray.storage_path} is on the driver's disk but {where}; "
+            "use an object-store URI, e.g. --set ray.storage_path=s3://BUCKET/ray_results"
+        )
+    if cfg.data.dataset != "synthetic" and is_driver_local(cfg.data.data_dir or "./data"):
+        raise ConfigError(
+            f"data.data_dir {cfg.data.data_dir} is on the driver's disk but {where}; upload the Parquet files and "
+            "use their object-store URI, e.g. --set data.data_dir=s3://BUCKET/data/cifar10"
+        )
+    if is_driver_local(tracking_uri):
+        raise ConfigError(
+            f"the MLflow store {tracking_uri} is on the driver's disk but {where}; "
+            "set MLFLOW_TRACKING_URI=http://HOST:PORT of a tracking server that every node reaches"
+        )
 
 
 def check_compatible(stored_flat: dict[str, Any], cfg: Config, run_dir: str) -> None:
@@ -100,6 +165,7 @@ def check_data(cfg: Config, echo: Echo | None = None) -> None:
     if d.dataset == "synthetic":
         return
     root = d.data_dir or "./data"
+    check_object_store(root, "data.data_dir")
     for split in ("train", "test"):
         if dataset_exists(join(root, f"{split}.parquet")):
             check_parquet_dataset(join(root, f"{split}.parquet"))  # corrupt or foreign: one line, before Ray
@@ -176,11 +242,14 @@ def check_training_config(cfg: Config) -> None:
 
 __all__ = [
     "MODEL_IDENTITY_KEYS",
+    "check_cluster_paths",
     "check_compatible",
+    "check_object_store",
     "check_data",
     "check_gpu_request",
     "check_tracking_store",
     "check_training_config",
     "check_val_size",
     "check_writable_folder",
+    "is_driver_local",
 ]

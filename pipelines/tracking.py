@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from rna_core.errors import RnaError
+
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_DB_NAME = "mlflow.db"
 DEFAULT_ARTIFACT_DIR = "mlruns"
@@ -29,6 +31,10 @@ PARAM_MAX_CHARS = 6000  # MLflow's limit for one param value
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # model training, not GenAI (MLflow 3's UI reads this tag)
+
+
+class RunMissingError(RnaError):
+    """A job file names an MLflow run that its store does not hold (one line, exit code 2)."""
 
 
 @dataclass(frozen=True)
@@ -281,29 +287,51 @@ def open_run(
     reopen: RunRef | None = None,
     owner: Mapping[str, str] | None = None,
     experiment_id: str | None = None,
+    if_missing: str = "error",
+    named_by: str = "the job file",
 ) -> OpenedRun:
     """The one way a job gets its MLflow run (training run, sweep parent, evaluation run).
 
-    `reopen`: the run a job file names (a resume); if MLflow no longer has it, a new run is
-    created. `owner`: tags that identify the job's run (e.g. its folder plus a "pending" marker)
-    so that an attempt stopped after creating its run but before naming it in its job file is
-    adopted instead of left beside a second run; they are set on a new run. `experiment_id`
-    (a nested run: its parent's experiment) wins over the experiment name.
+    `reopen`: the run a job file (`named_by`) names (a resume). When its store no longer holds
+    it (the store was deleted or replaced, or the run deleted), the job stops with one line
+    (RunMissingError), unless `if_missing="new"` asks for a new run in `tracking_uri`. `owner`:
+    tags that identify the job's run (e.g. its folder plus a "pending" marker) so that an attempt
+    stopped after creating its run but before naming it in its job file is adopted instead of left
+    beside a second run; they are set on a new run. `experiment_id` (a nested run: its parent's
+    experiment) wins over the experiment name.
     """
-    from mlflow.exceptions import MlflowException
-
-    client = client_for(tracking_uri)
     if reopen is not None:
-        try:
+        if run_exists(reopen):
+            client = client_for(reopen.tracking_uri)
             changed = reopen_run(client, reopen.run_id, params)
             return OpenedRun(client, reopen, "reopened", changed)
-        except MlflowException:
-            pass  # the run was deleted: start a new one
+        if if_missing != "new":
+            raise RunMissingError(
+                f"{named_by} names MLflow run {reopen.run_id}, which the store {reopen.tracking_uri} does not hold "
+                "(deleted or replaced); point MLFLOW_TRACKING_URI at the store that holds it, or start fresh: "
+                "--set mlflow.if_run_missing=new logs into a new run"
+            )
+    client = client_for(tracking_uri)
     exp_id = experiment_id or get_or_create_experiment(client, str(experiment), artifact_root_for(tracking_uri))
     if owner:
         run_id, adopted = start_or_adopt_run(client, exp_id, run_name, params, tags, owner)
         return OpenedRun(client, RunRef(tracking_uri, exp_id, run_id), "adopted" if adopted else "created")
     return OpenedRun(client, RunRef(tracking_uri, exp_id, start_run(client, exp_id, run_name, params, tags)), "created")
+
+
+def run_exists(ref: RunRef) -> bool:
+    """Whether the store of `ref` holds its run, not deleted (a missing SQLite file is not created)."""
+    from mlflow.exceptions import MlflowException
+
+    if ref.tracking_uri.startswith("sqlite:///") and not Path(ref.tracking_uri[len("sqlite:///") :]).is_file():
+        return False
+    try:
+        run = client_for(ref.tracking_uri).get_run(ref.run_id)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return run.info.lifecycle_stage != "deleted"
 
 
 def log_text(client: Any, run_id: str, name: str, text: str, artifact_path: str | None = None) -> None:
@@ -353,6 +381,7 @@ def compare_url(tracking_uri: str, experiment_id: str, run_ids: list[str]) -> st
 
 __all__ = [
     "OpenedRun",
+    "RunMissingError",
     "RunRef",
     "artifact_root_for",
     "client_for",
@@ -367,6 +396,7 @@ __all__ = [
     "log_text",
     "open_run",
     "reopen_run",
+    "run_exists",
     "resolve_tracking_uri",
     "set_tags",
     "start_or_adopt_run",

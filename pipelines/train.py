@@ -33,10 +33,10 @@ from rna_core.paths import count_paths
 
 from . import tracking
 from .checkpoints import CHECKPOINT_FILE, read_selected
-from .cluster import DeviceChoice, choose_training_device, ensure_ray, gpu_capacity
+from .cluster import DeviceChoice, check_cluster, choose_training_device, ensure_ray, gpu_capacity
 from .logged_model import LoggedModelRef, log_run_models
 from .model_card import render_model_card
-from .preflight import check_compatible, check_data, check_tracking_store, check_training_config
+from .preflight import check_compatible, check_data, check_object_store, check_tracking_store, check_training_config
 from .run_folder import (
     JOB_FILE,
     base_dir,
@@ -91,6 +91,7 @@ class RunPlan:
 
 def load_resume_config(run_dir: str, overrides: list[str] | None = None) -> Config:
     """The config stored with a run (for `--resume` without `--config`), with overrides applied."""
+    check_object_store(run_dir, "--resume")
     job = read_job_file(run_dir)
     if job is None:
         raise ConfigError(
@@ -180,7 +181,16 @@ def open_training_run(
     else:
         uri, exp_id = (reopen.tracking_uri if reopen else tracking.resolve_tracking_uri(base_dir())), None
     opened = tracking.open_run(
-        uri, cfg.mlflow.experiment, plan.run_name, params, tags, reopen=reopen, owner=owner, experiment_id=exp_id
+        uri,
+        cfg.mlflow.experiment,
+        plan.run_name,
+        params,
+        tags,
+        reopen=reopen,
+        owner=owner,
+        experiment_id=exp_id,
+        if_missing=cfg.mlflow.if_run_missing,
+        named_by=join(plan.run_dir, JOB_FILE),
     )
     if opened.how == "reopened":
         changed = opened.changed
@@ -266,6 +276,8 @@ def run_training(
     a sweep trial fails with ActorDiedError when Tune stops it (ASHA, Ctrl+C), so only the
     sweep's driver, which knows Tune's status, can tell FINISHED (stopped early) from FAILED.
     """
+    if parent_run is None:  # before the run folder is looked up there: S3 clients retry for minutes
+        check_object_store(resume or cfg.ray.storage_path, "--resume" if resume else "ray.storage_path")
     plan = plan_run(cfg, config_path, resume)
     cfg = plan.cfg
     check_training_config(cfg)
@@ -279,6 +291,9 @@ def run_training(
     check_data(cfg, echo)
     if parent_run is None and not plan.job:  # a new run goes to the local store: it must be creatable
         check_tracking_store(tracking.resolve_tracking_uri(base_dir()))
+    if parent_run is None:  # a sweep trial runs inside the sweep's Ray, checked by the sweep
+        stored = ((plan.job or {}).get("mlflow") or {}).get("tracking_uri")
+        check_cluster(cfg, stored or tracking.resolve_tracking_uri(base_dir()))  # one line in seconds
     ensure_ray(cfg, echo)
     device = choose_training_device(cfg, gpu_capacity())  # refuses before the run is opened
 

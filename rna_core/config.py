@@ -207,6 +207,9 @@ class ScalingConfig:
             )
 
 
+IF_RUN_MISSING = ("error", "new")
+
+
 def is_plain_folder_name(name: str) -> bool:
     """A run or sweep name becomes a folder under ray.storage_path: no separators, no '.'/'..'."""
     return bool(name.strip()) and "/" not in name and "\\" not in name and not name.startswith(".")
@@ -232,10 +235,17 @@ class TrackingConfig:
     model_alias: str = "newest"
     system_metrics: bool = True  # CPU, memory, disk, network (GPU when present) of every node, as system/*
     system_metrics_interval: float = 10.0  # seconds between samples
+    # When a job file names an MLflow run that its store no longer holds (the store was deleted or
+    # replaced): "error" refuses in one line; "new" logs into a new run (the old metrics are gone).
+    if_run_missing: str = "error"
 
     def validate(self) -> None:
         if not self.experiment:
             raise ConfigError("mlflow.experiment must not be empty")
+        if self.if_run_missing not in IF_RUN_MISSING:
+            raise ConfigError(
+                f"mlflow.if_run_missing '{self.if_run_missing}' is unknown; valid: {', '.join(IF_RUN_MISSING)}"
+            )
         name = self.run_name
         if name is not None and not is_plain_folder_name(name):
             raise ConfigError(f"mlflow.run_name '{name}' must be a plain folder name (no '/', not starting with '.')")

@@ -38,7 +38,7 @@ from rna_core.paths import count_paths
 from rna_core.units import to_unit
 
 from .. import tracking
-from ..cluster import ensure_ray
+from ..cluster import check_ray_address, ensure_ray
 from ..data_inputs import evaluation_input, log_inputs
 from .plan import EvalPlan, plan_evaluation
 from .source import load_external_source, load_source
@@ -46,6 +46,7 @@ from .store import (
     PATHS_DIR,
     RESULTS_FILE,
     STABILITY_FILE,
+    STATE_FILE,
     TABLES_FILE,
     clean_temporaries,
     done_units,
@@ -185,6 +186,8 @@ def open_eval_run(plan: EvalPlan, echo: Echo) -> tuple[Any, tracking.RunRef]:
         tags,
         reopen=reopen,
         experiment_id=src.parent_experiment_id if src.parent_run_id else None,
+        if_missing=src.cfg.mlflow.if_run_missing,
+        named_by=str(plan.out_dir / STATE_FILE),
     )
     if opened.how == "reopened":
         echo(f"[evaluate] resuming MLflow run {opened.ref.run_id}")
@@ -207,7 +210,6 @@ def run_evaluation(plan: EvalPlan, echo: Echo = print, fail_once_marker: str | N
     """
     start = time.monotonic()
     o = plan.options
-    plan.out_dir.mkdir(parents=True, exist_ok=True)
     clean_temporaries(plan.out_dir)
     done = done_units(plan.out_dir)
     todo = [u for u in plan.units if u.unit_id not in done]
@@ -220,7 +222,10 @@ def run_evaluation(plan: EvalPlan, echo: Echo = print, fail_once_marker: str | N
         f"{len(plan.units)} units; {len(plan.units) - len(todo)} done earlier; folder {plan.out_dir}"
     )
 
+    if todo or with_paths:
+        check_ray_address(plan.source.cfg)  # before the run opens: one line, nothing started
     client, ref = open_eval_run(plan, echo)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
     status = "FAILED"
     try:
         log_inputs(client, ref.run_id, [evaluation_input(plan.source.cfg, plan.dataset, o.limit)])  # the test rows

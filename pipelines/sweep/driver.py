@@ -32,8 +32,8 @@ from rna_core.errors import ConfigError
 from rna_core.sweep_config import Dimension, SweepConfig
 
 from .. import tracking
-from ..cluster import choose_training_device, cluster_resources, ensure_ray, gpu_capacity
-from ..preflight import check_data, check_tracking_store, check_writable_folder
+from ..cluster import check_cluster, choose_training_device, cluster_resources, ensure_ray, gpu_capacity
+from ..preflight import check_data, check_object_store, check_tracking_store, check_writable_folder
 from ..run_folder import base_dir, exists, join, read_job_file, resolve_paths, write_job_file
 from ..train import JOB_FILE_TAG
 from .spec import base_config, identity, sweep_section, validate_sweep
@@ -224,7 +224,15 @@ def open_parent(plan: SweepPlan, config_text: str, echo: Echo) -> tuple[Any, tra
     owner = {"rna.sweep_dir": plan.sweep_dir, JOB_FILE_TAG: "pending"}  # "written" once SWEEP_FILE names it
     uri = reopen.tracking_uri if reopen else tracking.resolve_tracking_uri(base_dir())
     opened = tracking.open_run(
-        uri, plan.cfg.mlflow.experiment, plan.name, {} if reopen else params, tags, reopen=reopen, owner=owner
+        uri,
+        plan.cfg.mlflow.experiment,
+        plan.name,
+        {} if reopen and tracking.run_exists(reopen) else params,
+        tags,
+        reopen=reopen,
+        owner=owner,
+        if_missing=plan.cfg.mlflow.if_run_missing,
+        named_by=join(plan.sweep_dir, SWEEP_FILE),
     )
     if opened.how == "reopened":
         echo(f"resuming MLflow parent run {opened.ref.run_id}")
@@ -296,11 +304,14 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run (or resume) a sweep; returns where everything is. Validation happens before Ray starts."""
     validate_sweep(cfg)
+    check_object_store(cfg.ray.storage_path, "ray.storage_path")  # before the sweep folder is looked up there
     plan = plan_sweep(cfg, config_path, resume)
     check_data(plan.base, echo)
     check_writable_folder(plan.cfg.ray.storage_path, "ray.storage_path")
     if not plan.stored:
         check_tracking_store(tracking.resolve_tracking_uri(base_dir()))
+    stored = ((plan.stored or {}).get("mlflow") or {}).get("tracking_uri")
+    check_cluster(plan.base, stored or tracking.resolve_tracking_uri(base_dir()))  # trials train on any node
     text = config_text or yaml.safe_dump(to_dict(plan.cfg), sort_keys=False)
 
     client, parent = open_parent(plan, text, echo)

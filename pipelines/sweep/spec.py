@@ -163,7 +163,11 @@ def _check_metric(spec: SweepConfig, base: Config) -> None:
 
 def identity(cfg: Config) -> dict[str, Any]:
     """What must not change between a sweep and its resume."""
-    flat = {k: v for k, v in flatten(base_config(cfg)).items() if k not in ("ray.address", "mlflow.run_name")}
+    flat = {
+        k: v
+        for k, v in flatten(base_config(cfg)).items()
+        if k not in ("ray.address", "mlflow.run_name", "mlflow.if_run_missing")
+    }
     spec = {k: v for k, v in flatten(replace(cfg, sweep=sweep_section(cfg))).items() if k.startswith("sweep.")}
     spec = {
         k[len("sweep.") :]: v
