@@ -14,7 +14,8 @@ Every (attack, protocol, trial, shard of the test set) is a Ray task; finished u
 as they come in, so running the same command again skips them (an interrupted evaluation
 resumes). It prints progress (units done / total, elapsed, ETA), then the paper-style tables and
 where the Parquet table and the MLflow run are. A bad input (unknown attack or protocol, missing
-checkpoint, unknown run) is one line on stderr and exit code 2, before Ray starts.
+checkpoint, unknown run, a --model that cannot be imported or built, weights that do not fit it) is
+one line on stderr and exit code 2, before Ray starts.
 """
 
 from __future__ import annotations

@@ -510,7 +510,7 @@ def test_cli_run_id_logs_a_nested_run_with_metrics_and_artifacts(env, capsys):
 # ----------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.slow  # nine job processes (~40 s on 2 cores); no Ray, no training
+@pytest.mark.slow  # eleven job processes (~50 s on 2 cores); no Ray, no training
 def test_bad_inputs_exit_2_with_one_line_before_ray_starts(store, tmp_path):
     """The real process: one stderr line, exit 2, no traceback, no Ray, nothing written."""
     other = tmp_path / "store"
@@ -542,6 +542,16 @@ def test_bad_inputs_exit_2_with_one_line_before_ray_starts(store, tmp_path):
             ["--run-id", store["run_id"], "--selected", "val"],
             "made no selection on val (train with data.val_size > 0)",
             store["uri"],
+        ),
+        (
+            ["--model", "no_such_pkg.nets:build", "--weights", store["ckpt"]],
+            "cannot import module 'no_such_pkg.nets'",
+            None,
+        ),
+        (  # our checkpoint's weights (under its "model" key) into AutoAttack's example ResNet-18
+            ["--model", "pyautoattack.examples.resnet:ResNet18", "--weights", store["ckpt"]],
+            "do not fit pyautoattack.examples.resnet:ResNet18: the file lacks conv1.weight",
+            None,
         ),
     ]
     procs = []

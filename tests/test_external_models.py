@@ -3,8 +3,8 @@
 Fast: the factory, the weights files (torch.save read with weights_only=True, safetensors) and the
 bad inputs (one line, exit 2, nothing started or written). Slow: a user's module from the current
 folder fanned out on a local Ray, where a deterministic model scores the same under every protocol
-and every R; and AutoAttack's own example model (in the pyautoattack wheel) on the exact first 100
-CIFAR-10 test images, against torchattacks and pyautoattack called directly.
+and every R; and AutoAttack's own example model (in the pyautoattack wheel) on images of the exact first
+100 CIFAR-10 test images, against torchattacks and pyautoattack called directly.
 """
 
 from __future__ import annotations
@@ -301,13 +301,17 @@ def test_a_users_module_fans_out_and_a_deterministic_model_scores_the_same_under
     }
 
 
-@pytest.mark.slow  # starts Ray; ResNet-18 under APGD-CE (100 iterations): about a minute of the two cores
+EPS, STEP = 0.75, 0.1875  # pixels/255: at 8/255 this standard model scores 0 under both attacks, which proves nothing
+
+
+@pytest.mark.slow  # starts Ray; ResNet-18 under APGD-CE (100 iterations) twice: about 2 CPU-minutes
 @pytest.mark.skipif(not EXACT_100.is_file(), reason=f"offline CIFAR-10 copy not present ({EXACT_100}; CI)")
 def test_autoattacks_example_model_scores_as_the_libraries_called_directly(tmp_path, monkeypatch, capsys):
     """AutoAttack's example model (pyautoattack/examples: resnet.py and model_test.pt, a standard
-    ResNet-18 on [0, 1] inputs) through `jobs/evaluate.py --model`, on a fixed 40 of the exact first
+    ResNet-18 on [0, 1] inputs) through `jobs/evaluate.py --model`, on a fixed 20 of the exact first
     100 CIFAR-10 test images, against torchattacks.PGD and pyautoattack.AutoAttack (APGD-CE alone)
-    called directly on the same images with the same seeds."""
+    called directly on the same images with the same seeds. eps is 0.75/255, where the attacks fool
+    some examples and not others, so equal accuracies say the same attack ran on the same points."""
     import pyautoattack
     import torchattacks
     from pyautoattack import AutoAttack
@@ -325,7 +329,7 @@ def test_autoattacks_example_model_scores_as_the_libraries_called_directly(tmp_p
     monkeypatch.setenv("RNA_BASE_DIR", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    limit, batch = 40, 20
+    limit, batch = 20, 10  # two shards per attack: both cores busy
     code = main(
         [
             "--model",
@@ -334,6 +338,12 @@ def test_autoattacks_example_model_scores_as_the_libraries_called_directly(tmp_p
             str(weights),
             "--attacks",
             "pgd20,apgd_ce",
+            "--attack-set",
+            f"pgd20.eps={EPS}",
+            "--attack-set",
+            f"pgd20.step_size={STEP}",
+            "--attack-set",
+            f"apgd_ce.eps={EPS}",
             "--protocols",
             "transfer",
             "--limit",
@@ -352,7 +362,12 @@ def test_autoattacks_example_model_scores_as_the_libraries_called_directly(tmp_p
     assert code == 0, printed
     client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    ours = run.data.metrics
+    metrics = run.data.metrics
+
+    def ours(attack: str) -> str:
+        """The one metric of `attack` under transfer (its name carries the non-default settings)."""
+        (name,) = [k for k in metrics if k.startswith(f"acc_{attack}") and k.endswith("_transfer")]
+        return name
 
     from pyautoattack.examples.resnet import ResNet18
 
@@ -360,8 +375,9 @@ def test_autoattacks_example_model_scores_as_the_libraries_called_directly(tmp_p
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()
     data = fixed_subset(read_parquet_dataset(str(EXACT_100)), limit)  # the rows --limit picks
-    assert len(data) == limit and ours["eval_images"] == limit
+    assert len(data) == limit and metrics["eval_images"] == limit
     right = {"natural": 0, "pgd20": 0, "apgd_ce": 0}
+    eps, step = EPS / 255, STEP / 255
     for b in range(limit // batch):
         x = data.images[b * batch : (b + 1) * batch].float() / 255
         y = data.labels[b * batch : (b + 1) * batch].long()
@@ -371,17 +387,18 @@ def test_autoattacks_example_model_scores_as_the_libraries_called_directly(tmp_p
         with torch.no_grad():
             right["natural"] += int((model(x).argmax(1) == y).sum())
         torch.manual_seed(seed)
-        x_pgd = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=20, random_start=True)(x, y)
+        x_pgd = torchattacks.PGD(model, eps=eps, alpha=step, steps=20, random_start=True)(x, y)
         apgd_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(seed)).item())
-        aa = AutoAttack(model, attacks=["apgd-ce"], version="custom", eps=8 / 255, norm="Linf", seed=apgd_seed)
+        aa = AutoAttack(model, attacks=["apgd-ce"], version="custom", eps=eps, norm="Linf", seed=apgd_seed)
         aa.apgd.n_restarts = 1  # as in AutoAttack's standard version
         x_apgd, _ = aa.run_standard_evaluation(x, y, batch_size=batch)
         with torch.no_grad():
             right["pgd20"] += int((model(x_pgd).argmax(1) == y).sum())
             right["apgd_ce"] += int((model(x_apgd).argmax(1) == y).sum())
     direct = {k: v / limit for k, v in right.items()}
-    assert direct["natural"] >= 0.85 and direct["pgd20"] < 0.2, direct  # a standard model: accurate, not robust
+    assert direct["natural"] >= 0.85, direct  # a standard model: accurate
+    assert all(0 < direct[a] < direct["natural"] for a in ("pgd20", "apgd_ce")), direct  # some fooled, not all
     for attack in ("natural", "pgd20", "apgd_ce"):
-        name = f"acc_{attack}_transfer"
-        assert ours[name] == direct[attack], (name, ours[name], direct)
-        assert ours[f"{name}_worst10"] == ours[f"{name}_vote10"] == ours[name]  # deterministic: R changes nothing
+        name = ours(attack)
+        assert metrics[name] == direct[attack], (name, metrics[name], direct)
+        assert metrics[f"{name}_worst10"] == metrics[f"{name}_vote10"] == metrics[name]  # deterministic: R is moot
