@@ -180,7 +180,7 @@ def job(argv: Sequence[str] | None) -> int:
 
     out = run_evaluation(plan, echo, fail_once_marker=os.environ.get(FAIL_ONCE_ENV) or None)
 
-    from pipelines.tracking import ui_command
+    from pipelines.mlflow_ui import ui_command
 
     print("", flush=True)
     print(out.tables.rstrip())

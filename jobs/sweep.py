@@ -52,7 +52,7 @@ def job(argv: Sequence[str] | None) -> int:
 
     out = run_sweep(sc, config_path=args.config, resume=args.resume, echo=echo)
 
-    from pipelines.tracking import compare_url, ui_command
+    from pipelines.mlflow_ui import compare_url, ui_command
 
     print("", flush=True)
     if out.interrupted:

@@ -58,7 +58,7 @@ def job(argv: Sequence[str] | None) -> int:
 
     out = run_training(cfg, config_path=args.config, resume=args.resume, echo=echo)
 
-    from pipelines.tracking import experiment_url, ui_command
+    from pipelines.mlflow_ui import experiment_url, ui_command
 
     f = out.final_metrics
     names = list(final_metric_names(cfg.train).values())

@@ -11,7 +11,6 @@ else adopt the run an interrupted attempt left behind (matched by owner tags), e
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import tempfile
@@ -20,7 +19,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from rna_core.errors import RnaError
 
@@ -300,23 +298,30 @@ def open_run(
     beside a second run; they are set on a new run. `experiment_id` (a nested run: its parent's
     experiment) wins over the experiment name.
     """
-    if reopen is not None:
-        if run_exists(reopen):
-            client = client_for(reopen.tracking_uri)
-            changed = reopen_run(client, reopen.run_id, params)
-            return OpenedRun(client, reopen, "reopened", changed)
-        if if_missing != "new":
-            raise RunMissingError(
-                f"{named_by} names MLflow run {reopen.run_id}, which the store {reopen.tracking_uri} does not hold "
-                "(deleted or replaced); point MLFLOW_TRACKING_URI at the store that holds it, or start fresh: "
-                "--set mlflow.if_run_missing=new logs into a new run"
-            )
+    if reopen is not None and check_reopen(reopen, if_missing, named_by):
+        client = client_for(reopen.tracking_uri)
+        changed = reopen_run(client, reopen.run_id, params)
+        return OpenedRun(client, reopen, "reopened", changed)
     client = client_for(tracking_uri)
     exp_id = experiment_id or get_or_create_experiment(client, str(experiment), artifact_root_for(tracking_uri))
     if owner:
         run_id, adopted = start_or_adopt_run(client, exp_id, run_name, params, tags, owner)
         return OpenedRun(client, RunRef(tracking_uri, exp_id, run_id), "adopted" if adopted else "created")
     return OpenedRun(client, RunRef(tracking_uri, exp_id, start_run(client, exp_id, run_name, params, tags)), "created")
+
+
+def check_reopen(reopen: RunRef, if_missing: str = "error", named_by: str = "the job file") -> bool:
+    """Whether the run a job file names can be reopened; RunMissingError (one line) when its store lost
+    it, unless `if_missing="new"` (then False: a new run). Jobs call it before Ray starts too."""
+    if run_exists(reopen):
+        return True
+    if if_missing != "new":
+        raise RunMissingError(
+            f"{named_by} names MLflow run {reopen.run_id}, which the store {reopen.tracking_uri} does not hold "
+            "(deleted or replaced); point MLFLOW_TRACKING_URI at the store that holds it, or start fresh: "
+            "--set mlflow.if_run_missing=new logs into a new run"
+        )
+    return False
 
 
 def run_exists(ref: RunRef) -> bool:
@@ -349,45 +354,14 @@ def end_run(client: Any, run_id: str, status: str = "FINISHED") -> None:
     client.set_terminated(run_id, status=status)
 
 
-def ui_command(tracking_uri: str) -> str:
-    """The command that opens the MLflow UI on this store."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    server = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1 --host 127.0.0.1"
-    return f"{server} --backend-store-uri {tracking_uri}"
-
-
-UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` (ui_command) listens by default
-# MLflow 3.17's UI shows an experiment as the workspace switcher says (GenAI unless the user picked
-# "Model training"), whatever its mlflow.experimentKind tag: links we print pick model training.
-MODEL_TRAINING_VIEW = "workflowType=machine_learning"
-
-
-def _ui_base(tracking_uri: str) -> str:
-    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else UI_ADDRESS
-
-
-def experiment_url(tracking_uri: str, experiment_id: str) -> str:
-    """The experiment's runs in the MLflow UI (the tracking server's, else `mlflow ui`'s default address)."""
-    return f"{_ui_base(tracking_uri)}/#/experiments/{experiment_id}?{MODEL_TRAINING_VIEW}"
-
-
-def compare_url(tracking_uri: str, experiment_id: str, run_ids: list[str]) -> str:
-    """MLflow's compare view of `run_ids` (e.g. a sweep's trials), side by side."""
-    runs = quote(json.dumps(list(run_ids), separators=(",", ":")))
-    experiments = quote(json.dumps([str(experiment_id)]))
-    return f"{_ui_base(tracking_uri)}/#/compare-runs?runs={runs}&experiments={experiments}&{MODEL_TRAINING_VIEW}"
-
-
 __all__ = [
     "OpenedRun",
     "RunMissingError",
     "RunRef",
     "artifact_root_for",
+    "check_reopen",
     "client_for",
-    "compare_url",
     "end_run",
-    "experiment_url",
     "find_run",
     "get_or_create_experiment",
     "git_commit",
@@ -401,5 +375,4 @@ __all__ = [
     "set_tags",
     "start_or_adopt_run",
     "start_run",
-    "ui_command",
 ]

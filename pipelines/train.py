@@ -15,7 +15,6 @@ that already trained all its epochs starts nothing when its command runs again.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -34,15 +33,14 @@ from rna_core.paths import count_paths
 from . import tracking
 from .checkpoints import CHECKPOINT_FILE, read_selected
 from .cluster import DeviceChoice, check_cluster, choose_training_device, ensure_ray, gpu_capacity
-from .logged_model import LoggedModelRef, log_run_models
+from .logged_model import log_run_models
 from .model_card import render_model_card
 from .preflight import check_compatible, check_data, check_object_store, check_tracking_store, check_training_config
+from .run_artifacts import log_folder, model_record, selection_tags
 from .run_folder import (
     JOB_FILE,
     base_dir,
-    copy_to_local,
     exists,
-    is_uri,
     join,
     read_job_file,
     resolve_paths,
@@ -156,11 +154,6 @@ def already_finished(plan: RunPlan) -> TrainingOutcome | None:
     )
 
 
-def model_record(ref: LoggedModelRef) -> dict[str, str | None]:
-    """How to load (and evaluate) a logged model: its URIs."""
-    return {"uri": ref.uri, "run_uri": ref.run_uri, "registered": ref.registered, "alias_uri": ref.alias_uri}
-
-
 def open_training_run(
     plan: RunPlan, echo: Echo, parent: tracking.RunRef | None = None, extra_tags: dict[str, Any] | None = None
 ) -> tuple[Any, tracking.RunRef]:
@@ -230,30 +223,6 @@ def build_trainer(
     )
 
 
-def selection_tags(cfg: Config, selected: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """MLflow tags saying which checkpoint each reported number comes from (rna_core.selection)."""
-    tags = {"rna.result": "last epoch (checkpoint/); acc_* metrics"}
-    for which, info in selected.items():
-        note = " (selected on the test set, the papers' way: biased upward)" if which == "test" else ""
-        tags[f"rna.selected_on_{which}"] = (
-            f"epoch {info['epoch']} by {info['metric']} {info['score']:.4f}; selected_{which}/, "
-            f"{which}_selected_acc_* metrics{note}"
-        )
-    if cfg.train.select_on_test:
-        tags["rna.selection_on_test_set"] = "true"
-    return tags
-
-
-def log_folder(client: Any, run_id: str, folder: str, artifact_path: str) -> None:
-    """Log a local folder or an object-store folder (copied to a temporary folder first) as artifacts."""
-    if not is_uri(folder):
-        client.log_artifacts(run_id, folder, artifact_path)
-        return
-    with tempfile.TemporaryDirectory(prefix="rna-selected-") as tmp:
-        copy_to_local(folder, tmp)
-        client.log_artifacts(run_id, tmp, artifact_path)
-
-
 def run_training(
     cfg: Config,
     *,
@@ -291,6 +260,9 @@ def run_training(
     check_data(cfg, echo)
     if parent_run is None and not plan.job:  # a new run goes to the local store: it must be creatable
         check_tracking_store(tracking.resolve_tracking_uri(base_dir()))
+    if parent_run is None and plan.job and plan.job.get("mlflow"):  # a lost run: one line before Ray starts
+        named_by = join(plan.run_dir, JOB_FILE)
+        tracking.check_reopen(tracking.RunRef.from_dict(plan.job["mlflow"]), cfg.mlflow.if_run_missing, named_by)
     if parent_run is None:  # a sweep trial runs inside the sweep's Ray, checked by the sweep
         stored = ((plan.job or {}).get("mlflow") or {}).get("tracking_uri")
         check_cluster(cfg, stored or tracking.resolve_tracking_uri(base_dir()))  # one line in seconds

@@ -110,7 +110,7 @@ def swept(tmp_path_factory):
 @pytest.mark.slow  # runs a 3-trial sweep on Ray, starts mlflow ui and a browser (~3 min on 2 cores)
 @pytest.mark.timeout(900)  # the fixture's sweep counts too
 def test_the_ui_opens_on_training_runs_models_and_a_compare_view_of_the_strategies(swept):
-    from pipelines import tracking
+    from pipelines import mlflow_ui
     from pipelines.sweep.summary import SUMMARY_DIR
 
     out, client, ui, shots = swept["out"], swept["client"], swept["ui"], swept["shots"]
@@ -120,7 +120,7 @@ def test_the_ui_opens_on_training_runs_models_and_a_compare_view_of_the_strategi
     assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
     # The experiment page (the address jobs print): model training's run list, not the GenAI overview.
-    page = _text(render(tracking.experiment_url(ui.url, exp_id), shots / "experiment.png"))
+    page = _text(render(mlflow_ui.experiment_url(ui.url, exp_id), shots / "experiment.png"))
     assert " | Model training | " in page and " | Run Name | " in page and " | Models | " in page
     assert "Detect Issues" not in page and "Token Usage" not in page
     assert f" | {out.name} | " in page and re.search(r" 4 \| matching runs", page)  # the parent, 3 children
@@ -135,7 +135,7 @@ def test_the_ui_opens_on_training_runs_models_and_a_compare_view_of_the_strategi
 
     # The compare view of the three trials (the address jobs/sweep.py prints): runs and robust accuracies.
     ids = [c.info.run_id for c in children]
-    view = _text(render(tracking.compare_url(ui.url, exp_id, ids), shots / "compare.png", size="1600,2600"))
+    view = _text(render(mlflow_ui.compare_url(ui.url, exp_id, ids), shots / "compare.png", size="1600,2600"))
     assert "Comparing 3 Runs from 1 Experiment" in view and all(i in view for i in ids)
     assert " | Parameters: | train.sampling | " in view or " | train.sampling | " in view
     shown = compare_metrics(view, len(ids))

@@ -30,7 +30,7 @@ from rna_core.norms import parse_space  # noqa: E402
 from rna_core.paths import count_paths  # noqa: E402
 from rna_core.sweep_config import SweepConfig  # noqa: E402
 
-from .. import tracking  # noqa: E402
+from .. import mlflow_ui, tracking  # noqa: E402
 from ..run_folder import is_uri, join  # noqa: E402
 from .spec import arm_params, plain, trial_config  # noqa: E402
 
@@ -267,7 +267,7 @@ def write_summary(
 ) -> tuple[str, str]:
     """Write the summary into `<sweep dir>/summary` (local folders) and log it on the parent run."""
     runs = [r["mlflow_run_id"] for r in rows if r.get("mlflow_run_id")]
-    compare = tracking.compare_url(parent.tracking_uri, parent.experiment_id, runs) if runs else None
+    compare = mlflow_ui.compare_url(parent.tracking_uri, parent.experiment_id, runs) if runs else None
     board = render_leaderboard(rows, spec, name, parent.run_id, base, compare)
     summary_dir = join(sweep_dir, SUMMARY_DIR)
     with tempfile.TemporaryDirectory(prefix="rna-sweep-summary-") as tmp:
