@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
                 start, cpu = time.perf_counter(), time.process_time()
                 c[name] += evaluate_batch(
                     m, xb, y, attacks[attack], protocol, seed, eot_iter=args.eot_iter, strategy=cfg.train.sampling
-                )
+                ).correct  # one inference draw
                 timing.seconds.append(time.perf_counter() - start)
                 timing.cpu_seconds.append(time.process_time() - cpu)
             c["n"] += int(y.shape[0])

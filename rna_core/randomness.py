@@ -56,15 +56,23 @@ class PathNetwork(nn.Module):
         return _paths.count_paths(self) > 1 and not self.sampling.strip().lower().startswith("fixed")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model whose randomness a wrapper's forwards run: a wrapper that changes only how the
+    forward computes (e.g. bf16 autocast, `rna_core.speed.AutocastForward`) names it as ``wraps``."""
+    while isinstance(getattr(model, "wraps", None), nn.Module):
+        model = model.wraps
+    return model
+
+
 def can_resample(model: nn.Module) -> bool:
-    return callable(getattr(model, "resample", None))
+    return callable(getattr(unwrap(model), "resample", None))
 
 
 def resample(model: nn.Module, generator: torch.Generator) -> bool:
     """Draw `model`'s random state from `generator` (its ``resample``); False when it holds none."""
     if not can_resample(model):
         return False
-    model.resample(generator)
+    unwrap(model).resample(generator)
     return True
 
 
@@ -76,6 +84,7 @@ def sampling_strategy(model: nn.Module, strategy: str | None) -> Iterator[None]:
     a foreign model) is meaningless: a model without random layers ignores it (it has one path),
     any other model that is not a PathNetwork is refused.
     """
+    model = unwrap(model)
     if strategy is None or (not isinstance(model, PathNetwork) and not _paths.random_layers(model)):
         yield
         return
@@ -102,7 +111,7 @@ def is_randomized(model: nn.Module, x: torch.Tensor, seed: int) -> bool:
     The probe of a model without ``randomized`` or ``resample`` runs two forwards of the first
     rows of `x` under two seeds of the global RNG.
     """
-    flag = getattr(model, "randomized", None)
+    flag = getattr(unwrap(model), "randomized", None)
     if flag is not None:
         return bool(flag)
     if can_resample(model):
@@ -123,4 +132,5 @@ __all__ = [
     "is_randomized",
     "resample",
     "sampling_strategy",
+    "unwrap",
 ]

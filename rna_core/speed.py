@@ -295,6 +295,11 @@ class AutocastForward(nn.Module):
         self.inner = inner
         self.train(inner.training)  # a new Module is in train mode; keep the wrapped model's mode
 
+    @property
+    def wraps(self) -> nn.Module:
+        """The wrapped model: its randomness (`resample`, `sampling`) is the wrapper's (rna_core.randomness)."""
+        return self.inner
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
             out = self.inner(x)

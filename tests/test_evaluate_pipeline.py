@@ -166,6 +166,7 @@ def _sequential(env, plan) -> dict:
         batch_size=o.batch_size,
         eot_iter=o.eot_iter,
         strategy=o.strategy,
+        meta={"method": plan.row_meta["method"]},  # e.g. "[bf16 forward]": the plan labels the precision
         progress=False,
     )
     return _by_key(rows)

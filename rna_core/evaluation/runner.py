@@ -22,6 +22,7 @@ from ..attacks.registry import Attack, resolve_attack
 from ..data.loader import BatchIterator
 from ..data.tensor_dataset import ImageTensorDataset
 from ..errors import ConfigError
+from ..randomness import unwrap
 from ..units import to_pixels
 from .protocols import DEFAULT_EOT_ITER, DEFAULT_INFERENCE_DRAWS, Counts, check_protocol, evaluate_batch
 from .results import ResultRow, method_label
@@ -63,6 +64,7 @@ def _meta(model: nn.Module, data: Any, meta: dict[str, Any] | None) -> dict[str,
     unknown = sorted(set(meta) - set(META_FIELDS))
     if unknown:
         raise ConfigError(f"unknown meta field(s) {', '.join(unknown)}; valid: {', '.join(META_FIELDS)}")
+    model = unwrap(model)  # a bf16 forward wrapper labels as the model it runs
     spec = getattr(model, "rna_spec", {}) or {}
     defaults = {
         "run_id": "local",
