@@ -173,22 +173,8 @@ def reopen_run(client: Any, run_id: str, params: Mapping[str, Any]) -> dict[str,
     `train.epochs`) are recorded as tags `resume.changed.<key>` = "old -> new" instead; new
     keys are logged. Returns the changed keys with (old, new).
     """
-    from mlflow.entities import Param, RunTag
-
-    run = client.get_run(run_id)
-    old = run.data.params
-    new_params, tags, changed = [], [], {}
-    for key, value in params.items():
-        text = _param_value(value)
-        if key not in old:
-            new_params.append(Param(key, text))
-        elif old[key] != text:
-            changed[key] = (old[key], text)
-            tags.append(RunTag(f"resume.changed.{key}", f"{old[key]} -> {text}"[:5000]))
     client.update_run(run_id, status="RUNNING")
-    for i in range(0, max(len(new_params), len(tags)), 100):
-        client.log_batch(run_id, params=new_params[i : i + 100], tags=tags[i : i + 100])
-    return changed
+    return log_new_params(client, run_id, params)
 
 
 def log_new_params(client: Any, run_id: str, params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
@@ -208,8 +194,8 @@ def log_new_params(client: Any, run_id: str, params: Mapping[str, Any]) -> dict[
         elif old[key] != text:
             changed[key] = (old[key], text)
             tags.append(RunTag(f"resume.changed.{key}", f"{old[key]} -> {text}"[:5000]))
-    if new_params or tags:
-        client.log_batch(run_id, params=new_params, tags=tags)
+    for i in range(0, max(len(new_params), len(tags)), 100):  # MLflow takes 100 params per batch
+        client.log_batch(run_id, params=new_params[i : i + 100], tags=tags[i : i + 100])
     return changed
 
 
