@@ -201,12 +201,7 @@ def plot_gap(per_arm_cells: Mapping[str, Mapping[tuple[str, str], Cell]], out: P
     ax.set_xticks(range(len(attacks)), [label for label, _ in attacks])
     ax.set_ylabel("transfer - fixed-path (points)")
     ax.set_title("Transfer gap: what attacking another path than the scored one buys")
-    ax.legend()
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    files.append("reproduction_transfer_gap.png")
-    fig.savefig(out / files[-1], dpi=110)
-    plt.close(fig)
+    files.append(_finish(fig, ax, out / "reproduction_transfer_gap.png"))
 
     fig, ax = plt.subplots(figsize=(7.5, 4))
     series = (
@@ -227,13 +222,20 @@ def plot_gap(per_arm_cells: Mapping[str, Mapping[tuple[str, str], Cell]], out: P
     ax.set_xticks(range(len(all_arms)), all_arms)
     ax.set_ylabel("robust accuracy (%)")
     ax.set_title("What EOT keeps of the transfer gap (PGD-20, eps 8/255)")
+    files.append(_finish(fig, ax, out / "reproduction_eot_keeps.png"))
+    return files
+
+
+def _finish(fig: Any, ax: Any, path: Path) -> str:
+    """Legend, grid, layout; write the PNG and close the figure; the file's name."""
+    import matplotlib.pyplot as plt
+
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    files.append("reproduction_eot_keeps.png")
-    fig.savefig(out / files[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return files
+    return path.name
 
 
 def eot_keeps(c: Mapping[tuple[str, str], Cell]) -> float | None:
