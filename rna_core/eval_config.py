@@ -70,7 +70,10 @@ class EvalConfig:
     path_analysis: int = 256  # examples for accuracy-vs-distance and the transfer matrix; 0 = skip
     path_attack: str = "pgd20"
     cpus_per_task: float = 1.0
-    gpus_per_task: float = 0.25  # used only when the cluster has GPUs
+    # GPU share of a task, used only when the cluster has GPUs; None: sized from the model's measured
+    # memory at the evaluation batch for GPUs of `gpu_memory_gib` (rna_core.memory)
+    gpus_per_task: float | None = None
+    gpu_memory_gib: float = 22.5  # what each GPU holds: a "24 GB" card (L4, A10G) by default
     max_in_flight: int | None = None  # None: twice the tasks the cluster can run at once
     max_retries: int = 2
     out_dir: str | None = None  # None: eval_results/<model>-<fingerprint> under the base folder
@@ -109,8 +112,10 @@ class EvalConfig:
             raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}")
         if self.max_in_flight is not None and self.max_in_flight < 1:
             raise ConfigError(f"eval.max_in_flight must be >= 1, got {self.max_in_flight}")
-        if self.cpus_per_task <= 0 or self.gpus_per_task < 0 or self.gpus_per_task > 1:
-            raise ConfigError("eval.cpus_per_task must be > 0 and eval.gpus_per_task in [0, 1]")
+        if self.cpus_per_task <= 0 or (self.gpus_per_task is not None and not 0 <= self.gpus_per_task <= 1):
+            raise ConfigError("eval.cpus_per_task must be > 0 and eval.gpus_per_task in [0, 1] (unset: sized)")
+        if self.gpu_memory_gib <= 0:
+            raise ConfigError(f"eval.gpu_memory_gib must be > 0 (GiB of each GPU), got {self.gpu_memory_gib}")
         if self.progress_every <= 0:
             raise ConfigError(f"eval.progress_every must be > 0 seconds, got {self.progress_every}")
         if not self.attacks:

@@ -43,6 +43,7 @@ from rna_core.data import BatchIterator, ImageTensorDataset
 from rna_core.errors import ConfigError
 from rna_core.evaluation import Counts, accuracy_vs_distance, batch_seed, evaluate_batch, transfer_matrix, trial_seed
 from rna_core.external import ExternalModel
+from rna_core.memory import GIB, gpu_fraction, measure_task_memory, tasks_per_gpu
 from rna_core.speed import evaluation_forward
 from rna_core.units import settings_to_unit
 
@@ -252,26 +253,40 @@ class Progress:
             self.echo(self.line())
 
 
-def _task_resources(options: EvalConfig, use_gpu: bool) -> dict[str, Any]:
+def gpu_share(options: EvalConfig, model: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[float, str]:
+    """Ray's GPU request per task and how it was chosen: `eval.gpus_per_task` as given, or sized from
+    `model`'s measured memory at the evaluation batch for GPUs of `eval.gpu_memory_gib` (one line,
+    ConfigError, when a task does not fit one GPU)."""
+    if options.gpus_per_task is not None:
+        return options.gpus_per_task, "eval.gpus_per_task"
+    memory = measure_task_memory(model, input_shape)
+    batch = int(options.batch_size or 1)
+    count = tasks_per_gpu(memory, batch, options.gpu_memory_gib * GIB)
+    need = memory.peak_bytes(batch) / GIB
+    how = f"sized: ~{need:.1f} GiB a task at batch {batch}, {count} per {options.gpu_memory_gib:g} GiB GPU"
+    return gpu_fraction(count), how
+
+
+def _task_resources(options: EvalConfig, use_gpu: bool, gpus: float = 0.0) -> dict[str, Any]:
     res: dict[str, Any] = {
         "num_cpus": options.cpus_per_task,
         "max_retries": options.max_retries,
         "retry_exceptions": True,
     }
-    if use_gpu and options.gpus_per_task > 0:
-        res["num_gpus"] = options.gpus_per_task
+    if use_gpu and gpus > 0:
+        res["num_gpus"] = gpus
         res["runtime_env"] = {"env_vars": dict(GPU_TASK_ENV)}  # merged over the job's runtime_env
     return res
 
 
-def _max_in_flight(options: EvalConfig, use_gpu: bool) -> int:
+def _max_in_flight(options: EvalConfig, use_gpu: bool, gpus: float = 0.0) -> int:
     """Twice what the cluster runs at once: enough queued to keep it busy, bounded memory."""
     if options.max_in_flight:
         return options.max_in_flight
     res = cluster_resources()
     slots = res.get("CPU", 1.0) / options.cpus_per_task
-    if use_gpu and options.gpus_per_task > 0:
-        slots = min(slots, res.get("GPU", 0.0) / options.gpus_per_task)
+    if use_gpu and gpus > 0:
+        slots = min(slots, res.get("GPU", 0.0) / gpus)
     return max(1, int(slots)) * 2
 
 
@@ -283,8 +298,6 @@ def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail
     """
     o = plan.options
     use_gpu = resolve_use_gpu(plan.source.cfg)
-    resources = _task_resources(o, use_gpu)
-    limit = _max_in_flight(o, use_gpu)
     external = plan.source.external.to_dict() if plan.source.external is not None else None
     model = {
         "config": flatten(plan.source.cfg),
@@ -292,6 +305,13 @@ def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail
         "external": external,
         "code": plan.source.code,
     }
+    gpus, gpus_how = 0.0, ""
+    if use_gpu:
+        sized = _build_model(model, torch.device("cpu"), o.forward_precision)
+        gpus, gpus_how = gpu_share(o, sized, tuple(plan.dataset.images.shape[1:]))
+        del sized
+    resources = _task_resources(o, use_gpu, gpus)
+    limit = _max_in_flight(o, use_gpu, gpus)
     model_box = [ray.put(model)]
     ds = plan.dataset
     data_box = [ray.put({"images": ds.images, "labels": ds.labels, "classes": list(ds.classes), "name": ds.name})]
@@ -308,7 +328,7 @@ def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail
     }
     by_name = {a.name: a for a in plan.attacks}
     unit_task = ray.remote(evaluate_unit).options(**resources)
-    gpu_note = f" + {o.gpus_per_task:g} GPU" if "num_gpus" in resources else ""
+    gpu_note = f" + {gpus:g} GPU ({gpus_how})" if "num_gpus" in resources else ""
     echo(
         f"[evaluate] {len(todo)} unit(s) to run as Ray tasks ({o.cpus_per_task:g} CPU{gpu_note} each, "
         f"at most {limit} in flight, {o.max_retries} retries)"
