@@ -25,8 +25,8 @@ from . import tracking
 MARKER_METRIC = "train_loss"  # logged every epoch, in the same batch as the others
 FINAL_MARKER = "replicas_in_sync"  # in the final evaluation's batch
 # Test hook (the kill drills of tests/test_local_cluster.py): "EPOCH:SECONDS[,EPOCH:SECONDS]" makes
-# rank 0 wait that long right after logging that epoch, on the attempt that first trains it, so a
-# drill can kill a worker or stop the job at a known point. Never set in normal use.
+# rank 0 wait that long right after it first logs that epoch, so a drill can kill a worker or stop
+# the job at a known point. Never set in normal use.
 PAUSE_ENV = "RNA_TEST_PAUSE_AFTER_EPOCH_LOG"
 
 
@@ -63,10 +63,11 @@ def logged_steps(client: Any, run_id: str) -> set[int]:
     return {int(m.step) for m in client.get_metric_history(run_id, MARKER_METRIC)}
 
 
-def pause_after_log(epoch: int, start_epoch: int, env: Mapping[str, str] = os.environ) -> float:
-    """The test hook's wait after logging `epoch` (0 when unset, or when resumed past that epoch)."""
+def pause_after_log(epoch: int, logged: bool, env: Mapping[str, str] = os.environ) -> float:
+    """The test hook's wait after `epoch` was logged (0 when unset, or when this attempt did not log it
+    because an earlier one had: a retry or a resubmitted job does not stop there again)."""
     spec = env.get(PAUSE_ENV, "").strip()
-    if not spec or start_epoch >= epoch:
+    if not spec or not logged:
         return 0.0
     for item in spec.split(","):
         at, _, seconds = item.partition(":")

@@ -262,9 +262,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                     }
                     write_selected(selected_dir(cfg.ray.storage_path, run_name, w), model, done, cfg, extra)
             last_metrics = metrics
-            report_epoch(cfg, run_name, run_ref, epoch_log, model, optimizer, scheduler, best, done, world, metrics)
-            if rank == 0:
-                pause_after_log(done, start_epoch)  # test hook (kill drills); no-op unless its variable is set
+            logged = report_epoch(
+                cfg, run_name, run_ref, epoch_log, model, optimizer, scheduler, best, done, world, metrics
+            )
+            pause_after_log(done, logged)  # test hook (kill drills); no-op unless its variable is set
             if monitor is None:  # after the first logged epoch (see pipelines.system_metrics)
                 monitor = start_monitor(cfg, run_ref, ctx.get_node_rank(), ctx.get_local_rank())
 
@@ -305,9 +306,9 @@ def report_epoch(
     done: int,
     world: int,
     metrics: dict[str, float],
-) -> None:
+) -> bool:
     """Rank 0 writes the epoch checkpoint; every rank reports to Ray; then rank 0 logs the metrics (only once
-    the checkpoint is persisted: pipelines.epoch_log) and prints the line."""
+    the checkpoint is persisted: pipelines.epoch_log) and prints the line. Whether this call logged them."""
     with tempfile.TemporaryDirectory(prefix="rna-ckpt-") as tmp:
         ckpt = None
         if ray.train.get_context().get_world_rank() == 0:
@@ -328,9 +329,11 @@ def report_epoch(
             )
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{done:04d}")
-    if ray.train.get_context().get_world_rank() == 0:
-        epoch_log.log(done, metrics)
-        say(format_epoch_line(run_name, done, cfg.train.epochs, metrics, pgd_metric(cfg.train.eval_pgd_steps)))
+    if ray.train.get_context().get_world_rank() != 0:
+        return False
+    logged = epoch_log.log(done, metrics)
+    say(format_epoch_line(run_name, done, cfg.train.epochs, metrics, pgd_metric(cfg.train.eval_pgd_steps)))
+    return logged
 
 
 def final_evaluation(

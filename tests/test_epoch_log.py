@@ -52,9 +52,9 @@ def test_final_metrics_are_logged_once_and_ranks_without_a_client_log_nothing(tm
     assert other_rank.logged == set()
 
 
-def test_the_drill_pause_waits_only_on_the_attempt_that_first_trains_the_epoch():
+def test_the_drill_pause_waits_only_where_the_epoch_was_first_logged():
     env = {PAUSE_ENV: "1:0.01, 3:0.02"}
-    assert pause_after_log(1, 0, env) == 0.01
-    assert pause_after_log(3, 2, env) == 0.02
-    assert pause_after_log(3, 3, env) == 0.0  # resumed after epoch 3: no pause
-    assert pause_after_log(2, 0, env) == 0.0 and pause_after_log(1, 0, {}) == 0.0
+    assert pause_after_log(1, True, env) == 0.01
+    assert pause_after_log(3, True, env) == 0.02
+    assert pause_after_log(3, False, env) == 0.0  # a retry that found epoch 3 logged: no pause
+    assert pause_after_log(2, True, env) == 0.0 and pause_after_log(1, True, {}) == 0.0
