@@ -25,6 +25,7 @@ from ray._private import state as ray_state
 from rna_core.config import Config
 from rna_core.errors import ConfigError
 
+from .local_ray import init_local_ray
 from .preflight import check_cluster_paths
 
 Echo = Callable[[str], None]
@@ -146,7 +147,7 @@ def ensure_ray(cfg: Config, echo: Echo | None = None, extra_cpus: float = 0.0) -
     # by the dashboard) and logs a warning every second without it; it listens on localhost only.
     local_kwargs = dict(num_cpus=local_cpus(cfg, extra_cpus), include_dashboard=True, dashboard_host="127.0.0.1")
     if address == "local":
-        ray.init(address="local", **local_kwargs)
+        init_local_ray(address="local", **local_kwargs)  # RNA_RAY_START_TIMEOUT_S (pipelines.local_ray)
         return
     if address:
         ray.init(address=address)
@@ -156,7 +157,7 @@ def ensure_ray(cfg: Config, echo: Echo | None = None, extra_cpus: float = 0.0) -
         if echo:
             echo("connected to the running Ray cluster")
     except ConnectionError:
-        ray.init(**local_kwargs)
+        init_local_ray(**local_kwargs)
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ from rna_core.training import train_epoch
 from . import tracking
 from .checkpoints import CHECKPOINT_FILE, read_selected, selected_dir, write_checkpoint_dir, write_selected
 from .data_inputs import log_inputs, metric_dataset, training_inputs
+from .epoch_log import EpochLog, pause_after_log
 from .system_metrics import start_monitor, stop_monitor
 from .worker_console import device_line, format_epoch_line, quiet_report_logging, say, speed_line
 
@@ -155,13 +156,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if speed.channels_last:
         use_channels_last(model)  # rewrites param.data in place: the optimizer keeps the same parameters
 
-    start_epoch, resumed = 0, None
+    start_epoch, resumed, resumed_extra = 0, None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             payload = load_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE, model, optimizer, scheduler)
         optimizer_state_like_params(optimizer)
-        start_epoch = int(payload["epoch"])
+        start_epoch, resumed_extra = int(payload["epoch"]), payload.get("extra")
         for w, record in (payload.get("extra") or {}).get("selection", {}).items():
             if w in best and record.get("metric") == best[w].metric:
                 best[w] = BestEpoch.from_dict(record)
@@ -194,6 +195,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             resolved = {**speed.params(), "resolved.device": str(device)}
             resolved.update({f"resolved.backend.{k}": v for k, v in backend.items()})
             tracking.log_new_params(client, run_ref.run_id, resolved)
+    epoch_log = EpochLog(client, run_ref.run_id if run_ref else None)  # rank 0's; see pipelines.epoch_log
+    if resumed is not None:
+        epoch_log.backfill(start_epoch, resumed_extra)  # reported, then killed before it was logged
     inputs = training_inputs(cfg, train_full, val_split, held.held_out) if client is not None else []
     if client is not None:  # which rows it trains, selects and is scored on (pipelines.data_inputs)
         log_inputs(client, run_ref.run_id, inputs)
@@ -258,7 +262,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                     }
                     write_selected(selected_dir(cfg.ray.storage_path, run_name, w), model, done, cfg, extra)
             last_metrics = metrics
-            report_epoch(cfg, run_name, run_ref, client, model, optimizer, scheduler, best, done, world, metrics)
+            logged = report_epoch(
+                cfg, run_name, run_ref, epoch_log, model, optimizer, scheduler, best, done, world, metrics
+            )
+            pause_after_log(done, logged)  # test hook (kill drills); no-op unless its variable is set
             if monitor is None:  # after the first logged epoch (see pipelines.system_metrics)
                 monitor = start_monitor(cfg, run_ref, ctx.get_node_rank(), ctx.get_local_rank())
 
@@ -267,10 +274,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
         final, selected = final_evaluation(model, cfg, best, criterion, held, run_name)
         digests = all_gather_text(state_digest(model))
-        if rank == 0 and client is not None:
-            tracking.log_metrics(
-                client, run_ref.run_id, {**final, "replicas_in_sync": float(len(set(digests)) == 1)}, step=epochs
-            )
+        if rank == 0:
+            epoch_log.log_final(epochs, {**final, "replicas_in_sync": float(len(set(digests)) == 1)})
     finally:
         stop_monitor(monitor)
     example = held.held_out.head(INPUT_EXAMPLE_ROWS).images.float().div(255.0).numpy()
@@ -293,7 +298,7 @@ def report_epoch(
     cfg: Config,
     run_name: str,
     run_ref: tracking.RunRef | None,
-    client: Any,
+    epoch_log: EpochLog,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
@@ -301,8 +306,9 @@ def report_epoch(
     done: int,
     world: int,
     metrics: dict[str, float],
-) -> None:
-    """Rank 0 writes the epoch checkpoint, logs the metrics and prints the line; every rank reports to Ray."""
+) -> bool:
+    """Rank 0 writes the epoch checkpoint; every rank reports to Ray; then rank 0 logs the metrics (only once
+    the checkpoint is persisted: pipelines.epoch_log) and prints the line. Whether this call logged them."""
     with tempfile.TemporaryDirectory(prefix="rna-ckpt-") as tmp:
         ckpt = None
         if ray.train.get_context().get_world_rank() == 0:
@@ -322,10 +328,12 @@ def report_epoch(
                 },
             )
             ckpt = ray.train.Checkpoint.from_directory(tmp)
-            if client is not None:
-                tracking.log_metrics(client, run_ref.run_id, metrics, step=done)
-            say(format_epoch_line(run_name, done, cfg.train.epochs, metrics, pgd_metric(cfg.train.eval_pgd_steps)))
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{done:04d}")
+    if ray.train.get_context().get_world_rank() != 0:
+        return False
+    logged = epoch_log.log(done, metrics)
+    say(format_epoch_line(run_name, done, cfg.train.epochs, metrics, pgd_metric(cfg.train.eval_pgd_steps)))
+    return logged
 
 
 def final_evaluation(
