@@ -13,7 +13,9 @@ so each job puts the repository root on `sys.path` before importing this module.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -58,12 +60,29 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(getattr(args, "config", None), list(getattr(args, "overrides", []) or []))
 
 
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> bool:
+    """`ray job stop` (and Kubernetes, and `kill`) end a job with SIGTERM: treat it as Ctrl+C, so the
+    job's MLflow run ends KILLED instead of staying RUNNING until the same job is submitted again.
+    Only where nothing else handles SIGTERM already (the main thread, default disposition); True if
+    installed (the caller puts the default back)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+        return True
+    return False
+
+
 def run_main(prog: str, job: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run `job(argv)`; a user error (RnaError) becomes one stderr line and exit code 2.
+    """Run `job(argv)`; a user error (RnaError) becomes one stderr line and exit code 2; SIGTERM
+    and Ctrl+C end it as interrupted (exit 130, its runs KILLED).
 
     Anything else propagates with its traceback: it is a bug, and the traceback is what
     whoever fixes it needs.
     """
+    installed = interrupt_on_sigterm()
     try:
         code = job(argv)
     except KeyboardInterrupt:
@@ -76,6 +95,9 @@ def run_main(prog: str, job: Callable[[Sequence[str] | None], int | None], argv:
         message = " ".join(str(user_error).split())  # guarantee one line
         print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return int(code or 0)
 
 
