@@ -118,6 +118,8 @@ def test_report_shows_the_tables_numbers_and_the_in_progress_state(tmp_path):
     text = report.render(base, out, sizing)
 
     assert "**Experiment in progress**" in text and "**Finished.**" not in text
+    done = sum(1 for line in text.splitlines() if line.startswith("| ") and "| done |" in line)
+    assert f"the sweep (four trainings) 10 min, the {done} finished evaluation steps {2 * done} min" in text
     bn_label, rna_label = dict(report.ARMS)["bn"], dict(report.ARMS)["rna"]
     header = [c.strip() for c in text.split("## Table 1")[1].splitlines()[2].strip("|").split("|")]
     row = dict(zip(header, _table_row(text, rna_label, "transfer")))

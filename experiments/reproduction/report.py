@@ -279,6 +279,20 @@ def findings(per_arm_cells: Mapping[str, Mapping[tuple[str, str], Cell]]) -> lis
     return out
 
 
+def measured_compute(state: Mapping[str, Any]) -> str:
+    """What the run itself took (wall time recorded by the driver), to set beside the estimate: the
+    estimate was made on a loaded machine, so the measured time says how much larger a rerun can be."""
+    steps = state.get("steps", {})
+    train = float(steps.get("sweep", {}).get("seconds") or 0.0) / 60
+    evals = [s for k, s in steps.items() if k.startswith("eval/") and s.get("rc") == 0]
+    evaluated = sum(float(s.get("seconds") or 0.0) for s in evals) / 60
+    return (
+        f"Measured on this machine (wall time, other work beside it at times): the sweep (four trainings) "
+        f"{fmt(train, 0)} min, the {len(evals)} finished evaluation steps {fmt(evaluated, 0)} min, "
+        f"{fmt(train + evaluated, 0)} min in all, against the 150-minute budget."
+    )
+
+
 def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     state, per_arm = load_experiment(base)
@@ -496,6 +510,7 @@ def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
                     "",
                 ]
     sweep = state.get("steps", {}).get("sweep", {})
+    L += [measured_compute(state), ""]
     L += ["Commands (with `RNA_BASE_DIR` set to the base folder):", "", "```bash"]
     L += [state.get("driver_command", "python experiments/reproduction/run.py --data-dir <CIFAR-10 Parquet folder>")]
     if sweep:
