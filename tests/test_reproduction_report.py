@@ -211,3 +211,15 @@ def test_two_drivers_never_erase_each_others_steps(tmp_path):
     steps = driver.load_state(path)["steps"]
     assert steps == {"eval/bn/table1": {"rc": 0}, "sweep": {"rc": 0}, "eval/bn/early_stop": {"rc": 1}}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_findings_do_not_read_a_share_into_a_gap_within_the_noise():
+    def cell(mean: float) -> report.Cell:
+        return report.Cell(mean=mean, trials=(mean,), n=1000, seconds=1.0)
+
+    tiny = {("pgd20", "transfer"): cell(25.4), ("pgd20", "fixed-path"): cell(25.1), ("eot_pgd", "eot"): cell(25.4)}
+    wide = {("pgd20", "transfer"): cell(25.7), ("pgd20", "fixed-path"): cell(15.2), ("eot_pgd", "eot"): cell(19.9)}
+    text = " ".join(report.findings({"rpt": tiny, "rna": wide}))
+    rpt_part, rna_part = text.split(dict(report.ARMS)["rpt"])[1], text.split(dict(report.ARMS)["rpt"])[0]
+    assert "gap 0.3 points" in rpt_part and "nothing for EOT to keep" in rpt_part and "keeping" not in rpt_part
+    assert "gap 10.5 points" in rna_part and "keeping 45% of the gap" in rna_part
