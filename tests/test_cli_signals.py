@@ -47,8 +47,16 @@ def test_sigterm_ends_a_job_as_interrupted_and_its_cleanup_runs(tmp_path):
 def test_run_main_puts_the_default_sigterm_disposition_back():
     from jobs.cli import run_main
 
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    seen = []
-    run_main("demo.py", lambda argv: seen.append(signal.getsignal(signal.SIGTERM)) or 0, [])
-    assert seen and seen[0] != signal.SIG_DFL  # installed while the job ran
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # an earlier test's ray.init may have installed one
+    try:
+        seen = []
+        run_main("demo.py", lambda argv: seen.append(signal.getsignal(signal.SIGTERM)) or 0, [])
+        assert seen and seen[0] != signal.SIG_DFL  # installed while the job ran
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        # a handler someone else installed (Ray's, in a driver that already called ray.init) is left alone
+        signal.signal(signal.SIGTERM, before if callable(before) else signal.SIG_IGN)
+        kept = signal.getsignal(signal.SIGTERM)
+        run_main("demo.py", lambda argv: seen.append(signal.getsignal(signal.SIGTERM)) or 0, [])
+        assert seen[1] is kept and signal.getsignal(signal.SIGTERM) is kept
+    finally:
+        signal.signal(signal.SIGTERM, before)

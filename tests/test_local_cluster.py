@@ -346,7 +346,11 @@ def test_a_worker_node_killed_mid_evaluation_has_its_tasks_retried_elsewhere_and
     once (8 unit files, eval_units_run 8); the table equals the undisturbed evaluation's."""
     out = stack["dir"] / "base" / f"eval-drill-{TAG}"  # on the head, where the evaluation's driver runs
     job = f"eval-{TAG}"
-    cmd = submit_cmd("jobs/evaluate.py", "--run-id", trained["run"].info.run_id, *EVAL, "--out", str(out))
+    # each unit waits 4 s first (a test hook): units of a small model otherwise end before a poll sees one
+    pause = {"RNA_TEST_UNIT_PAUSE_S": "4"}
+    cmd = submit_cmd(
+        "jobs/evaluate.py", "--run-id", trained["run"].info.run_id, *EVAL, "--out", str(out), env_vars=pause
+    )
     sub = subprocess.run([*cmd[:3], "--no-wait", "--submission-id", job, *cmd[3:]],
                          env=stack["env"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert sub.returncode == 0, sub.stderr[-2000:]

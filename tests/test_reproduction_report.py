@@ -9,6 +9,7 @@ statistics) computed from them, missing steps as missing, and the in-progress st
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -115,6 +116,9 @@ def test_report_shows_the_tables_numbers_and_the_in_progress_state(tmp_path):
     base, out = tmp_path / "base", tmp_path / "docs"
     _experiment(base)
     sizing = {"choice": "Chose wrn16_2 because of the measurements.", "results": [], "command": "size.py"}
+    stopped = report.render(base, out, sizing)  # no live driver recorded in <base>/pids
+    assert "**Experiment stopped before the end**" in stopped and "in progress" not in stopped
+    (base / "pids").write_text(f"{os.getpgrp()}\n")  # a live process group: this test's own
     text = report.render(base, out, sizing)
 
     assert "**Experiment in progress**" in text and "**Finished.**" not in text

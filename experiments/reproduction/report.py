@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -284,6 +285,16 @@ def findings(per_arm_cells: Mapping[str, Mapping[tuple[str, str], Cell]]) -> lis
     return out
 
 
+def driver_alive(base: Path) -> bool:
+    """Whether the process group `launch.sh` recorded last in `<base>/pids` is still running."""
+    try:
+        pgid = int((base / "pids").read_text().split()[-1])
+        os.killpg(pgid, 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
 def measured_compute(state: Mapping[str, Any]) -> str:
     """What the run itself took (wall time recorded by the driver), to set beside the estimate: the
     estimate was made on a loaded machine, so the measured time says how much larger a rerun can be."""
@@ -330,6 +341,9 @@ def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
                 "**Finished.**"
                 if done
                 else "**Experiment in progress**: the tables hold what has finished; missing cells are `-`."
+                if driver_alive(base)
+                else "**Experiment stopped before the end** (its driver is not running): the tables hold what "
+                "had finished; missing cells are `-`; `launch.sh` resumes it."
             )
             + f" Started {state.get('started', '-')}"
             + (f", finished {state['finished']}." if done else "."),

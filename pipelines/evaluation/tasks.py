@@ -167,9 +167,15 @@ def _task_context(
     return model, data, device
 
 
+# Test hook (the node-kill drill of tests/test_local_cluster.py): every unit first waits this many
+# seconds, so a drill can find a unit running on a given node and kill it there. Never set in normal use.
+UNIT_PAUSE_ENV = "RNA_TEST_UNIT_PAUSE_S"
+
+
 def evaluate_unit(model_box: list, data_box: list, task: dict[str, Any]) -> dict[str, Any]:
     """Ray task: correct predictions of one unit, batch by batch with the sequential run's seeds."""
     fail_once(task.get("fail_once_marker"), task["unit_id"])
+    time.sleep(float(os.environ.get(UNIT_PAUSE_ENV) or 0))
     model, data, device = _task_context(task, model_box, data_box)
     attack = get_attack(task["attack"], **task["settings"])
     if settings_hash(attack) != task["settings_hash"]:  # a worker running other code than the driver
