@@ -35,14 +35,28 @@ def start_monitor(cfg: Config, run: RunRef | None, node_rank: int, local_rank: i
         node_id=None if node_rank == 0 else f"node{node_rank}",
         tracking_uri=run.tracking_uri,
     )
+    first_step = getattr(monitor, "_logging_step", None)  # where this attempt's samples start
     monitor.start()
+    monitor.rna_first_step = first_step
     return monitor
 
 
 def stop_monitor(monitor: Any | None) -> None:
-    """Stop sampling and flush what was sampled (the run must still be RUNNING)."""
-    if monitor is not None:
-        monitor.finish()
+    """Stop sampling and flush what was sampled (the run must still be RUNNING). A run (or resumed
+    attempt) shorter than one sampling interval would log no system metrics at all: it gets one sample
+    at its end. That uses the monitor's own collect/publish methods, so it is best effort."""
+    if monitor is None:
+        return
+    monitor.finish()
+    first = getattr(monitor, "rna_first_step", None)
+    if first is None or getattr(monitor, "_logging_step", first) != first:
+        return
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as e:  # MLflow's monitor changed: a missing final sample is no reason to fail a run
+        logging.getLogger(__name__).warning("system metrics: no final sample (%s)", e)
 
 
 __all__ = ["start_monitor", "stop_monitor"]

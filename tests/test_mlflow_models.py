@@ -234,6 +234,20 @@ def test_system_metrics_are_sampled_into_the_run_and_can_be_turned_off(store):
     tracking.end_run(client, run_id)
 
 
+def test_a_run_shorter_than_one_sampling_interval_still_gets_one_system_sample(store):
+    """A fast run (or a resumed attempt) ends before the monitor's first interval: one sample at the end."""
+    from dataclasses import replace
+
+    cfg, client = store["cfg"], store["client"]
+    run_id = tracking.start_run(client, store["ref"].experiment_id, "short", {}, {})
+    ref = tracking.RunRef(store["uri"], store["ref"].experiment_id, run_id)
+    slow = replace(cfg, mlflow=replace(cfg.mlflow, system_metrics_interval=60.0))
+    stop_monitor(start_monitor(slow, ref, 0, 0))  # stopped long before its first 60 s sample
+    history = client.get_metric_history(run_id, "system/system_memory_usage_megabytes")
+    assert len(history) == 1 and history[0].value > 0
+    tracking.end_run(client, run_id)
+
+
 @pytest.mark.parametrize(
     "override, needle",
     [
