@@ -87,17 +87,22 @@ def mlflow_client(stack):
     return MlflowClient(stack["env"]["MLFLOW_TRACKING_URI"])
 
 
-def s3_keys(stack, prefix: str) -> list[str]:
+def s3_client(stack):
+    """A boto3 S3 client with the cluster's endpoint and key pair, as a user's job would make one."""
     import boto3
 
     env = stack["env"]
-    s3 = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=env["AWS_ENDPOINT_URL"],
         region_name=env["AWS_DEFAULT_REGION"],
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
     )
+
+
+def s3_keys(stack, prefix: str) -> list[str]:
+    s3 = s3_client(stack)
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket="rna", Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
@@ -156,16 +161,7 @@ def sigkill(proc: psutil.Process) -> None:
 
 def s3_text(stack, key: str) -> str:
     """An object of the bucket as text ('' when it does not exist)."""
-    import boto3
-
-    env = stack["env"]
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        region_name=env["AWS_DEFAULT_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-    )
+    s3 = s3_client(stack)
     try:
         return s3.get_object(Bucket="rna", Key=key)["Body"].read().decode()
     except s3.exceptions.NoSuchKey:
