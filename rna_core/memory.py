@@ -8,7 +8,7 @@ activations' gradients live beside the graph during the backward, the caching al
 slack, and each process holds a CUDA context: `ALLOCATOR_SLACK` and `CUDA_CONTEXT_BYTES` cover those.
 
 `eval.gpus_per_task` left unset sizes GPU tasks from this estimate: a WRN-34-10 evaluation at batch
-256 needs about 8 GiB a task, so a 24 GB GPU takes two of them, where the old fixed 0.25 put four
+256 plans about 9 GiB a task, so a 24 GB GPU takes two of them, where the old fixed 0.25 put four
 on it and ran out of memory.
 """
 

@@ -80,7 +80,7 @@ def test_wrn34_10s_default_evaluation_is_packed_to_fit_a_24_gb_gpu():
     torch.manual_seed(0)
     model = create_model("wrn34_10", norm="bn,gns:1").eval()
     options = EvalConfig(batch_size=256)
-    share, how = gpu_share(options, model, (3, 32, 32))
+    share, how = gpu_share(options, lambda: model, (3, 32, 32))
     memory = measure_task_memory(model)
     per_task = memory.peak_bytes(256)
     assert 5 * GIB < per_task < 12 * GIB, per_task / GIB
@@ -88,8 +88,9 @@ def test_wrn34_10s_default_evaluation_is_packed_to_fit_a_24_gb_gpu():
     assert share > 0.25 and count * per_task <= USABLE_FRACTION * 22.5 * GIB  # 4 x 0.25 would not fit
     assert count == 2 and "2 per 22.5 GiB GPU" in how
     # an 80 GiB GPU takes more of them (at most MAX_TASKS_PER_GPU), and an explicit share is kept
-    assert gpu_share(EvalConfig(batch_size=256, gpu_memory_gib=80), model, (3, 32, 32))[0] == 0.25
-    assert gpu_share(EvalConfig(batch_size=256, gpus_per_task=1.0), model, (3, 32, 32)) == (1.0, "eval.gpus_per_task")
+    assert gpu_share(EvalConfig(batch_size=256, gpu_memory_gib=80), lambda: model, (3, 32, 32))[0] == 0.25
+    never = lambda: pytest.fail("an explicit share builds no model")  # noqa: E731
+    assert gpu_share(EvalConfig(batch_size=256, gpus_per_task=1.0), never, (3, 32, 32)) == (1.0, "eval.gpus_per_task")
 
 
 def test_a_task_too_large_for_the_gpu_is_refused_in_one_line_with_the_batch_that_fits():

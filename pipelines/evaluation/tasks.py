@@ -259,13 +259,15 @@ class Progress:
             self.echo(self.line())
 
 
-def gpu_share(options: EvalConfig, model: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[float, str]:
+def gpu_share(
+    options: EvalConfig, build_model: Callable[[], torch.nn.Module], input_shape: tuple[int, ...]
+) -> tuple[float, str]:
     """Ray's GPU request per task and how it was chosen: `eval.gpus_per_task` as given, or sized from
-    `model`'s measured memory at the evaluation batch for GPUs of `eval.gpu_memory_gib` (one line,
-    ConfigError, when a task does not fit one GPU)."""
+    the measured memory of the model `build_model()` makes (built only then), at the evaluation batch,
+    for GPUs of `eval.gpu_memory_gib` (one line, ConfigError, when a task does not fit one GPU)."""
     if options.gpus_per_task is not None:
         return options.gpus_per_task, "eval.gpus_per_task"
-    memory = measure_task_memory(model, input_shape)
+    memory = measure_task_memory(build_model(), input_shape)
     batch = int(options.batch_size or 1)
     count = tasks_per_gpu(memory, batch, options.gpu_memory_gib * GIB)
     need = memory.peak_bytes(batch) / GIB
@@ -313,9 +315,8 @@ def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail
     }
     gpus, gpus_how = 0.0, ""
     if use_gpu:
-        sized = _build_model(model, torch.device("cpu"), o.forward_precision)
-        gpus, gpus_how = gpu_share(o, sized, tuple(plan.dataset.images.shape[1:]))
-        del sized
+        on_cpu = lambda: _build_model(model, torch.device("cpu"), o.forward_precision)  # noqa: E731
+        gpus, gpus_how = gpu_share(o, on_cpu, tuple(plan.dataset.images.shape[1:]))
     resources = _task_resources(o, use_gpu, gpus)
     limit = _max_in_flight(o, use_gpu, gpus)
     model_box = [ray.put(model)]
