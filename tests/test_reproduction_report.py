@@ -24,8 +24,10 @@ from experiments.reproduction import report  # noqa: E402
 from experiments.reproduction import run as driver  # noqa: E402
 
 
-def _row(arm: str, attack: str, protocol: str, correct: int, n: int = 200, trial: int = 0) -> ResultRow:
-    method = {"bn": "bn", "rna": "rna(bn,gns:1)"}[arm]
+def _row(
+    arm: str, attack: str, protocol: str, correct: int, n: int = 200, trial: int = 0, bf16: bool = False
+) -> ResultRow:
+    method = {"bn": "bn", "rna": "rna(bn,gns:1)"}[arm] + (" [bf16 forward]" if bf16 else "")
     return ResultRow.make(
         run_id=f"run-{arm}",
         model="wrn16_2",
@@ -65,15 +67,15 @@ def _experiment(base: Path, with_stability: bool = True) -> dict:
         ("rna", "eot"): [_row("rna", "natural", "eot", 110), _row("rna", "eot_pgd", "eot", 60)],  # 30.0 %: keeps 25 %
         # natural is in every step: the table takes the step with the most images (this one sorts first)
         ("rna", "autoattack"): [
-            _row("rna", "natural", "transfer", 40, n=100),
-            _row("rna", "autoattack", "transfer", 30, n=100),
+            _row("rna", "natural", "transfer", 40, n=100, bf16=True),
+            _row("rna", "autoattack", "transfer", 30, n=100, bf16=True),
         ],
         ("rna", "early_stop"): [_row("rna", "natural", "early-stop", 110), _row("rna", "pgd20", "early-stop", 70)],
     }
     if with_stability:
         results[("rna", "stability")] = [
-            _row("rna", "pgd20", "transfer", c, trial=t) for t, c in enumerate((88, 90, 92, 94))
-        ] + [_row("rna", "natural", "transfer", 110, trial=t) for t in range(4)]
+            _row("rna", "pgd20", "transfer", c, trial=t, bf16=True) for t, c in enumerate((88, 90, 92, 94))
+        ] + [_row("rna", "natural", "transfer", 110, trial=t, bf16=True) for t in range(4)]
     for (arm, step), rows in results.items():
         out_dir = base / "eval_results" / "reproduction_cpu" / f"{arm}-{step}"
         out_dir.mkdir(parents=True)
@@ -128,7 +130,8 @@ def test_report_shows_the_tables_numbers_and_the_in_progress_state(tmp_path):
     header = [c.strip() for c in text.split("## Table 1")[1].splitlines()[2].strip("|").split("|")]
     row = dict(zip(header, _table_row(text, rna_label, "transfer")))
     assert (row["Natural"], row["FGSM"], row["PGD-20"], row["EOT-PGD (eot)"]) == ("55.0", "47.5", "45.0", "30.0")
-    assert row["AutoAttack"] == "30.0"  # from its 100-image step; Natural (55.0) from table1's 200
+    # from its 100-image step, marked: it ran the forward in bf16; Natural (55.0, fp32) from table1's 200
+    assert row["AutoAttack"] == "30.0" + report.BF16_MARK
     assert row["CW"] == "-" and row["AutoAttack-rand (eot)"] == "-"  # not run yet
     fixed = dict(zip(header, _table_row(text, rna_label, "fixed-path")))
     assert (fixed["PGD-20"], fixed["FGSM"], fixed["EOT-PGD (eot)"]) == ("25.0", "40.0", "")
@@ -151,12 +154,18 @@ def test_report_shows_the_tables_numbers_and_the_in_progress_state(tmp_path):
     accs = [100 * c / 200 for c in (88, 90, 92, 94)]
     assert t4[2:] == [
         "4",
+        "bf16",
         f"{statistics.fmean(accs):.2f}",
         f"{statistics.pstdev(accs):.2f}",
         f"{min(accs):.2f}",
         f"{max(accs):.2f}",
     ]
-    assert _table_row(text.split("## Table 4")[1], rna_label, "eot_pgd / eot")[2:] == ["-"] * 5
+    assert _table_row(text.split("## Table 4")[1], rna_label, "eot_pgd / eot")[2:] == ["-"] * 6
+    # bf16 against fp32: Table 4's trial 0 (bf16) beside the fp32 single-trial step with the same seeds
+    check = text.split("## bf16 against fp32")[1].split("## ")[0]
+    assert _table_row(check, rna_label, "pgd20 / transfer")[2:] == ["200", "45.0", "44.0", "-1.0"]
+    assert _table_row(check, rna_label, "natural / transfer")[2:] == ["200", "55.0", "55.0", "+0.0"]
+    assert "Largest difference: 1.0 points" in check and "autoattack" not in check
 
     # findings: the gap (20 points) and what EOT keeps of it (25 %), from the numbers above
     f = text.split("## Findings")[1]
@@ -190,6 +199,19 @@ def test_driver_runs_every_protocol_on_random_models_and_transfer_on_bn(arm, exp
     assert all(s.limit >= 1000 for s in driver.PLAN if "autoattack" not in s.attacks)
     assert plan["stability"].trials == 10 and plan["stability_eot"].trials == 10
     assert int(plan["eot"].extra[plan["eot"].extra.index("--eot-iter") + 1]) >= 10
+    # the repeated, costly steps run the forward in bf16; Table 1's and Table 3's own steps stay fp32
+    precision = {
+        s.name: (c[c.index("--forward-precision") + 1] if "--forward-precision" in c else "fp32")
+        for s in driver.PLAN
+        for c in [driver.evaluate_command(s, "rna", "RUN", "/data", tmp_path / s.name)]
+    }
+    assert {k for k, v in precision.items() if v == "bf16"} == {
+        "autoattack",
+        "autoattack_rand",
+        "stability",
+        "stability_eot",
+    }
+    assert set(precision.values()) == {"fp32", "bf16"}
 
 
 def test_driver_refuses_a_base_folder_inside_the_checkout(tmp_path, monkeypatch, capsys):

@@ -85,6 +85,15 @@ class Cell:
     trials: tuple[float, ...]
     n: int
     seconds: float
+    precision: str = "fp32"  # the model's forward in the evaluation the cell comes from
+
+
+BF16_TAG = "[bf16 forward]"  # what the evaluation job adds to a result row's method (eval.forward_precision=bf16)
+BF16_MARK = "\u1d47"  # a superscript b after a number: its evaluation ran the model's forward in bf16
+
+
+def row_precision(row: Mapping[str, Any]) -> str:
+    return "bf16" if BF16_TAG in str(row.get("method", "")) else "fp32"
 
 
 def read_rows(paths: Iterable[Path]) -> list[dict[str, Any]]:
@@ -113,6 +122,7 @@ def cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str], Cell]:
                 acc,
                 int(max(t["n"] for t in trials.values())),
                 sum(t["seconds"] for t in trials.values()),
+                "bf16" if any(row_precision(t) == "bf16" for t in trials.values()) else "fp32",
             )
     return out
 
@@ -139,6 +149,42 @@ def lookup(c: Mapping[tuple[str, str], Cell], arm: str, attack: str, protocol: s
         if (attack, "transfer") in c:
             return c[(attack, "transfer")].mean
     return None
+
+
+def fmt_cell(c: Mapping[tuple[str, str], Cell], arm: str, attack: str, protocol: str) -> str:
+    """A table cell: the mean, marked when its evaluation ran the forward in bf16."""
+    value = lookup(c, arm, attack, protocol)
+    key = (attack, protocol) if (attack, protocol) in c else (attack, "transfer")
+    mark = BF16_MARK if value is not None and key in c and c[key].precision == "bf16" else ""
+    return fmt(value) + mark
+
+
+def first_trial_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[int, int]]:
+    """(attack, protocol) -> (correct, n) of trial 0 of the multi-trial (stability) steps."""
+    out: dict[tuple[str, str], tuple[int, int]] = {}
+    for r in rows:
+        if r.get("_trials", 1) > 1 and int(r["trial"]) == 0:
+            c, n = out.get((r["attack"], r["protocol"]), (0, 0))
+            out[(r["attack"], r["protocol"])] = (c + int(r["correct"]), n + int(r["n"]))
+    return out
+
+
+def precision_check(
+    c1: Mapping[str, Mapping[tuple[str, str], Cell]], per_arm: Mapping[str, list[dict[str, Any]]]
+) -> list[list[str]]:
+    """Rows of fp32 (single-trial step) against bf16 (Table 4's trial 0, the same seeds: same images,
+    paths and random starts) for every (arm, attack, protocol) both have."""
+    rows = []
+    for arm, label in ARMS:
+        trial0 = first_trial_rows(per_arm.get(arm, []))
+        stab_bf16 = {row_precision(r) for r in per_arm.get(arm, []) if r.get("_trials", 1) > 1} == {"bf16"}
+        for (attack, protocol), (correct, n) in sorted(trial0.items()):
+            cell = c1.get(arm, {}).get((attack, protocol))
+            if not stab_bf16 or cell is None or cell.precision != "fp32" or cell.n != n or not n:
+                continue
+            b = 100.0 * correct / n
+            rows.append([label, f"{attack} / {protocol}", str(n), fmt(cell.mean), fmt(b), f"{b - cell.mean:+.1f}"])
+    return rows
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -386,8 +432,8 @@ def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
     for arm, label in ARMS:
         c = c1.get(arm, {})
         for protocol in ("transfer", "fixed-path"):
-            cells_ = [fmt(lookup(c, arm, a, protocol)) for _, a in TABLE1]
-            adaptive = [fmt(lookup(c, arm, a, p)) for _, a, p in ADAPTIVE] if protocol == "transfer" else ["", ""]
+            cells_ = [fmt_cell(c, arm, a, protocol) for _, a in TABLE1]
+            adaptive = [fmt_cell(c, arm, a, p) for _, a, p in ADAPTIVE] if protocol == "transfer" else ["", ""]
             rows.append([label, protocol, *cells_, *adaptive])
     for pub in PUBLISHED.values():
         rows.append([f"published: {pub['label']}", "transfer", *[fmt(pub["values"].get(a)) for _, a in TABLE1], "", ""])
@@ -402,7 +448,11 @@ def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
         + ", ".join(f"{s.name} {s.limit}" for s in PLAN)
         + ". "
         "BN has no random layer: its fixed-path and eot cells are its transfer numbers (the same computation; "
-        "EOT over identical forwards is PGD-20), and AutoAttack-rand is not run on it.",
+        "EOT over identical forwards is PGD-20), and AutoAttack-rand is not run on it. "
+        f"{BF16_MARK}: that evaluation ran the model's forward in bf16 (`--forward-precision bf16`: the repeated, "
+        "costly steps, "
+        + ", ".join(s.name for s in PLAN if s.precision != "fp32")
+        + "; see 'bf16 against fp32' below); every other cell is fp32.",
         "",
         f"Published: {'; '.join(p['source'] for p in PUBLISHED.values())}. {RELATED}",
         "",
@@ -415,7 +465,7 @@ def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
         rows.append(
             [label]
             + [
-                fmt(lookup(c, arm, a, p))
+                fmt_cell(c, arm, a, p)
                 for a, p in (
                     ("pgd20", "early-stop"),
                     ("pgd20", "transfer"),
@@ -439,7 +489,7 @@ def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
         ):
             cell = c.get((attack, protocol))
             if cell is None:
-                rows.append([label, f"{attack} / {protocol}", "-", "-", "-", "-", "-"])
+                rows.append([label, f"{attack} / {protocol}", "-", "-", "-", "-", "-", "-"])
                 continue
             sd = statistics.pstdev(cell.trials) if len(cell.trials) > 1 else 0.0
             rows.append(
@@ -447,13 +497,29 @@ def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
                     label,
                     f"{attack} / {protocol}",
                     str(len(cell.trials)),
+                    cell.precision,
                     fmt(cell.mean, 2),
                     fmt(sd, 2),
                     fmt(min(cell.trials), 2),
                     fmt(max(cell.trials), 2),
                 ]
             )
-    L += md_table(["arm", "attack / protocol", "trials", "mean", "std", "min", "max"], rows)
+    L += md_table(["arm", "attack / protocol", "trials", "forward", "mean", "std", "min", "max"], rows)
+    L += [""]
+
+    L += ["## bf16 against fp32 on these checkpoints", ""]
+    check = precision_check(c1, per_arm)
+    if check:
+        worst = max(abs(float(r[-1])) for r in check)
+        L += [
+            "Table 4's first trial (forward in bf16) has the seeds of the single-trial fp32 steps: the same test "
+            "images, the same paths and the same random starts, so each row below is one computation in two "
+            f"precisions. Largest difference: {worst:.1f} points.",
+            "",
+        ]
+        L += md_table(["arm", "attack / protocol", "images", "fp32", "bf16 (trial 0)", "bf16 - fp32"], check)
+    else:
+        L += ["(no pair of an fp32 step and a bf16 Table 4 trial yet)"]
     L += [""]
 
     L += ["## Plots", ""]
