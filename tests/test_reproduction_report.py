@@ -126,6 +126,7 @@ def test_report_shows_the_tables_numbers_and_the_in_progress_state(tmp_path):
     assert "**Experiment in progress**" in text and "**Finished.**" not in text
     done = sum(1 for line in text.splitlines() if line.startswith("| ") and "| done |" in line)
     assert f"the sweep (four trainings) 10 min, the {done} finished evaluation steps {2 * done} min" in text
+    assert "beside the training" not in text  # no step has a finish time: nothing ran side by side
     bn_label, rna_label = dict(report.ARMS)["bn"], dict(report.ARMS)["rna"]
     header = [c.strip() for c in text.split("## Table 1")[1].splitlines()[2].strip("|").split("|")]
     row = dict(zip(header, _table_row(text, rna_label, "transfer")))
@@ -249,3 +250,15 @@ def test_findings_do_not_read_a_share_into_a_gap_within_the_noise():
     rpt_part, rna_part = text.split(dict(report.ARMS)["rpt"])[1], text.split(dict(report.ARMS)["rpt"])[0]
     assert "gap 0.3 points" in rpt_part and "nothing for EOT to keep" in rpt_part and "keeping" not in rpt_part
     assert "gap 10.5 points" in rna_part and "keeping 45% of the gap" in rna_part
+
+
+def test_measured_compute_states_the_elapsed_time_when_drivers_overlapped():
+    steps = {
+        "sweep": {"seconds": 3600.0, "finished": "2026-12-02T11:00:00Z"},
+        "eval/bn/table1": {"rc": 0, "seconds": 1200.0, "finished": "2026-12-02T10:50:00Z"},  # beside the sweep
+    }
+    text = report.measured_compute({"started": "2026-12-02T10:00:00Z", "steps": steps})
+    assert "the sweep (four trainings) 60 min, the 1 finished evaluation steps 20 min, 80 min in all" in text
+    assert "60 min from the start to the last finished step" in text
+    steps["eval/bn/table1"]["finished"] = "2026-12-02T11:20:00Z"  # one after the other: no note
+    assert "beside the training" not in report.measured_compute({"started": "2026-12-02T10:00:00Z", "steps": steps})
