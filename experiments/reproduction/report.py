@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a script: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.reproduction.run import CW_STEPS, EOT_ITER, PLAN  # noqa: E402
+from pipelines.evaluation.plan import precision_tag  # noqa: E402
 
 ARMS: tuple[tuple[str, str], ...] = (
     ("bn", "BN, PGD-AT"),
@@ -90,7 +91,7 @@ class Cell:
     precision: str = "fp32"  # the model's forward in the evaluation the cell comes from
 
 
-BF16_TAG = "[bf16 forward]"  # what the evaluation job adds to a result row's method (eval.forward_precision=bf16)
+BF16_TAG = precision_tag("bf16")  # what the evaluation job adds to a result row's method
 BF16_MARK = "\u1d47"  # a superscript b after a number: its evaluation ran the model's forward in bf16
 
 
@@ -139,26 +140,29 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def lookup(c: Mapping[tuple[str, str], Cell], arm: str, attack: str, protocol: str) -> float | None:
-    """A cell's mean; a deterministic model's fixed-path and eot equal its transfer (same computation)."""
+def lookup_cell(c: Mapping[tuple[str, str], Cell], arm: str, attack: str, protocol: str) -> Cell | None:
+    """A cell; a deterministic model's fixed-path and eot are its transfer cells (same computation)."""
     if (attack, protocol) in c:
-        return c[(attack, protocol)].mean
+        return c[(attack, protocol)]
     if arm in DETERMINISTIC and protocol in ("fixed-path", "eot"):
-        if protocol == "eot" and attack == "eot_pgd" and ("pgd20", "transfer") in c:
-            return c[("pgd20", "transfer")].mean  # EOT over identical forwards is PGD-20
-        if protocol == "eot" and attack == "autoattack_rand" and ("autoattack", "transfer") in c:
+        if protocol == "eot" and attack == "eot_pgd":
+            return c.get(("pgd20", "transfer"))  # EOT over identical forwards is PGD-20
+        if protocol == "eot" and attack == "autoattack_rand":
             return None  # not the same algorithm: left empty
-        if (attack, "transfer") in c:
-            return c[(attack, "transfer")].mean
+        return c.get((attack, "transfer"))
     return None
+
+
+def lookup(c: Mapping[tuple[str, str], Cell], arm: str, attack: str, protocol: str) -> float | None:
+    """A cell's mean (see lookup_cell)."""
+    cell = lookup_cell(c, arm, attack, protocol)
+    return None if cell is None else cell.mean
 
 
 def fmt_cell(c: Mapping[tuple[str, str], Cell], arm: str, attack: str, protocol: str) -> str:
     """A table cell: the mean, marked when its evaluation ran the forward in bf16."""
-    value = lookup(c, arm, attack, protocol)
-    key = (attack, protocol) if (attack, protocol) in c else (attack, "transfer")
-    mark = BF16_MARK if value is not None and key in c and c[key].precision == "bf16" else ""
-    return fmt(value) + mark
+    cell = lookup_cell(c, arm, attack, protocol)
+    return fmt(None if cell is None else cell.mean) + (BF16_MARK if cell and cell.precision == "bf16" else "")
 
 
 def first_trial_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[int, int]]:

@@ -53,6 +53,11 @@ class EvalPlan:
         ]
 
 
+def precision_tag(precision: str) -> str:
+    """What a result row's method carries when the model's forward ran in `precision` (not fp32)."""
+    return f" [{precision} forward]"
+
+
 def short_hash(obj: Any, n: int = 12) -> str:
     return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()[:n]
 
@@ -143,7 +148,7 @@ def plan_evaluation(source: ModelSource, options: EvalConfig | None = None) -> E
     if source.selection is not None:  # a selected epoch's weights: its own table row, never blended with the last's
         method += f" [{source.checkpoint_label}, epoch {source.selected_epoch}]"
     if o.forward_precision != "fp32":  # its own table row, never blended with fp32 rows
-        method += f" [{o.forward_precision} forward]"
+        method += precision_tag(o.forward_precision)
     meta = {"model": model_name, "method": method, "dataset": dataset.name}
     return EvalPlan(source, o, attacks, dataset, digest, fingerprint, out_dir, units, meta)
 
