@@ -519,6 +519,12 @@ def _children(client, parent_run_id: str, experiment_id: str) -> dict[str, dict]
     return out
 
 
+def _trial_errors(sweep_dir: Path) -> str:
+    """The errors Tune saved for failed trials (error.txt in each trial folder): what a failure needs said."""
+    texts = [f"{p.parent.name}: {p.read_text()[-3000:]}" for p in sorted(sweep_dir.rglob("error.txt"))]
+    return "\n".join(texts) or "no trial saved an error"
+
+
 def _checkpoints(trials_dir: Path, trial_id: str) -> dict[str, float]:
     folder = trials_dir / trial_id
     return {p.name: p.stat().st_mtime for p in folder.glob("epoch_*")} if folder.is_dir() else {}
@@ -549,7 +555,8 @@ def test_smoke_sweep_runs_trials_side_by_side_and_resumes_without_rerunning(swee
 
     # 1. Both trials start at once (max_concurrent_trials 2 on 2 CPUs); Ctrl+C after the first one completes.
     monkeypatch.setenv(INTERRUPT_ENV, "1")
-    assert main(argv) == 130
+    rc = main(argv)
+    assert rc == 130, f"exit {rc}; {_trial_errors(sweep_dir)}"
     out1 = capsys.readouterr().out
     assert "interrupted: sweep_smoke" in out1 and "--resume" in out1
     stored = json.loads((sweep_dir / SWEEP_FILE).read_text())
@@ -570,7 +577,8 @@ def test_smoke_sweep_runs_trials_side_by_side_and_resumes_without_rerunning(swee
 
     # 2. Resume: finished trials are not run again; the interrupted one continues in its own child run.
     monkeypatch.delenv(INTERRUPT_ENV)
-    assert main([*argv, "--resume"]) == 0
+    rc = main([*argv, "--resume"])
+    assert rc == 0, f"exit {rc}; {_trial_errors(sweep_dir)}"
     out2 = capsys.readouterr().out
     assert "resuming sweep sweep_smoke" in out2 and "done: sweep sweep_smoke, 2 trials (resumed)" in out2
     after = _children(client, parent.run_id, parent.experiment_id)
