@@ -215,6 +215,22 @@ def test_driver_runs_every_protocol_on_random_models_and_transfer_on_bn(arm, exp
     assert set(precision.values()) == {"fp32", "bf16"}
 
 
+def test_bf16_steps_follow_the_machine_unless_told(tmp_path, monkeypatch):
+    import rna_core.speed
+
+    step = next(s for s in driver.PLAN if s.precision == driver.BF16)
+    fp32_cmd = driver.evaluate_command(step, "rna", "RUN", "/data", tmp_path, bf16=False)
+    assert "--forward-precision" not in fp32_cmd
+    bf16_cmd = driver.evaluate_command(step, "rna", "RUN", "/data", tmp_path)
+    assert bf16_cmd[bf16_cmd.index("--forward-precision") + 1] == "bf16"
+    assert driver.resolve_bf16_steps("on")[0] is True and driver.resolve_bf16_steps("off")[0] is False
+    monkeypatch.setattr(rna_core.speed, "bf16_fast_path", lambda device: None)  # e.g. an AMD EPYC, no GPU
+    bf16, why = driver.resolve_bf16_steps("auto")
+    assert bf16 is False and "fp32" in why
+    monkeypatch.setattr(rna_core.speed, "bf16_fast_path", lambda d: "cpu: amx_bf16" if d == "cpu" else None)
+    assert driver.resolve_bf16_steps("auto") == (True, "auto: cpu: amx_bf16")
+
+
 def test_driver_refuses_a_base_folder_inside_the_checkout(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RNA_BASE_DIR", str(REPO / "tmp_base"))
     assert driver.main(["--data-dir", str(tmp_path)]) == 2

@@ -205,6 +205,7 @@ def evaluate_command(
     cap_trials: int = 0,
     ray_address: str = "local",
     cw_steps: int = CW_STEPS,
+    bf16: bool = True,
 ) -> list[str]:
     limit = min(step.limit, cap_limit) if cap_limit else step.limit
     trials = min(step.trials, cap_trials) if cap_trials else step.trials
@@ -212,10 +213,30 @@ def evaluate_command(
     cmd += ["--protocols", step.protocols_for(arm), "--limit", str(limit), "--trials", str(trials)]
     cmd += ["--path-analysis", "256" if step.path_analysis and arm not in DETERMINISTIC else "0"]
     extra = [e.replace(f"cw_l2.steps={CW_STEPS}", f"cw_l2.steps={cw_steps}") for e in step.extra]
-    cmd += ["--forward-precision", step.precision] if step.precision != "fp32" else []
+    cmd += ["--forward-precision", step.precision] if step.precision != "fp32" and bf16 else []
     cmd += [*extra, "--out", str(out_dir), "--set", f"data.data_dir={data_dir}"]
     cmd += ["--set", f"ray.address={ray_address}"] if ray_address else []
     return cmd
+
+
+def resolve_bf16_steps(choice: str) -> tuple[bool, str]:
+    """Whether the plan's bf16 steps run in bf16 here, and why.
+
+    `auto` follows this machine: bf16 where it has a fast path (AMX / AVX-512 BF16, a CUDA GPU
+    with bf16 tensor cores); elsewhere bf16 is emulated and slower than fp32 (measured on an AMD
+    EPYC without AVX-512: the trainings' `auto` turned bf16 off there), so every step runs fp32.
+    For a cluster whose GPUs the driver's machine does not have, say `on`.
+    """
+    if choice in ("on", "off"):
+        return choice == "on", f"--bf16-steps {choice}"
+    sys.path.insert(0, str(REPO))
+    from rna_core.speed import bf16_fast_path
+
+    for device in ("cuda", "cpu"):
+        reason = bf16_fast_path(device)
+        if reason:
+            return True, f"auto: {reason}"
+    return False, "auto: no bf16 fast path on this machine (every step fp32)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         "--evaluate-only",
         action="store_true",
         help="skip the sweep: evaluate the arms whose training already finished (e.g. while the others train)",
+    )
+    p.add_argument(
+        "--bf16-steps",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the plan's costly steps in bf16: auto = where this machine has a bf16 fast path",
     )
     p.add_argument("--retries", type=int, default=3, help="retries of a failed job (each resumes its work)")
     p.add_argument("--no-report", action="store_true")
@@ -262,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     state["sweep_name"] = args.sweep_name
     state["caps"] = {"limit": args.cap_limit, "trials": args.cap_trials}  # 0: the plan's sizes
     state["cw_steps"] = args.cw_steps
+    bf16, why = resolve_bf16_steps(args.bf16_steps)
+    state["bf16_steps"] = {"choice": args.bf16_steps, "bf16": bf16, "reason": why}  # steps done keep theirs
+    print(f"run.py: bf16 steps {'on' if bf16 else 'off'} ({why})", flush=True)
     state["driver_command"] = shlex.join(["python", "experiments/reproduction/run.py", *(argv or sys.argv[1:])])
 
     # 1. The sweep: the four trainings, one after another (a finished sweep returns at once).
@@ -313,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.cap_trials,
                 args.ray_address,
                 args.cw_steps,
+                bf16,
             )
             rc, seconds, output = run_with_retries(cmd, logs / f"eval-{arm}-{step.name}.log", env, args.retries)
             mlflow_run = next(
