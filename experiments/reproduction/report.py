@@ -362,7 +362,7 @@ def measured_compute(state: Mapping[str, Any]) -> str:
     elapsed = elapsed_minutes(state)
     if elapsed is not None and elapsed < train + evaluated - 1:  # drivers ran side by side
         text += (
-            f" Evaluations of finished arms ran beside the training (`run.py --evaluate-only`), sharing the two "
+            f" Evaluations of finished arms ran beside the training and beside each other, sharing the two "
             f"cores, so the sum exceeds the elapsed time: {fmt(elapsed, 0)} min from the start to the last "
             "finished step."
         )

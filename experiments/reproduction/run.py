@@ -1,7 +1,13 @@
-"""The reproduction experiment end to end: the four-arm sweep, then every evaluation, then the report.
+"""The reproduction experiment end to end: the four-arm sweep, each evaluation once its arm trained, the report.
 
     RNA_BASE_DIR=/work/rna_experiments/reproduction \\
         python experiments/reproduction/run.py --data-dir /work/shared/data/cifar10 [--set key=value ...]
+
+The sweep trains the arms one after another; while it runs, this driver looks at its trials every
+`--poll-s` seconds and starts the evaluation steps of each arm whose training finished, at most
+`--eval-jobs` at a time (each a jobs/evaluate.py with its own local Ray), so the two cores are not
+left to one job's start-ups and serial stretches. The jobs' Ray workers run at niceness 0, not
+Ray's 15 (`job_env`), so the jobs share the cores evenly with each other and with plain processes.
 
 Resumable at every level: the sweep (jobs/sweep.py resumes its folder: finished trials are kept,
 an interrupted one continues from its last epoch checkpoint), each evaluation (jobs/evaluate.py
@@ -20,11 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +76,7 @@ class Step:
 BF16 = "bf16"
 CW_STEPS = 100  # the paper's 1,000 Adam steps cost 1,000 forward-backward passes per image (sized; named)
 EOT_ITER = 10
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
 
 PLAN: tuple[Step, ...] = (
     # Table 1 (transfer, the paper's) with the white-box bound beside it; path analysis on PGD-20
@@ -219,6 +231,19 @@ def evaluate_command(
     return cmd
 
 
+def job_env(base: Path) -> dict[str, str]:
+    """The jobs' environment: the base folder, this code, and Ray workers at niceness 0.
+
+    Ray starts its workers at niceness 15 (every thread), which suits a shared workstation but not this
+    experiment: its evaluation jobs run beside the sweep, and anything at niceness 0 (a driver, a report,
+    the user's shell) would take the cores from the workers that train and attack. Each job's local Ray
+    reads `RAY_worker_niceness` (Ray's own setting); a value set by the user is kept.
+    """
+    env = {**os.environ, "RNA_BASE_DIR": str(base), "PYTHONPATH": str(REPO)}
+    env.setdefault(WORKER_NICENESS_ENV, "0")
+    return env
+
+
 def resolve_bf16_steps(choice: str) -> tuple[bool, str]:
     """Whether the plan's bf16 steps run in bf16 here, and why.
 
@@ -261,10 +286,22 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="the plan's costly steps in bf16: auto = where this machine has a bf16 fast path",
     )
+    p.add_argument(
+        "--eval-jobs",
+        type=int,
+        default=2,
+        help="evaluation jobs at once, started as soon as their arm's training finished (beside the sweep)",
+    )
+    p.add_argument(
+        "--poll-s", type=float, default=60.0, help="while the sweep runs: seconds between looks at its trials"
+    )
     p.add_argument("--retries", type=int, default=3, help="retries of a failed job (each resumes its work)")
     p.add_argument("--no-report", action="store_true")
     args = p.parse_args(argv)
 
+    if args.eval_jobs < 1 or args.poll_s <= 0:
+        print("run.py: --eval-jobs must be >= 1 and --poll-s > 0 (e.g. --eval-jobs 2 --poll-s 60)", file=sys.stderr)
+        return 2
     base_env = os.environ.get("RNA_BASE_DIR")
     if not base_env:
         print("run.py: set RNA_BASE_DIR to a folder outside the checkout (it holds everything)", file=sys.stderr)
@@ -278,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run.py: {data_dir} has no train.parquet and test.parquet (CIFAR-10 as Parquet)", file=sys.stderr)
         return 2
     base.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "RNA_BASE_DIR": str(base), "PYTHONPATH": str(REPO)}
+    env = job_env(base)
     state_path = base / STATE
     state = load_state(state_path)
     written: set[str] = set()  # the steps this process records
@@ -289,82 +326,127 @@ def main(argv: list[str] | None = None) -> int:
     state["sweep_name"] = args.sweep_name
     state["caps"] = {"limit": args.cap_limit, "trials": args.cap_trials}  # 0: the plan's sizes
     state["cw_steps"] = args.cw_steps
+    state["ray_worker_niceness"] = env[WORKER_NICENESS_ENV]
     bf16, why = resolve_bf16_steps(args.bf16_steps)
     state["bf16_steps"] = {"choice": args.bf16_steps, "bf16": bf16, "reason": why}  # steps done keep theirs
     print(f"run.py: bf16 steps {'on' if bf16 else 'off'} ({why})", flush=True)
     state["driver_command"] = shlex.join(["python", "experiments/reproduction/run.py", *(argv or sys.argv[1:])])
 
-    # 1. The sweep: the four trainings, one after another (a finished sweep returns at once).
-    sweep_cmd = sweep_command(data_dir, args.overrides, args.ray_address)
+    # 1. The sweep (the four trainings, one after another; a finished sweep returns at once), in a thread,
+    # 2. while the evaluations run as soon as their arm's training finished, `--eval-jobs` at a time.
+    lock = threading.Lock()  # the state and its file, shared by the sweep's thread and the evaluations'
+    with interrupts_stop_the_driver():
+        try:
+            return drive(args, base, data_dir, env, state, state_path, written, logs, bf16, lock)
+        except KeyboardInterrupt:  # before or after the jobs ran (the loop handles one while they run)
+            print("run.py: interrupted; run the same command again to resume", file=sys.stderr)
+            return 130
+
+
+def drive(
+    args: argparse.Namespace,
+    base: Path,
+    data_dir: str,
+    env: dict[str, str],
+    state: dict[str, Any],
+    state_path: Path,
+    written: set[str],
+    logs: Path,
+    bf16: bool,
+    lock: threading.Lock,
+) -> int:
+    """The sweep in a thread; the evaluations started as their arms finish training; the report."""
+    sweep_thread = None
     sweep_state = state["steps"].get("sweep", {})
     if sweep_state.get("rc") != 0 and not args.evaluate_only:
+        sweep_cmd = sweep_command(data_dir, args.overrides, args.ray_address)
         written.add("sweep")  # recorded as running first, so the report can say what is going on
         state["steps"]["sweep"] = {**sweep_state, "command": shlex.join(sweep_cmd), "rc": None, "running_since": now()}
         save_state(state_path, state, written)
-        rc, seconds, _ = run_with_retries(sweep_cmd, logs / "sweep.log", env, args.retries)
-        written.add("sweep")
-        state["steps"]["sweep"] = {
-            "command": shlex.join(sweep_cmd),
-            "rc": rc,
-            "seconds": seconds + float(sweep_state.get("seconds", 0.0)),  # over all attempts
-            "finished": now(),
-        }
-        save_state(state_path, state, written)
-        if rc != 0:
-            print(f"run.py: the sweep exited {rc}; run the same command again to resume it", file=sys.stderr)
-            return rc
-    runs = trial_runs(base, args.sweep_name)
-    state["trials"] = runs
-    save_state(state_path, state, written)
+        sweep_thread = threading.Thread(
+            target=run_sweep,
+            args=(sweep_cmd, logs / "sweep.log", env, args.retries, state, state_path, written, lock),
+            daemon=True,
+        )
+        sweep_thread.start()
 
-    # 2. The evaluations, step by step over the models (the cheap, central columns first).
     steps = [s for name in args.steps.split(",") for s in PLAN if s.name == name]
-    failed = 0
-    for step in steps:
-        for arm in args.arms.split(","):
-            if step.random_only and arm in DETERMINISTIC:
-                continue
-            key = f"eval/{arm}/{step.name}"
-            done = state["steps"].get(key, {})
-            if done.get("rc") == 0:
-                continue
-            trial = runs.get(arm)
-            if not trial or trial["status"] != "FINISHED":
-                print(f"run.py: arm {arm} has no finished training run; skipping {step.name}", file=sys.stderr)
-                continue
-            out_dir = base / "eval_results" / args.sweep_name / f"{arm}-{step.name}"
-            cmd = evaluate_command(
-                step,
-                arm,
-                trial["run_id"],
-                data_dir,
-                out_dir,
-                args.cap_limit,
-                args.cap_trials,
-                args.ray_address,
-                args.cw_steps,
-                bf16,
-            )
-            rc, seconds, output = run_with_retries(cmd, logs / f"eval-{arm}-{step.name}.log", env, args.retries)
-            mlflow_run = next(
-                (ln.split()[2] for ln in output.splitlines() if ln.strip().startswith("mlflow run")), None
-            )
-            written.add(key)
-            state["steps"][key] = {
-                "command": shlex.join(cmd),
-                "rc": rc,
-                "seconds": seconds + float(done.get("seconds", 0.0)),
-                "out_dir": str(out_dir),
-                "mlflow_run_id": mlflow_run or done.get("mlflow_run_id"),
-                "finished": now(),
-                "arm": arm,
-                "step": step.name,
-            }
-            save_state(state_path, state, written)
-            failed += rc != 0
-            if not args.no_report:
-                write_report(base, env)
+    units = [
+        (step, arm) for step in steps for arm in args.arms.split(",") if not (step.random_only and arm in DETERMINISTIC)
+    ]
+    running: dict[str, threading.Thread] = {}
+    outcome: dict[str, int] = {}  # unit key -> exit code, as each finishes
+    runs: dict[str, dict[str, Any]] = {}
+    last_poll, polled_after_sweep = -math.inf, False
+    stopping = False
+    try:
+        while True:
+            sweep_running = sweep_thread is not None and sweep_thread.is_alive()
+            # which arms finished training: every poll_s while the sweep runs, once more after it
+            if (sweep_running and time.monotonic() - last_poll >= args.poll_s) or not (
+                sweep_running or polled_after_sweep
+            ):
+                runs = trial_runs(base, args.sweep_name)
+                last_poll, polled_after_sweep = time.monotonic(), not sweep_running
+                with lock:
+                    state["trials"] = runs
+                    save_state(state_path, state, written)
+            for key in [k for k, t in running.items() if not t.is_alive()]:
+                del running[key]
+                if not args.no_report:
+                    write_report(base, env)
+            # a job that saw the interrupt (exit 130: e.g. a Ctrl+C that reached the jobs, not this driver)
+            sweep_saw_it = sweep_thread is not None and not sweep_running and state["steps"]["sweep"]["rc"] == 130
+            stopping = 130 in outcome.values() or sweep_saw_it
+            for step, arm in units:
+                key = f"eval/{arm}/{step.name}"
+                if len(running) >= args.eval_jobs or stopping:
+                    break
+                if key in running or key in outcome or state["steps"].get(key, {}).get("rc") == 0:
+                    continue
+                trial = runs.get(arm)
+                if not trial or trial["status"] != "FINISHED":
+                    continue  # not trained yet (or its training failed: said once the sweep ended)
+                out_dir = base / "eval_results" / args.sweep_name / f"{arm}-{step.name}"
+                cmd = evaluate_command(
+                    step,
+                    arm,
+                    trial["run_id"],
+                    data_dir,
+                    out_dir,
+                    args.cap_limit,
+                    args.cap_trials,
+                    args.ray_address,
+                    args.cw_steps,
+                    bf16,
+                )
+                job = threading.Thread(
+                    target=run_evaluation,
+                    args=(cmd, key, arm, step.name, out_dir, logs, env, args.retries, state, state_path, written),
+                    kwargs={"lock": lock, "outcome": outcome},
+                    daemon=True,
+                )
+                running[key] = job
+                job.start()
+            if not running and not sweep_running:
+                break
+            time.sleep(min(1.0, args.poll_s))
+    except KeyboardInterrupt:
+        stopping = True
+    if stopping:  # Ctrl+C / stop.sh reach the jobs too (one process group): they save their work and exit
+        for job in running.values():
+            job.join(timeout=120)
+        if sweep_thread is not None:
+            sweep_thread.join(timeout=120)
+        print("run.py: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
 
+    sweep_rc = state["steps"].get("sweep", {}).get("rc")
+    for step, arm in units:
+        key = f"eval/{arm}/{step.name}"
+        if key not in outcome and state["steps"].get(key, {}).get("rc") != 0:
+            print(f"run.py: arm {arm} has no finished training run; skipped {step.name}", file=sys.stderr)
+    failed = sum(rc != 0 for rc in outcome.values())
     complete = all(
         state["steps"].get(f"eval/{arm}/{s.name}", {}).get("rc") == 0
         for s in PLAN
@@ -375,7 +457,94 @@ def main(argv: list[str] | None = None) -> int:
     save_state(state_path, state, written)
     if not args.no_report:
         write_report(base, env)
+    if sweep_thread is not None and sweep_rc != 0:
+        print(f"run.py: the sweep exited {sweep_rc}; run the same command again to resume it", file=sys.stderr)
+        return sweep_rc or 1
     return 1 if failed else 0
+
+
+@contextmanager
+def interrupts_stop_the_driver() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt here while the jobs run, then the handlers are restored.
+
+    launch.sh starts this driver in the background of a script, where the shell sets SIGINT to
+    "ignore" and Python then leaves it so: without this, stop.sh's Ctrl+C would stop the jobs but not
+    the driver, which would go on starting evaluations.
+    """
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_sweep(
+    cmd: list[str],
+    log: Path,
+    env: dict[str, str],
+    retries: int,
+    state: dict[str, Any],
+    state_path: Path,
+    written: set[str],
+    lock: threading.Lock,
+) -> None:
+    """The sweep job to its end (with retries), its record in the state when it ends."""
+    before = float(state["steps"].get("sweep", {}).get("seconds", 0.0))
+    rc, seconds, _ = run_with_retries(cmd, log, env, retries)
+    with lock:
+        written.add("sweep")
+        state["steps"]["sweep"] = {
+            "command": shlex.join(cmd),
+            "rc": rc,
+            "seconds": seconds + before,  # over all attempts
+            "finished": now(),
+        }
+        save_state(state_path, state, written)
+
+
+def run_evaluation(
+    cmd: list[str],
+    key: str,
+    arm: str,
+    step: str,
+    out_dir: Path,
+    logs: Path,
+    env: dict[str, str],
+    retries: int,
+    state: dict[str, Any],
+    state_path: Path,
+    written: set[str],
+    *,
+    lock: threading.Lock,
+    outcome: dict[str, int],
+) -> None:
+    """One evaluation job (one step on one model) to its end, its record in the state when it ends."""
+    done = state["steps"].get(key, {})
+    started = now()
+    rc, seconds, output = run_with_retries(cmd, logs / f"eval-{arm}-{step}.log", env, retries)
+    mlflow_run = next((ln.split()[2] for ln in output.splitlines() if ln.strip().startswith("mlflow run")), None)
+    with lock:
+        written.add(key)
+        state["steps"][key] = {
+            "command": shlex.join(cmd),
+            "rc": rc,
+            "seconds": seconds + float(done.get("seconds", 0.0)),
+            "out_dir": str(out_dir),
+            "mlflow_run_id": mlflow_run or done.get("mlflow_run_id"),
+            "started": started,
+            "finished": now(),
+            "arm": arm,
+            "step": step,
+        }
+        save_state(state_path, state, written)
+        outcome[key] = rc
 
 
 def write_report(base: Path, env: dict[str, str]) -> None:
