@@ -19,7 +19,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import at_step, common, eval_precision, gpu, norm_layout, vs_reference_loop, vs_torchattacks  # noqa: E402
+from bench import (  # noqa: E402
+    at_step,
+    common,
+    eval_precision,
+    gpu,
+    norm_layout,
+    shared_attack,
+    vs_reference_loop,
+    vs_torchattacks,
+)
 from rna_core import create_model  # noqa: E402
 from rna_core.config import AttackConfig, TrainConfig  # noqa: E402
 
@@ -289,6 +298,33 @@ def test_norm_layout_tiny_times_both_ways(capsys):
         "bn C=64 channels_last",
     }
     assert "C=64 D=16: channels_last / via_contiguous" in result["extra"]
+
+
+def test_shared_attack_tiny_gives_the_same_rows_both_ways(capsys):
+    argv = ["--images", "8", "--batch", "4", "--attacks", "fgsm,pgd20", "--protocols", "transfer,fixed-path,eot", *TINY]
+    result = shared_attack.main(argv)
+    _check_printed(capsys.readouterr().out, "shared_attack", result)
+    assert set(result["timings"]) == {"one attack per protocol", "shared attack"}
+    assert result["extra"]["rows equal (n, correct, worst, vote per attack, protocol, trial)"] == "yes"
+    assert result["extra"]["attack runs per batch, alone -> shared"] == "3 -> 2"  # eot runs its own
+    ideal = result["extra"]["ideal ratio (from the separate runs' own times per protocol)"]
+    assert 1.0 < ideal <= 1.5  # two of three protocols share: at most (T + F + E) / (T + E) with T = F
+
+
+def test_the_sizing_counts_a_shared_attack_once(monkeypatch):
+    """The reproduction's evaluation estimate: transfer + fixed-path of one attack cost one attack run
+    (with the transfer fill), not two; the other steps are unaffected."""
+    from experiments.reproduction import run, size
+
+    table1 = next(s for s in run.PLAN if s.name == "table1")
+    assert table1.protocols == "transfer,fixed-path"
+    attacks = ["natural", "fgsm", "pgd20", "mifgsm"]
+    once = sum(size.passes(a, "transfer") for a in attacks) * table1.limit
+    alone = sum(size.passes(a, p) for a in attacks for p in ("transfer", "fixed-path")) * table1.limit
+    total = size.eval_seconds_per_model("rna", 1.0)
+    monkeypatch.setattr(run, "PLAN", tuple(s for s in run.PLAN if s.name != "table1"))
+    rest = size.eval_seconds_per_model("rna", 1.0)
+    assert total - rest == pytest.approx(once + size.PATH_ANALYSIS_PASSES) and once < alone
 
 
 def test_gpu_peak_lookup_matches_whole_model_names():

@@ -149,7 +149,7 @@ def _run(plan, echo=lambda s: None):
     return run_evaluation(plan, echo=echo, fail_once_marker=getattr(plan, "fail_once_marker", None))
 
 
-def _sequential(env, plan) -> dict:
+def _sequential(env, plan, share_attacks: bool = True) -> dict:
     """The in-process sequential evaluation (rna_core's evaluate_model) of the same model and data."""
     payload = read_checkpoint(env["ckpt"])
     model = build_model(plan.source.cfg)
@@ -168,6 +168,7 @@ def _sequential(env, plan) -> dict:
         strategy=o.strategy,
         meta={"method": plan.row_meta["method"]},  # e.g. "[bf16 forward]": the plan labels the precision
         progress=False,
+        share_attacks=share_attacks,
     )
     return _by_key(rows)
 
@@ -355,6 +356,20 @@ def test_fan_out_equals_the_sequential_evaluation(env, strategy):
 
 
 @pytest.mark.slow  # starts Ray
+def test_protocols_that_share_an_attack_run_as_one_task_per_shard_with_the_rows_of_separate_runs(env):
+    """transfer, fixed-path and transfer-raw of an attack on a shard are one Ray task that attacks once;
+    its rows equal the sequential evaluation's with every protocol attacking on its own."""
+    plan = _plan(env, "shared", protocols=("transfer", "fixed-path", "transfer-raw"), trials=1)
+    lines: list[str] = []
+    out = _run(plan, echo=lines.append)
+    n = len(plan.units)
+    assert n == 3 * 3 * 2 and any(f"{n} unit(s) to run as {n // 3} Ray tasks" in ln for ln in lines), lines
+    assert _by_key(out.rows) == _sequential(env, plan, share_attacks=False)
+    acc = {k: v[1] / v[0] for k, v in _by_key(out.rows).items()}
+    assert acc[("pgd20", "fixed-path", 0)] < acc[("natural", "fixed-path", 0)]  # the attack ran
+
+
+@pytest.mark.slow  # starts Ray
 def test_a_bf16_forward_fan_out_equals_its_sequential_evaluation(env):
     plan = _plan(env, "equal-bf16", forward_precision="bf16", trials=1, protocols=("transfer",))
     out = _run(plan)
@@ -405,6 +420,7 @@ def test_second_run_with_the_same_arguments_schedules_no_new_units(env):
     lines: list[str] = []
     first = _run(plan, echo=lines.append)
     assert first.units_run == len(plan.units) == 2 * 2 * 2
+    assert any("8 unit(s) to run as 4 Ray tasks" in ln for ln in lines)  # one task per attack, trial and shard
     assert any("/8 units" in ln and "elapsed" in ln and "eta" in ln for ln in lines)  # progress was shown
     stamps = {p.name: p.stat().st_mtime_ns for p in (plan.out_dir / "units").iterdir()}
 

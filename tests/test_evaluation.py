@@ -609,3 +609,78 @@ def test_early_stop_is_attributed_to_double_win_quant_not_to_the_rna_code():
         line = next(line for line in text.splitlines() if "early-stop" in line and "(" in line)
         assert "the paper's adaptive setting" not in text and "(its adaptive setting)" not in text
         assert "Double-Win Quant" in text[text.index(line) : text.index(line) + 400], line
+
+
+# ------------------------------------------------------------------------------ shared attacks
+
+
+class ForwardCount:
+    """Forwards of a model with gradients on (attack steps; scoring forwards run without)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.n = 0
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.n += int(torch.is_grad_enabled())
+
+    def close(self):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("name, settings", [("cw_l2", dict(steps=5)), ("deepfool", dict(steps=3)), ("pgd20", {})])
+def test_protocols_that_share_an_attack_run_it_once_with_every_outcome_as_if_run_alone(name, settings):
+    """fixed-path, transfer-raw and transfer attack the same path with the same generator, so one
+    attack run serves all three: each outcome (its adversarial batch, counts, paths) equals
+    run_protocol's exactly, also where the unperturbed rule fills examples under transfer (CW and
+    DeepFool hand some back clean here), and early-stop and eot still run on their own."""
+    model, x, y = _one_path_labels()
+    attack = get_attack(name, **settings)
+    protocols = ["transfer", "early-stop", "fixed-path", "transfer-raw", "eot"]
+    spy = ForwardCount(model)
+    alone = {p: run_protocol(model, x, y, attack, p, seed=3, eot_iter=2, inference_draws=3) for p in protocols}
+    forwards_alone, spy.n = spy.n, 0
+    shared = rna_core.evaluation.run_protocols(model, x, y, attack, protocols, seed=3, eot_iter=2, inference_draws=3)
+    forwards_shared = spy.n
+    spy.close()
+    assert list(shared) == protocols
+    for p in protocols:
+        a, b = alone[p], shared[p]
+        assert torch.equal(a.x_adv, b.x_adv), f"{name} under {p}"
+        facts = lambda o: (o.counts, o.attack_path, o.score_path, o.path_draws)  # noqa: E731
+        assert facts(a) == facts(b), f"{name} under {p}"
+    left = attack.threat.distance(alone["fixed-path"].x_adv, x) <= 1e-5
+    if name != "pgd20":
+        assert int(left.sum()) > 0 and not torch.equal(shared["transfer"].x_adv, shared["transfer-raw"].x_adv)
+    assert shared["fixed-path"].score_path == shared["fixed-path"].attack_path != shared["transfer"].score_path
+    # the attack's own forwards ran once for the three protocols instead of three times
+    assert forwards_shared < forwards_alone
+    unshared = rna_core.evaluation.run_protocols(
+        model, x, y, attack, protocols, seed=3, eot_iter=2, inference_draws=3, share_attacks=False
+    )
+    assert all(torch.equal(unshared[p].x_adv, shared[p].x_adv) for p in protocols)
+
+
+def test_a_shared_attack_runs_once_for_three_protocols(random_model, test_data):
+    """PGD-20 under fixed-path, transfer-raw and transfer: 20 gradient forwards per batch shared, 60 alone."""
+    x, y = xy(test_data, 16)
+    pgd = get_attack("pgd20")
+    protocols = ["fixed-path", "transfer-raw", "transfer"]
+    spy = ForwardCount(random_model)
+    shared = rna_core.evaluation.run_protocols(random_model, x, y, pgd, protocols, seed=4)
+    assert spy.n == 20
+    spy.n = 0
+    alone = rna_core.evaluation.run_protocols(random_model, x, y, pgd, protocols, seed=4, share_attacks=False)
+    assert spy.n == 60
+    spy.close()
+    assert all(shared[p].counts == alone[p].counts for p in protocols)
+
+
+def test_the_runner_gives_the_same_rows_with_and_without_shared_attacks(random_model, test_data):
+    kwargs = dict(attacks=["natural", "fgsm", "pgd20"], protocols=["transfer", "fixed-path", "early-stop"], limit=32,
+                  batch_size=16, trials=2, seed=1, inference_draws=2)  # fmt: skip
+    key = lambda r: (r.attack, r.protocol, r.trial, r.n, r.correct, r.correct_worst, r.correct_vote)  # noqa: E731
+    shared = evaluate_model(random_model, test_data, **kwargs)
+    alone = evaluate_model(random_model, test_data, share_attacks=False, **kwargs)
+    assert [key(r) for r in shared] == [key(r) for r in alone]
+    assert len(shared) == 3 * 3 * 2

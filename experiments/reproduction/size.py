@@ -32,6 +32,7 @@ from pipelines.sweep.spec import arm_params, base_config, load_sweep_config, tri
 from rna_core import create_model  # noqa: E402
 from rna_core.builders import effective_train_config, model_from_config  # noqa: E402
 from rna_core.evaluation import evaluate_model  # noqa: E402
+from rna_core.evaluation.protocols import SHARED_ATTACK  # noqa: E402
 from rna_core.optim import build_optimizer  # noqa: E402
 from rna_core.paths import PathSampler  # noqa: E402
 from rna_core.speed import as_channels_last, use_channels_last  # noqa: E402
@@ -194,8 +195,12 @@ def eval_seconds_per_model(arm: str, per_pass_s: float) -> float:
         if step.random_only and arm == "bn":
             continue
         attacks = ["natural", *[a for a in step.attacks.split(",") if a != "natural"]]
-        for protocol in step.protocols_for(arm).split(","):
-            total += sum(passes(a, protocol) for a in attacks) * step.limit * step.trials
+        protocols = step.protocols_for(arm).split(",")
+        shared = [p for p in protocols if p in SHARED_ATTACK]
+        for a in attacks:  # one attack run for the protocols that share it (rna_core run_protocols)
+            cost = sum(passes(a, p) for p in protocols if p not in shared)
+            cost += max((passes(a, p) for p in shared), default=0.0)
+            total += cost * step.limit * step.trials
         if step.path_analysis and arm != "bn":
             total += PATH_ANALYSIS_PASSES
     return total * per_pass_s

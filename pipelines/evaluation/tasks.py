@@ -1,4 +1,4 @@
-"""The Ray tasks of an evaluation (one unit's counts, the path analysis) and their fan-out.
+"""The Ray tasks of an evaluation (the units of one attack, trial and shard; the path analysis) and their fan-out.
 
 The weights and the test images are put in the object store once; a task receives their
 references (nested, so Ray does not fetch them for it) and fetches and builds them only when its
@@ -41,7 +41,7 @@ from rna_core.builders import model_from_config
 from rna_core.config import EvalConfig, flatten, unflatten
 from rna_core.data import BatchIterator, ImageTensorDataset
 from rna_core.errors import ConfigError
-from rna_core.evaluation import Counts, accuracy_vs_distance, batch_seed, evaluate_batch, transfer_matrix, trial_seed
+from rna_core.evaluation import Counts, accuracy_vs_distance, batch_seed, run_protocols, transfer_matrix, trial_seed
 from rna_core.external import ExternalModel
 from rna_core.memory import GIB, gpu_fraction, measure_task_memory, tasks_per_gpu
 from rna_core.speed import evaluation_forward
@@ -173,8 +173,11 @@ UNIT_PAUSE_ENV = "RNA_TEST_UNIT_PAUSE_S"
 
 
 def evaluate_unit(model_box: list, data_box: list, task: dict[str, Any]) -> dict[str, Any]:
-    """Ray task: correct predictions of one unit, batch by batch with the sequential run's seeds."""
-    fail_once(task.get("fail_once_marker"), task["unit_id"])
+    """Ray task: the counts of the units of one attack, trial and shard (one per protocol in
+    `task["protocols"]`), batch by batch with the sequential run's seeds; the protocols that share
+    an attack run it once (`run_protocols`)."""
+    unit_ids = list(task["unit_ids"])
+    fail_once(task.get("fail_once_marker"), unit_ids[0])
     time.sleep(float(os.environ.get(UNIT_PAUSE_ENV) or 0))
     model, data, device = _task_context(task, model_box, data_box)
     attack = get_attack(task["attack"], **task["settings"])
@@ -183,31 +186,46 @@ def evaluate_unit(model_box: list, data_box: list, task: dict[str, Any]) -> dict
             f"attack {attack.name} has other settings on this worker than on the driver ({attack.settings}); "
             "update the cluster's code"
         )
+    protocols = list(task["protocols"])
     bs, first = int(task["batch_size"]), int(task["first"])
     shard = data.subset(torch.arange(first, int(task["stop"])))
     tseed = trial_seed(int(task["seed"]), int(task["trial"]))
     draws = int(task["inference_draws"])
-    total = Counts()
-    start = time.perf_counter()
+    totals = {p: Counts() for p in protocols}
+    seconds = dict.fromkeys(protocols, 0.0)
     try:
         for i, (x, y) in enumerate(BatchIterator(shard, bs, shuffle=False, seed=0, device=device)):
             bseed = batch_seed(tseed, first // bs + i)
-            total = total + evaluate_batch(
-                model, x, y, attack, task["protocol"], bseed, int(task["eot_iter"]), task["strategy"], draws
+            outcomes = run_protocols(
+                model, x, y, attack, protocols, bseed, int(task["eot_iter"]), task["strategy"], draws
             )
+            for p, outcome in outcomes.items():
+                totals[p] = totals[p] + outcome.counts
+                seconds[p] += outcome.seconds
     finally:
         release_device_memory(device)
-    return {
-        "unit_id": task["unit_id"],
-        "correct": total.correct,
-        "worst": total.worst,
-        "vote": total.vote,
-        "draws": draws,
-        "n": total.n,
-        "seconds": time.perf_counter() - start,
-        "device": str(device),
-        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-    }
+    units = [
+        {
+            "unit_id": uid,
+            "correct": totals[p].correct,
+            "worst": totals[p].worst,
+            "vote": totals[p].vote,
+            "draws": draws,
+            "n": totals[p].n,
+            "seconds": seconds[p],
+        }
+        for uid, p in zip(unit_ids, protocols, strict=True)
+    ]
+    return {"units": units, "device": str(device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+
+def unit_groups(units: list[Unit]) -> list[list[Unit]]:
+    """The units one task runs together: those of one attack, trial and shard (their protocols
+    may share an attack run), in the order of `units`."""
+    groups: dict[tuple, list[Unit]] = {}
+    for u in units:
+        groups.setdefault((u.attack, u.settings_hash, u.trial, u.first, u.stop), []).append(u)
+    return list(groups.values())
 
 
 def analyze_paths(model_box: list, data_box: list, task: dict[str, Any]) -> dict[str, Any]:
@@ -299,7 +317,8 @@ def _max_in_flight(options: EvalConfig, use_gpu: bool, gpus: float = 0.0) -> int
 
 
 def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail_once_marker: str | None = None) -> int:
-    """Run `todo` (and the path analysis) as Ray tasks; each finished unit is stored at once.
+    """Run `todo` (and the path analysis) as Ray tasks, one per attack, trial and shard (its
+    protocols' units together, `unit_groups`); each finished unit is stored at once.
 
     Returns the number of units run. On a task that fails after its retries the tasks in flight
     are cancelled and the error propagates; the units stored so far stay (a re-run resumes).
@@ -337,44 +356,49 @@ def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail
     unit_task = ray.remote(evaluate_unit).options(**resources)
     gpu_note = f" + {gpus:g} GPU ({gpus_how})" if "num_gpus" in resources else ""
     echo(
-        f"[evaluate] {len(todo)} unit(s) to run as Ray tasks ({o.cpus_per_task:g} CPU{gpu_note} each, "
-        f"at most {limit} in flight, {o.max_retries} retries)"
+        f"[evaluate] {len(todo)} unit(s) to run as {len(unit_groups(todo))} Ray tasks "
+        f"({o.cpus_per_task:g} CPU{gpu_note} each, at most {limit} in flight, {o.max_retries} retries)"
     )
 
     progress = Progress(len(plan.units) + int(with_paths), len(plan.units) - len(todo), echo, o.progress_every)
-    in_flight: dict[Any, Unit | None] = {}
+    in_flight: dict[Any, list[Unit] | None] = {}
     if with_paths:
         paths_task = ray.remote(analyze_paths).options(**resources)
         in_flight[paths_task.remote(model_box, data_box, {**common, **paths_settings(plan)})] = None
-    queue = list(reversed(todo))
+    queue = list(reversed(unit_groups(todo)))
     ran = 0
     try:
         while queue or in_flight:
             while queue and len(in_flight) < limit:
-                u = queue.pop()
+                group = queue.pop()
+                u = group[0]
                 task = {
                     **common,
-                    "unit_id": u.unit_id,
+                    "unit_ids": [g.unit_id for g in group],
                     "attack": u.attack,
                     "settings": settings_to_unit(o.attack_settings.get(u.attack, {})),
                     "settings_hash": u.settings_hash,
-                    "protocol": u.protocol,
+                    "protocols": [g.protocol for g in group],
                     "trial": u.trial,
                     "first": u.first,
                     "stop": u.stop,
                     "fail_once_marker": fail_once_marker,
                 }
-                in_flight[unit_task.remote(model_box, data_box, task)] = u
+                in_flight[unit_task.remote(model_box, data_box, task)] = group
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=o.progress_every)
             for ref in ready:
-                u = in_flight.pop(ref)
+                group = in_flight.pop(ref)
                 result = ray.get(ref)  # a task that failed after its retries raises here
-                if u is None:
+                if group is None:
                     save_paths(plan, result)
-                else:
-                    write_unit(plan.out_dir, u, by_name[u.attack], result, o.seed)
+                    progress.advance()
+                    continue
+                for g, unit_result in zip(group, result["units"], strict=True):
+                    if unit_result["unit_id"] != g.unit_id:
+                        raise RuntimeError(f"a task returned unit {unit_result['unit_id']} for {g.unit_id}")
+                    write_unit(plan.out_dir, g, by_name[g.attack], unit_result, o.seed)
                     ran += 1
-                progress.advance()
+                progress.advance(len(group))
             if not ready:
                 progress.maybe_print()
     except BaseException:
@@ -395,4 +419,5 @@ __all__ = [
     "fan_out",
     "release_device_memory",
     "task_device",
+    "unit_groups",
 ]

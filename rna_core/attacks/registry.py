@@ -152,21 +152,40 @@ class Attack:
 
         The model runs in eval mode during the attack (as torchattacks does) and gets its mode back.
         """
+        own, filled = self.outputs(model, x, y, generator, fill=self.fill_unperturbed)
+        return own if filled is None else filled
+
+    def outputs(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator | None = None,
+        fill: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the attack's own output, with `fill` the same under the unperturbed rule, else None) of one run.
+
+        Both come from one attack: the protocols that score the same attack output two ways
+        (``fixed-path`` and ``transfer-raw`` the own output, ``transfer`` the filled one) share it,
+        and each gets exactly what a call of this attack alone, or of its ``scored_on_another_path``
+        variant, returns with the same generator.
+        """
         seed = draw_seed(generator)
         own_gen = torch.Generator().manual_seed(seed)
         x = x.detach()
         was_training = model.training
         model.eval()
+        filled = None
         try:
             with input_gradients_only(model), seeded_global_rng(seed, x.device):
                 x_adv = self.run(model, x, y, own_gen).detach().to(x.dtype)
-                if self.fill_unperturbed:
+                if fill and self.perturbs:
                     fill_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=own_gen).item())
                     with seeded_global_rng(fill_seed, x.device):
-                        x_adv = self.attack_the_unperturbed(model, x, y, x_adv, fill_seed)
+                        filled = self.attack_the_unperturbed(model, x, y, x_adv, fill_seed).detach().to(x.dtype)
         finally:
             model.train(was_training)
-        return x_adv.detach().to(x.dtype)
+        return x_adv, filled
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError

@@ -30,6 +30,7 @@ from .protocols import (
     evaluate_batch,
     list_protocols,
     run_protocol,
+    run_protocols,
     vote_correct,
 )
 from .results import (
@@ -101,6 +102,7 @@ __all__ = [
     "render_markdown",
     "rows_to_table",
     "run_protocol",
+    "run_protocols",
     "save_distance_analysis",
     "save_transfer_matrix",
     "stability",

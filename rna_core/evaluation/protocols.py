@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -376,6 +376,96 @@ def run_protocol(
         inference_draws=inference_draws,
         randomized=randomized,
     )
+
+
+# Protocols that attack the same path with the same attack and differ only in how its output is
+# scored: one attack run serves them all (see run_protocols).
+SHARED_ATTACK = ("fixed-path", "transfer-raw", "transfer")
+
+
+def run_protocols(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: str | Attack,
+    protocols: Sequence[str],
+    seed: int,
+    eot_iter: int = DEFAULT_EOT_ITER,
+    strategy: str | None = "uniform",
+    inference_draws: int = 1,
+    share_attacks: bool = True,
+) -> dict[str, ProtocolOutcome]:
+    """:func:`run_protocol` for each of `protocols` on one batch, the attack run once for all of
+    ``fixed-path``, ``transfer-raw`` and ``transfer`` among them.
+
+    Those three attack the path drawn from the same stream with the same generator; ``fixed-path``
+    and ``transfer-raw`` score the attack's own output, ``transfer`` the output under the
+    unperturbed rule (the fill runs after the attack, on the attack path, from the attack's own
+    generator: :meth:`Attack.outputs`). So each outcome equals its :func:`run_protocol` exactly, and
+    the attack's cost is paid once instead of once per protocol. An outcome's `seconds` is its own
+    scoring plus an equal share of the shared attack. `share_attacks=False` runs each protocol on its
+    own (for the benchmark and the equivalence tests).
+    """
+    for p in protocols:
+        check_protocol(p)
+    if eot_iter < 1:
+        raise ConfigError(f"eot_iter must be a positive integer, got {eot_iter}")
+    attack = resolve_attack(attack)
+    shared = [p for p in protocols if p in SHARED_ATTACK] if share_attacks and not attack.fill_unperturbed else []
+    out = _run_shared(model, x, y, attack, shared, seed, strategy, inference_draws) if len(shared) > 1 else {}
+    for p in protocols:
+        if p not in out:
+            out[p] = run_protocol(model, x, y, attack, p, seed, eot_iter, strategy, inference_draws)
+    return {p: out[p] for p in protocols}
+
+
+def _run_shared(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: Attack,
+    protocols: Sequence[str],
+    seed: int,
+    strategy: str | None,
+    inference_draws: int,
+) -> dict[str, ProtocolOutcome]:
+    """One attack, scored under each of `protocols` (all in SHARED_ATTACK), as run_protocol would score it."""
+    if inference_draws < 1:
+        raise ConfigError(f"inference_draws must be a positive integer, got {inference_draws}")
+    start = time.perf_counter()
+    attack_draw = _Draws(model, seed, "attack-path")
+    outcomes: dict[str, ProtocolOutcome] = {}
+    with eval_mode(model), sampling_strategy(model, strategy):
+        randomized = is_randomized(model, x, unit_seed(seed, "probe"))
+        attack_draw()
+        attack_path = get_path(model)
+        fill = randomized and "transfer" in protocols
+        own, filled = attack.outputs(model, x, y, attack_generator(seed), fill=fill)
+        if filled is None:
+            filled = own
+        share = (time.perf_counter() - start) / len(protocols)
+        # fixed-path first: it scores the attacked state, which the other protocols' scoring draws replace
+        for protocol in sorted(protocols, key=lambda p: p != "fixed-path"):
+            begin = time.perf_counter()
+            x_adv = filled if protocol == "transfer" else own
+            model.eval()
+            preds, score_draws = _score(model, x_adv, y, protocol, seed, inference_draws, randomized)
+            right = preds == y
+            num_classes = int(max(int(preds.max()), int(y.max())) + 1)
+            outcomes[protocol] = ProtocolOutcome(
+                x_adv,
+                int(right[0].sum()),
+                int(y.shape[0]),
+                attack_path,
+                get_path(model),
+                attack_draw.count + score_draws,
+                share + time.perf_counter() - begin,
+                worst=int(right.all(0).sum()),
+                vote=int(vote_correct(preds, y, num_classes).sum()),
+                inference_draws=inference_draws,
+                randomized=randomized,
+            )
+    return outcomes
 
 
 def evaluate_batch(

@@ -1,15 +1,16 @@
 """Evaluate one model under several attacks, protocols and trials; return result rows.
 
-The loop is trials x batches x attacks x protocols, each unit a call of :func:`evaluate_batch`
-with the seed ``batch_seed(trial_seed(seed, t), b)``. A fan-out that hands batches to other
-workers calls exactly that function with exactly those seeds and sums the counts, and gets the
-same rows. A progress bar (tqdm, on stderr) shows only when stderr is a terminal.
+The loop is trials x batches x attacks, each a call of :func:`run_protocols` for all protocols with
+the seed ``batch_seed(trial_seed(seed, t), b)``; its outcome per protocol is exactly the one of
+:func:`evaluate_batch` with that seed, the attack run once for the protocols that share it. A
+fan-out that hands batches to other workers calls the same functions with the same seeds and sums
+the counts, and gets the same rows. A progress bar (tqdm, on stderr) shows only when stderr is a
+terminal.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -24,7 +25,7 @@ from ..data.tensor_dataset import ImageTensorDataset
 from ..errors import ConfigError
 from ..randomness import unwrap
 from ..units import to_pixels
-from .protocols import DEFAULT_EOT_ITER, DEFAULT_INFERENCE_DRAWS, Counts, check_protocol, evaluate_batch
+from .protocols import DEFAULT_EOT_ITER, DEFAULT_INFERENCE_DRAWS, Counts, check_protocol, run_protocols
 from .results import ResultRow, method_label
 from .seeds import batch_seed, trial_seed
 
@@ -96,6 +97,7 @@ def evaluate_model(
     include_natural: bool = True,
     progress: bool | None = None,
     inference_draws: int = DEFAULT_INFERENCE_DRAWS,
+    share_attacks: bool = True,
 ) -> list[ResultRow]:
     """Rows for every attack x protocol x trial (``natural`` added first unless `include_natural` is False).
 
@@ -104,7 +106,9 @@ def evaluate_model(
     `meta` gives run_id, model, method and dataset for the rows (defaults: "local", the model's
     ``rna_spec``, the dataset's name). `inference_draws` is R of worst-of-R and vote-of-R;
     `strategy` the path strategy of our networks (None: the model's own). `progress`: None shows
-    a bar only on a terminal.
+    a bar only on a terminal. The protocols that score one attack output two ways share its run
+    (:func:`~rna_core.evaluation.protocols.run_protocols`; `share_attacks=False` runs each alone,
+    with the same rows).
     """
     if trials < 1:
         raise ConfigError(f"trials must be a positive integer, got {trials}")
@@ -137,13 +141,13 @@ def evaluate_model(
             for b, (x, y) in enumerate(batches):
                 bseed = batch_seed(tseed, b)
                 for attack in resolved:
-                    for protocol in protocols:
-                        start = time.perf_counter()
+                    outcomes = run_protocols(
+                        model, x, y, attack, protocols, bseed, eot_iter, strategy, inference_draws, share_attacks
+                    )
+                    for protocol, outcome in outcomes.items():
                         key = (attack.name, protocol, t)
-                        totals[key] = totals[key] + evaluate_batch(
-                            model, x, y, attack, protocol, bseed, eot_iter, strategy, inference_draws
-                        )
-                        seconds[key] += time.perf_counter() - start
+                        totals[key] = totals[key] + outcome.counts
+                        seconds[key] += outcome.seconds
                 bar.update(1)
     finally:
         bar.close()
