@@ -2,7 +2,7 @@
 
 Same model (small_cnn, RNA), same synthetic test images, same attacks, protocols, trials, batch
 size and seeds for every case:
-  * fanout_2x1cpu: `pipelines.evaluation.tasks.fan_out` with a local Ray of 2 CPUs, tasks of 1 CPU
+  * fanout_2x1cpu: `pipelines.evaluation.fanout.fan_out` with a local Ray of 2 CPUs, tasks of 1 CPU
     (1 torch thread each), so 2 units run at once; then `gather_rows` sums the unit files.
   * seq_1thread: `rna_core.evaluation.evaluate_model` in this process with 1 torch thread: the
     sequential loop, one unit after another on one core (what each fan-out task runs).
@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import ray
 
+    from pipelines.evaluation.fanout import fan_out
     from pipelines.evaluation.store import gather_rows
-    from pipelines.evaluation.tasks import fan_out
     from rna_core.evaluation.runner import evaluate_model
 
     work = tempfile.mkdtemp(prefix="rna-bench-eval-")

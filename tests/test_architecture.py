@@ -159,7 +159,7 @@ def test_every_pipelines_module_is_one_stage_of_one_job():
         assert package in MODULES  # the sweep and evaluation jobs are packages of stages
     stages = {
         "pipelines.sweep": {"spec", "trial", "summary", "driver"},
-        "pipelines.evaluation": {"source", "plan", "store", "tasks", "job"},
+        "pipelines.evaluation": {"source", "plan", "store", "tasks", "fanout", "job"},
     }
     for package, names in stages.items():
         assert {m.rsplit(".", 1)[1] for m in MODULES if m.startswith(package + ".")} == names

@@ -28,7 +28,7 @@ from pipelines.evaluation.job import run_evaluation
 from pipelines.evaluation.plan import plan_evaluation
 from pipelines.evaluation.source import load_source
 from pipelines.evaluation.store import done_units
-from pipelines.evaluation.tasks import InjectedFailure, _build_model
+from pipelines.evaluation.tasks import InjectedFailure, build_task_model
 from rna_core.attacks import get_attack
 from rna_core.builders import model_from_config as build_model
 from rna_core.checkpoint import read_checkpoint, save_checkpoint
@@ -222,7 +222,7 @@ def test_a_bf16_forward_is_its_own_evaluation_with_tagged_names(store):
         _plan(store, "plan-fp16", forward_precision="fp16")
 
     payload = {"config": flatten(plan.source.cfg), "state": plan.source.state}
-    m32, m16 = (_build_model(payload, torch.device("cpu"), p) for p in ("fp32", "bf16"))
+    m32, m16 = (build_task_model(payload, torch.device("cpu"), p) for p in ("fp32", "bf16"))
     assert not isinstance(m32, AutocastForward) and isinstance(m16, AutocastForward) and not m16.training
     conv_dtypes = []
     for m in m16.modules():

@@ -169,7 +169,8 @@ def test_gpu_tasks_keep_every_gpu_visible_and_pick_theirs_by_id(two_gpu_ray, mon
     Ray setting CUDA_VISIBLE_DEVICES per task, a reused worker's CUDA would stay on its first GPU."""
     import ray
 
-    from pipelines.evaluation.tasks import _cached, _task_resources
+    from pipelines.evaluation.fanout import _task_resources
+    from pipelines.evaluation.tasks import _cached
     from rna_core.config import EvalConfig
 
     def _probe_gpu() -> tuple:  # defined here: Ray pickles it by value

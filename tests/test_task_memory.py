@@ -75,7 +75,7 @@ def test_the_graph_grows_linearly_with_the_batch():
 
 def test_wrn34_10s_default_evaluation_is_packed_to_fit_a_24_gb_gpu():
     """batch 256 (the paper presets' eval_batch_size): about 9 GiB a task, so two per GPU, not four."""
-    from pipelines.evaluation.tasks import gpu_share
+    from pipelines.evaluation.fanout import gpu_share
 
     torch.manual_seed(0)
     model = create_model("wrn34_10", norm="bn,gns:1").eval()

@@ -40,6 +40,7 @@ from rna_core.units import to_unit
 from .. import tracking
 from ..cluster import check_ray_address, ensure_ray
 from ..data_inputs import evaluation_input, log_inputs
+from .fanout import fan_out
 from .plan import EvalPlan, plan_evaluation
 from .source import load_external_source, load_source
 from .store import (
@@ -55,7 +56,6 @@ from .store import (
     read_state,
     write_state,
 )
-from .tasks import fan_out
 
 FAIL_ONCE_ENV = "RNA_EVAL_FAIL_ONCE_MARKER"  # test hook read by jobs/evaluate.py
 

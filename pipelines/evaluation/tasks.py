@@ -1,13 +1,11 @@
-"""The Ray tasks of an evaluation (the units of one attack, trial and shard; the path analysis) and their fan-out.
+"""The Ray tasks of an evaluation: the units of one attack, trial and shard, and the path analysis.
 
 The weights and the test images are put in the object store once; a task receives their
 references (nested, so Ray does not fetch them for it) and fetches and builds them only when its
 worker process has not done so already (a user's model: its factory's code too, when it is not
 installed on the nodes; see source.py). A unit evaluates its batches with the seeds the
 sequential `rna_core.evaluation.evaluate_model` gives them, so its counts do not depend on where
-it ran. Each task asks for `eval.cpus_per_task` CPUs and, when the cluster has GPUs,
-`eval.gpus_per_task` of a GPU; the driver keeps at most `eval.max_in_flight` tasks in flight
-(`ray.wait`), and Ray retries a failed task (`eval.max_retries`, `retry_exceptions=True`).
+it ran. The driver side (which units go together, resources, the fan-out) is fanout.py.
 
 GPUs. Ray gives a GPU task its GPU by setting `CUDA_VISIBLE_DEVICES` for the task, but keeps the
 worker process for later tasks (`num_gpus` passed through `.options()` leaves worker reuse on, which
@@ -38,18 +36,14 @@ import torch
 
 from rna_core.attacks.registry import get_attack
 from rna_core.builders import model_from_config
-from rna_core.config import EvalConfig, flatten, unflatten
+from rna_core.config import unflatten
 from rna_core.data import BatchIterator, ImageTensorDataset
 from rna_core.errors import ConfigError
 from rna_core.evaluation import Counts, accuracy_vs_distance, batch_seed, run_protocols, transfer_matrix, trial_seed
 from rna_core.external import ExternalModel
-from rna_core.memory import GIB, gpu_fraction, measure_task_memory, tasks_per_gpu
 from rna_core.speed import evaluation_forward
-from rna_core.units import settings_to_unit
 
-from ..cluster import cluster_resources, resolve_use_gpu
-from .plan import EvalPlan, settings_hash
-from .store import Unit, paths_settings, save_paths, write_unit
+from .plan import settings_hash
 
 Echo = Callable[[str], None]
 
@@ -139,7 +133,7 @@ def unpack(code: bytes) -> str:
     return folder
 
 
-def _build_model(payload: Mapping[str, Any], device: torch.device, precision: str = "fp32") -> torch.nn.Module:
+def build_task_model(payload: Mapping[str, Any], device: torch.device, precision: str = "fp32") -> torch.nn.Module:
     """Our model from its config, or a user's from its factory (its code unpacked here first, when it travels)."""
     if payload.get("external"):
         if payload.get("code"):
@@ -162,7 +156,7 @@ def _task_context(
     device = task_device()
     precision = task.get("forward_precision", "fp32")
     key = f"{task['weights']}@{device}/{precision}"
-    model = _cached("model", key, model_box, lambda p: _build_model(p, device, precision))
+    model = _cached("model", key, model_box, lambda p: build_task_model(p, device, precision))
     data = _cached("data", task["data"], data_box, _build_data)
     return model, data, device
 
@@ -219,15 +213,6 @@ def evaluate_unit(model_box: list, data_box: list, task: dict[str, Any]) -> dict
     return {"units": units, "device": str(device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
 
-def unit_groups(units: list[Unit]) -> list[list[Unit]]:
-    """The units one task runs together: those of one attack, trial and shard (their protocols
-    may share an attack run), in the order of `units`."""
-    groups: dict[tuple, list[Unit]] = {}
-    for u in units:
-        groups.setdefault((u.attack, u.settings_hash, u.trial, u.first, u.stop), []).append(u)
-    return list(groups.values())
-
-
 def analyze_paths(model_box: list, data_box: list, task: dict[str, Any]) -> dict[str, Any]:
     """Ray task: accuracy vs. attack/inference path distance, and the transfer matrix."""
     model, data, device = _task_context(task, model_box, data_box)
@@ -244,180 +229,15 @@ def analyze_paths(model_box: list, data_box: list, task: dict[str, Any]) -> dict
         release_device_memory(device)
 
 
-def _clock(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-class Progress:
-    """Units done / total, elapsed and ETA, as a line at most every `every` seconds (and at the end)."""
-
-    def __init__(self, total: int, already: int, echo: Echo, every: float):
-        self.total, self.done, self.already = total, already, already
-        self.echo, self.every = echo, every
-        self.start = time.monotonic()
-        self.last = -float("inf")
-
-    def line(self) -> str:
-        elapsed = time.monotonic() - self.start
-        ran = self.done - self.already
-        left = self.total - self.done
-        eta = _clock(elapsed / ran * left) if ran else "?"
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        return f"[evaluate] {self.done}/{self.total} units ({pct:.0f}%)  elapsed {_clock(elapsed)}  eta {eta}"
-
-    def advance(self, k: int = 1) -> None:
-        self.done += k
-        self.maybe_print(force=self.done == self.total)
-
-    def maybe_print(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self.last >= self.every:
-            self.last = now
-            self.echo(self.line())
-
-
-def gpu_share(
-    options: EvalConfig, build_model: Callable[[], torch.nn.Module], input_shape: tuple[int, ...]
-) -> tuple[float, str]:
-    """Ray's GPU request per task and how it was chosen: `eval.gpus_per_task` as given, or sized from
-    the measured memory of the model `build_model()` makes (built only then), at the evaluation batch,
-    for GPUs of `eval.gpu_memory_gib` (one line, ConfigError, when a task does not fit one GPU)."""
-    if options.gpus_per_task is not None:
-        return options.gpus_per_task, "eval.gpus_per_task"
-    memory = measure_task_memory(build_model(), input_shape)
-    batch = int(options.batch_size or 1)
-    count = tasks_per_gpu(memory, batch, options.gpu_memory_gib * GIB)
-    need = memory.peak_bytes(batch) / GIB
-    how = f"sized: ~{need:.1f} GiB a task at batch {batch}, {count} per {options.gpu_memory_gib:g} GiB GPU"
-    return gpu_fraction(count), how
-
-
-def _task_resources(options: EvalConfig, use_gpu: bool, gpus: float = 0.0) -> dict[str, Any]:
-    res: dict[str, Any] = {
-        "num_cpus": options.cpus_per_task,
-        "max_retries": options.max_retries,
-        "retry_exceptions": True,
-    }
-    if use_gpu and gpus > 0:
-        res["num_gpus"] = gpus
-        res["runtime_env"] = {"env_vars": dict(GPU_TASK_ENV)}  # merged over the job's runtime_env
-    return res
-
-
-def _max_in_flight(options: EvalConfig, use_gpu: bool, gpus: float = 0.0) -> int:
-    """Twice what the cluster runs at once: enough queued to keep it busy, bounded memory."""
-    if options.max_in_flight:
-        return options.max_in_flight
-    res = cluster_resources()
-    slots = res.get("CPU", 1.0) / options.cpus_per_task
-    if use_gpu and gpus > 0:
-        slots = min(slots, res.get("GPU", 0.0) / gpus)
-    return max(1, int(slots)) * 2
-
-
-def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail_once_marker: str | None = None) -> int:
-    """Run `todo` (and the path analysis) as Ray tasks, one per attack, trial and shard (its
-    protocols' units together, `unit_groups`); each finished unit is stored at once.
-
-    Returns the number of units run. On a task that fails after its retries the tasks in flight
-    are cancelled and the error propagates; the units stored so far stay (a re-run resumes).
-    """
-    o = plan.options
-    use_gpu = resolve_use_gpu(plan.source.cfg)
-    external = plan.source.external.to_dict() if plan.source.external is not None else None
-    model = {
-        "config": flatten(plan.source.cfg),
-        "state": plan.source.state,
-        "external": external,
-        "code": plan.source.code,
-    }
-    gpus, gpus_how = 0.0, ""
-    if use_gpu:
-        on_cpu = lambda: _build_model(model, torch.device("cpu"), o.forward_precision)  # noqa: E731
-        gpus, gpus_how = gpu_share(o, on_cpu, tuple(plan.dataset.images.shape[1:]))
-    resources = _task_resources(o, use_gpu, gpus)
-    limit = _max_in_flight(o, use_gpu, gpus)
-    model_box = [ray.put(model)]
-    ds = plan.dataset
-    data_box = [ray.put({"images": ds.images, "labels": ds.labels, "classes": list(ds.classes), "name": ds.name})]
-    common = {
-        "weights": plan.source.weights_digest,
-        "data": plan.data_digest,
-        "threads": max(1, int(o.cpus_per_task)),
-        "batch_size": o.batch_size,
-        "seed": o.seed,
-        "eot_iter": o.eot_iter,
-        "strategy": o.strategy,
-        "forward_precision": o.forward_precision,
-        "inference_draws": o.inference_draws,
-    }
-    by_name = {a.name: a for a in plan.attacks}
-    unit_task = ray.remote(evaluate_unit).options(**resources)
-    gpu_note = f" + {gpus:g} GPU ({gpus_how})" if "num_gpus" in resources else ""
-    echo(
-        f"[evaluate] {len(todo)} unit(s) to run as {len(unit_groups(todo))} Ray tasks "
-        f"({o.cpus_per_task:g} CPU{gpu_note} each, at most {limit} in flight, {o.max_retries} retries)"
-    )
-
-    progress = Progress(len(plan.units) + int(with_paths), len(plan.units) - len(todo), echo, o.progress_every)
-    in_flight: dict[Any, list[Unit] | None] = {}
-    if with_paths:
-        paths_task = ray.remote(analyze_paths).options(**resources)
-        in_flight[paths_task.remote(model_box, data_box, {**common, **paths_settings(plan)})] = None
-    queue = list(reversed(unit_groups(todo)))
-    ran = 0
-    try:
-        while queue or in_flight:
-            while queue and len(in_flight) < limit:
-                group = queue.pop()
-                u = group[0]
-                task = {
-                    **common,
-                    "unit_ids": [g.unit_id for g in group],
-                    "attack": u.attack,
-                    "settings": settings_to_unit(o.attack_settings.get(u.attack, {})),
-                    "settings_hash": u.settings_hash,
-                    "protocols": [g.protocol for g in group],
-                    "trial": u.trial,
-                    "first": u.first,
-                    "stop": u.stop,
-                    "fail_once_marker": fail_once_marker,
-                }
-                in_flight[unit_task.remote(model_box, data_box, task)] = group
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=o.progress_every)
-            for ref in ready:
-                group = in_flight.pop(ref)
-                result = ray.get(ref)  # a task that failed after its retries raises here
-                if group is None:
-                    save_paths(plan, result)
-                    progress.advance()
-                    continue
-                for g, unit_result in zip(group, result["units"], strict=True):
-                    if unit_result["unit_id"] != g.unit_id:
-                        raise RuntimeError(f"a task returned unit {unit_result['unit_id']} for {g.unit_id}")
-                    write_unit(plan.out_dir, g, by_name[g.attack], unit_result, o.seed)
-                    ran += 1
-                progress.advance(len(group))
-            if not ready:
-                progress.maybe_print()
-    except BaseException:
-        for ref in in_flight:
-            ray.cancel(ref, force=False)
-        raise
-    return ran
-
-
 __all__ = [
     "GPU_TASK_ENV",
     "InjectedFailure",
-    "Progress",
+    "UNIT_PAUSE_ENV",
     "analyze_paths",
+    "build_task_model",
     "cuda_index",
     "evaluate_unit",
     "fail_once",
-    "fan_out",
     "release_device_memory",
     "task_device",
-    "unit_groups",
 ]

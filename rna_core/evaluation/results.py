@@ -81,7 +81,7 @@ class ResultRow:
     n: int
     correct: int
     accuracy: float
-    seconds: float
+    seconds: float  # its own scoring plus its share of an attack run that protocols share (run_protocols)
     draws: int | None = None  # R; None in rows written before worst-of-R and vote-of-R existed
     correct_worst: int | None = None
     accuracy_worst: float | None = None
