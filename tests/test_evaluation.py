@@ -633,14 +633,14 @@ def test_protocols_that_share_an_attack_run_it_once_with_every_outcome_as_if_run
     """fixed-path, transfer-raw and transfer attack the same path with the same generator, so one
     attack run serves all three: each outcome (its adversarial batch, counts, paths) equals
     run_protocol's exactly, also where the unperturbed rule fills examples under transfer (CW and
-    DeepFool hand some back clean here), and early-stop and eot still run on their own."""
+    DeepFool hand some back clean here), and early-stop still runs on its own."""
     model, x, y = _one_path_labels()
     attack = get_attack(name, **settings)
-    protocols = ["transfer", "early-stop", "fixed-path", "transfer-raw", "eot"]
+    protocols = ["transfer", "early-stop", "fixed-path", "transfer-raw"]
     spy = ForwardCount(model)
-    alone = {p: run_protocol(model, x, y, attack, p, seed=3, eot_iter=2, inference_draws=3) for p in protocols}
+    alone = {p: run_protocol(model, x, y, attack, p, seed=3, inference_draws=3) for p in protocols}
     forwards_alone, spy.n = spy.n, 0
-    shared = rna_core.evaluation.run_protocols(model, x, y, attack, protocols, seed=3, eot_iter=2, inference_draws=3)
+    shared = rna_core.evaluation.run_protocols(model, x, y, attack, protocols, seed=3, inference_draws=3)
     forwards_shared = spy.n
     spy.close()
     assert list(shared) == protocols
@@ -653,12 +653,7 @@ def test_protocols_that_share_an_attack_run_it_once_with_every_outcome_as_if_run
     if name != "pgd20":
         assert int(left.sum()) > 0 and not torch.equal(shared["transfer"].x_adv, shared["transfer-raw"].x_adv)
     assert shared["fixed-path"].score_path == shared["fixed-path"].attack_path != shared["transfer"].score_path
-    # the attack's own forwards ran once for the three protocols instead of three times
-    assert forwards_shared < forwards_alone
-    unshared = rna_core.evaluation.run_protocols(
-        model, x, y, attack, protocols, seed=3, eot_iter=2, inference_draws=3, share_attacks=False
-    )
-    assert all(torch.equal(unshared[p].x_adv, shared[p].x_adv) for p in protocols)
+    assert forwards_shared < forwards_alone  # the attack's own forwards ran once for the three, not three times
 
 
 def test_a_shared_attack_runs_once_for_three_protocols(random_model, test_data):
@@ -677,7 +672,8 @@ def test_a_shared_attack_runs_once_for_three_protocols(random_model, test_data):
 
 
 def test_the_runner_gives_the_same_rows_with_and_without_shared_attacks(random_model, test_data):
-    kwargs = dict(attacks=["natural", "fgsm", "pgd20"], protocols=["transfer", "fixed-path", "early-stop"], limit=32,
+    attacks = ["natural", "fgsm", get_attack("pgd20", steps=5)]
+    kwargs = dict(attacks=attacks, protocols=["transfer", "fixed-path", "early-stop"], limit=32,
                   batch_size=16, trials=2, seed=1, inference_draws=2)  # fmt: skip
     key = lambda r: (r.attack, r.protocol, r.trial, r.n, r.correct, r.correct_worst, r.correct_vote)  # noqa: E731
     shared = evaluate_model(random_model, test_data, **kwargs)
