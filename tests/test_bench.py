@@ -328,6 +328,17 @@ def test_the_sizing_counts_a_shared_attack_once(monkeypatch):
     assert total - rest == pytest.approx(once + size.PATH_ANALYSIS_PASSES) and once < alone
 
 
+def test_the_sizing_reference_pass_follows_the_bf16_fast_path(monkeypatch):
+    """Without a bf16 fast path the bf16 reference is emulated (~140x slower): the fp32 pass and its time."""
+    from experiments.reproduction import size
+
+    monkeypatch.setattr(size, "bf16_fast_path", lambda device: None)
+    assert size.reference_kind() == (False, size.REFERENCE_IDLE_SECONDS_FP32)
+    monkeypatch.setattr(size, "bf16_fast_path", lambda device: "cpu: amx_bf16")
+    assert size.reference_kind() == (True, size.REFERENCE_IDLE_SECONDS)
+    assert size.REFERENCE_IDLE_SECONDS_FP32 > size.REFERENCE_IDLE_SECONDS
+
+
 def test_gpu_peak_lookup_matches_whole_model_names():
     """Issue 18: a substring match took an L40S for an L4."""
     assert gpu.peak_for_name("NVIDIA L4") == gpu.PEAK_BF16_FLOPS["L4"]

@@ -3,10 +3,11 @@ test image cost for each arm and candidate architecture, on this machine, correc
 
 Other jobs share the 2 cores, so absolute times mean little. Every case is timed interleaved
 (bench.common.measure_interleaved) beside a reference case whose time on the idle machine is
-known: a ResNet-18 attack pass (forward + input gradient, batch 64, bf16 + channels_last, 2 threads,
-train mode), 0.19 s on the idle machine (/work/shared/STACK.md, checked 2026-12-01). A case's
-idle-machine estimate is its measured time x (0.19 s / the reference's measured time in the same
-rounds): a ratio, which survives load far better than either time.
+known: a ResNet-18 attack pass (forward + input gradient, batch 64, 2 threads, train mode), in bf16 +
+channels_last where the CPU has a bf16 fast path (0.19 s on the idle Intel/AMX machine, STACK.md,
+checked 2026-12-01), in fp32 where it has none (1.3 s on the idle AMD EPYC, 2026-12-03). A case's
+idle-machine estimate is its measured time x (the reference's idle time / its measured time in the
+same rounds): a ratio, which survives load far better than either time.
 
     PYTHONPATH=. python experiments/reproduction/size.py --archs small_cnn,wrn16_2 --pgd-steps 5 --json out.json
 """
@@ -35,22 +36,34 @@ from rna_core.evaluation import evaluate_model  # noqa: E402
 from rna_core.evaluation.protocols import SHARED_ATTACK  # noqa: E402
 from rna_core.optim import build_optimizer  # noqa: E402
 from rna_core.paths import PathSampler  # noqa: E402
-from rna_core.speed import as_channels_last, use_channels_last  # noqa: E402
+from rna_core.speed import as_channels_last, bf16_fast_path, use_channels_last  # noqa: E402
 from rna_core.training import train_step  # noqa: E402
 
-REFERENCE_IDLE_SECONDS = 0.19  # STACK.md: ResNet-18 attack pass, batch 64, bf16 + channels_last, 2 threads
+# The reference pass and its time on the idle machine, by whether the CPU has a bf16 fast path: the
+# bf16 pass on one without it is emulated and some 140 times slower (AMD EPYC, 2026-12-03: 26.7 s), which
+# would scale every estimate down by as much.
+REFERENCE_IDLE_SECONDS = 0.19  # STACK.md: ResNet-18 attack pass, batch 64, bf16 + channels_last, 2 threads (AMX)
+REFERENCE_IDLE_SECONDS_FP32 = 1.3  # the same pass in fp32, contiguous: fastest of 7, AMD EPYC, load 0.0, 2026-12-03
 PRESET = Path(__file__).resolve().parents[2] / "configs" / "reproduction_cpu.yaml"
 
 
-def reference_case():
+def reference_kind() -> tuple[bool, float]:
+    """(bf16 reference, its idle seconds) for this machine."""
+    if bf16_fast_path("cpu") is not None:
+        return True, REFERENCE_IDLE_SECONDS
+    return False, REFERENCE_IDLE_SECONDS_FP32
+
+
+def reference_case(bf16: bool):
     torch.manual_seed(0)
-    model = use_channels_last(create_model("resnet18", norm="bn").train())
+    model = create_model("resnet18", norm="bn").train()
     x, y = random_batch(64, 0, "cpu")
-    x = as_channels_last(x)
+    if bf16:
+        model, x = use_channels_last(model), as_channels_last(x)
 
     def run() -> None:
         xa = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(xa)
         (g,) = torch.autograd.grad(F.cross_entropy(out.float(), y), xa)
 
@@ -99,10 +112,15 @@ def main(argv: list[str] | None = None) -> dict:
             Path(args.json).write_text(json.dumps(out, indent=1))
         return out
     torch.set_num_threads(2)
-    out: dict = {"load_before": os.getloadavg(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    bf16_reference, reference_idle = reference_kind()
+    out: dict = {
+        "load_before": os.getloadavg(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "reference": {"bf16": bf16_reference, "idle_s": reference_idle},
+    }
     results = []
     for arch in args.archs.split(","):
-        cases = {"reference": reference_case()}
+        cases = {"reference": reference_case(bf16_reference)}
         for arm in args.arms.split(","):
             cases[f"train {arch} {arm}"] = train_case(arch, arm, args.batch, args.pgd_steps)
         for spec in filter(None, args.eval.split(",")):
@@ -117,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
             if name == "reference":
                 continue
             ratios = [a / b for a, b in zip(timing.seconds, ref.seconds)]
-            idle = statistics.median(ratios) * REFERENCE_IDLE_SECONDS
+            idle = statistics.median(ratios) * reference_idle
             items = args.batch if name.startswith("train") else args.eval_images
             row = {
                 "case": name,
