@@ -41,6 +41,7 @@ from rna_core.evaluation import (
     unit_seed,
     write_rows_parquet,
 )
+from rna_core.speed import evaluation_forward
 
 
 @pytest.fixture(scope="module")
@@ -638,8 +639,12 @@ def test_protocols_that_share_an_attack_run_it_once_with_every_outcome_as_if_run
     attack = get_attack(name, **settings)
     protocols = ["transfer", "early-stop", "fixed-path", "transfer-raw"]
     spy = ForwardCount(model)
-    alone = {p: run_protocol(model, x, y, attack, p, seed=3, inference_draws=3) for p in protocols}
-    forwards_alone, spy.n = spy.n, 0
+    alone, forwards = {}, {}
+    for p in protocols:
+        spy.n = 0
+        alone[p] = run_protocol(model, x, y, attack, p, seed=3, inference_draws=3)
+        forwards[p] = spy.n
+    spy.n = 0
     shared = rna_core.evaluation.run_protocols(model, x, y, attack, protocols, seed=3, inference_draws=3)
     forwards_shared = spy.n
     spy.close()
@@ -653,7 +658,37 @@ def test_protocols_that_share_an_attack_run_it_once_with_every_outcome_as_if_run
     if name != "pgd20":
         assert int(left.sum()) > 0 and not torch.equal(shared["transfer"].x_adv, shared["transfer-raw"].x_adv)
     assert shared["fixed-path"].score_path == shared["fixed-path"].attack_path != shared["transfer"].score_path
-    assert forwards_shared < forwards_alone  # the attack's own forwards ran once for the three, not three times
+    # the attack ran once for the three: what the shared call saved is exactly the two runs of
+    # fixed-path and transfer-raw alone (transfer alone is the attack plus its fill)
+    assert forwards["fixed-path"] == forwards["transfer-raw"] > 0
+    assert sum(forwards.values()) - forwards_shared == 2 * forwards["fixed-path"]
+
+
+@pytest.mark.parametrize("case", ["rna on a fixed path", "plain bn", "rna under a bf16 forward"])
+def test_shared_attacks_on_deterministic_models_and_under_a_bf16_forward_are_as_if_run_alone(case):
+    """A deterministic model gets no fill under transfer (the protocols coincide), and the bf16
+    forward wrapper draws its paths through the model it wraps: both as run_protocol runs them."""
+    model, x, y = _one_path_labels()
+    strategy = "uniform"
+    if case == "rna on a fixed path":
+        strategy = "fixed:0000"
+    elif case == "plain bn":
+        torch.manual_seed(0)
+        model = rna_core.create_model("small_cnn", norm="bn").eval()
+    else:
+        model = evaluation_forward(model, "bf16")
+    attack = get_attack("cw_l2", steps=3)
+    protocols = ["transfer", "fixed-path", "transfer-raw"]
+    shared = rna_core.evaluation.run_protocols(model, x, y, attack, protocols, seed=6, strategy=strategy)
+    for p in protocols:
+        alone = run_protocol(model, x, y, attack, p, seed=6, strategy=strategy)
+        assert torch.equal(alone.x_adv, shared[p].x_adv) and alone.counts == shared[p].counts, (case, p)
+        assert (alone.attack_path, alone.score_path) == (shared[p].attack_path, shared[p].score_path), (case, p)
+    randomized = case == "rna under a bf16 forward"
+    assert shared["transfer"].randomized is randomized
+    assert torch.equal(shared["transfer"].x_adv, shared["fixed-path"].x_adv) is not randomized
+    with pytest.raises(ConfigError, match="unique"):
+        rna_core.evaluation.run_protocols(model, x, y, attack, ["transfer", "transfer"], seed=6)
 
 
 def test_a_shared_attack_runs_once_for_three_protocols(random_model, test_data):

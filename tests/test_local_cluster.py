@@ -367,7 +367,7 @@ def test_a_worker_node_killed_mid_evaluation_has_its_tasks_retried_elsewhere_and
     assert ev.data.metrics["eval_units"] == ev.data.metrics["eval_units_run"] == 8
     assert len(list((out / "units").glob("*.parquet"))) == 8
     tasks = unit_tasks(stack, job)
-    assert len(tasks) == 8  # one Ray task per unit: the driver submitted none twice
+    assert len(tasks) == 8  # one Ray task per unit (one protocol, nothing shared): the driver submitted none twice
     assert all([a["state"] for a in attempts].count("FINISHED") == 1 for attempts in tasks.values())
     retried = [a for a in tasks.values() if len(a) > 1]
     assert retried, tasks

@@ -1,8 +1,8 @@
 """The driver side of an evaluation's Ray tasks: which units go together, what each task asks for,
 and the fan-out that keeps them in flight and stores each unit as it arrives.
 
-One task runs the units of one attack, trial and shard (`unit_groups`), so the protocols that share
-an attack run attack once (`rna_core.evaluation.run_protocols`); each unit is still stored in its
+One task runs the units of one attack, trial and shard whose protocols share an attack run
+(`unit_groups`), so they attack once (`rna_core.evaluation.run_protocols`); each unit is still stored in its
 own file, so a resumed evaluation runs only the missing protocols of a group. Each task asks for
 `eval.cpus_per_task` CPUs and, when the cluster has GPUs, a GPU share (`gpu_share`); the driver keeps
 at most `eval.max_in_flight` tasks in flight (`ray.wait`), and Ray retries a failed task
@@ -19,6 +19,7 @@ import ray
 import torch
 
 from rna_core.config import EvalConfig, flatten
+from rna_core.evaluation.protocols import SHARED_ATTACK
 from rna_core.memory import GIB, gpu_fraction, measure_task_memory, tasks_per_gpu
 from rna_core.units import settings_to_unit
 
@@ -31,11 +32,13 @@ Echo = Callable[[str], None]
 
 
 def unit_groups(units: list[Unit]) -> list[list[Unit]]:
-    """The units one task runs together: those of one attack, trial and shard (their protocols
-    may share an attack run), in the order of `units`."""
+    """The units one task runs together, in the order of `units`: those of one attack, trial and
+    shard whose protocols share an attack run (SHARED_ATTACK); every other unit is a task of its own
+    (an `eot` unit shares nothing, and tying it to a `transfer` unit would only halve the tasks)."""
     groups: dict[tuple, list[Unit]] = {}
     for u in units:
-        groups.setdefault((u.attack, u.settings_hash, u.trial, u.first, u.stop), []).append(u)
+        together = "shared" if u.protocol in SHARED_ATTACK else u.protocol
+        groups.setdefault((u.attack, u.settings_hash, u.trial, u.first, u.stop, together), []).append(u)
     return list(groups.values())
 
 
@@ -112,8 +115,8 @@ def _max_in_flight(options: EvalConfig, use_gpu: bool, gpus: float = 0.0) -> int
 
 
 def fan_out(plan: EvalPlan, todo: list[Unit], echo: Echo, with_paths: bool, fail_once_marker: str | None = None) -> int:
-    """Run `todo` (and the path analysis) as Ray tasks, one per attack, trial and shard (its
-    protocols' units together, `unit_groups`); each finished unit is stored at once.
+    """Run `todo` (and the path analysis) as Ray tasks, the units that share an attack run in one
+    task (`unit_groups`); each finished unit is stored at once.
 
     Returns the number of units run. On a task that fails after its retries the tasks in flight
     are cancelled and the error propagates; the units stored so far stay (a re-run resumes).

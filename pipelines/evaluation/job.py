@@ -206,7 +206,7 @@ def log_results(client: Any, ref: tracking.RunRef, plan: EvalPlan, metrics: Mapp
 def run_evaluation(plan: EvalPlan, echo: Echo = print, fail_once_marker: str | None = None) -> EvalOutcome:
     """Fan the plan's missing units out on Ray, gather, write the tables and log them to MLflow.
 
-    `fail_once_marker` is a test hook: the first unit to create that file raises once.
+    `fail_once_marker` is a test hook: the first task to create that file raises once.
     """
     start = time.monotonic()
     o = plan.options

@@ -60,8 +60,8 @@ class InjectedFailure(RuntimeError):
 def fail_once(marker: str | None, unit_id: str) -> None:
     """Test hook: the first caller to create `marker` raises; every later call passes.
 
-    `O_EXCL` makes the creation atomic across processes, so exactly one unit fails once, and
-    only Ray's own retry can bring its result back.
+    `O_EXCL` makes the creation atomic across processes, so exactly one task (the marker names its
+    first unit) fails once, and only Ray's own retry can bring its units' results back.
     """
     if not marker:
         return

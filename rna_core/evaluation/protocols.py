@@ -401,13 +401,17 @@ def run_protocols(
     Those three attack the path drawn from the same stream with the same generator; ``fixed-path``
     and ``transfer-raw`` score the attack's own output, ``transfer`` the output under the
     unperturbed rule (the fill runs after the attack, on the attack path, from the attack's own
-    generator: :meth:`Attack.outputs`). So each outcome equals its :func:`run_protocol` exactly, and
+    generator: :meth:`Attack.outputs`). So each outcome equals its :func:`run_protocol` exactly (for
+    models that follow :mod:`rna_core.randomness`: their draws come from the generators and the seeded
+    global RNG the protocols hand them, not from a stream of their own that counts forwards), and
     the attack's cost is paid once instead of once per protocol. An outcome's `seconds` is its own
     scoring plus an equal share of the shared attack. `share_attacks=False` runs each protocol on its
     own (for the benchmark and the equivalence tests).
     """
     for p in protocols:
         check_protocol(p)
+    if len(set(protocols)) != len(protocols):
+        raise ConfigError(f"protocols must be unique, got {', '.join(protocols)}")
     if eot_iter < 1:
         raise ConfigError(f"eot_iter must be a positive integer, got {eot_iter}")
     attack = resolve_attack(attack)
