@@ -1,4 +1,4 @@
-"""The Ray tasks of an evaluation: the units of one attack, trial and shard, and the path analysis.
+"""The Ray tasks of an evaluation: a unit (or the units that share an attack run), and the path analysis.
 
 The weights and the test images are put in the object store once; a task receives their
 references (nested, so Ray does not fetch them for it) and fetches and builds them only when its
