@@ -361,6 +361,21 @@ def run_protocol(
         model.eval()  # whatever the attack did to the mode, scoring runs in eval mode
         preds, score_draws = _score(model, x_adv, y, protocol, seed, inference_draws, randomized)
         score_path = get_path(model)
+    draws = attack_draw.count + eot_draws.count + score_draws
+    return _outcome(x_adv, y, preds, attack_path, score_path, draws, time.perf_counter() - start, randomized)
+
+
+def _outcome(
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    preds: torch.Tensor,
+    attack_path: Path,
+    score_path: Path,
+    path_draws: int,
+    seconds: float,
+    randomized: bool,
+) -> ProtocolOutcome:
+    """The outcome of R scoring draws' predictions `preds` (R x N): one draw, worst-of-R, vote-of-R."""
     right = preds == y
     num_classes = int(max(int(preds.max()), int(y.max())) + 1)
     return ProtocolOutcome(
@@ -369,11 +384,11 @@ def run_protocol(
         int(y.shape[0]),
         attack_path,
         score_path,
-        attack_draw.count + eot_draws.count + score_draws,
-        time.perf_counter() - start,
+        path_draws,
+        seconds,
         worst=int(right.all(0).sum()),
         vote=int(vote_correct(preds, y, num_classes).sum()),
-        inference_draws=inference_draws,
+        inference_draws=int(preds.shape[0]),
         randomized=randomized,
     )
 
@@ -454,21 +469,9 @@ def _run_shared(
             x_adv = filled if protocol == "transfer" else own
             model.eval()
             preds, score_draws = _score(model, x_adv, y, protocol, seed, inference_draws, randomized)
-            right = preds == y
-            num_classes = int(max(int(preds.max()), int(y.max())) + 1)
-            outcomes[protocol] = ProtocolOutcome(
-                x_adv,
-                int(right[0].sum()),
-                int(y.shape[0]),
-                attack_path,
-                get_path(model),
-                attack_draw.count + score_draws,
-                share + time.perf_counter() - begin,
-                worst=int(right.all(0).sum()),
-                vote=int(vote_correct(preds, y, num_classes).sum()),
-                inference_draws=inference_draws,
-                randomized=randomized,
-            )
+            seconds = share + time.perf_counter() - begin
+            draws = attack_draw.count + score_draws
+            outcomes[protocol] = _outcome(x_adv, y, preds, attack_path, get_path(model), draws, seconds, randomized)
     return outcomes
 
 
