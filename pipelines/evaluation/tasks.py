@@ -45,8 +45,6 @@ from rna_core.speed import evaluation_forward
 
 from .plan import settings_hash
 
-Echo = Callable[[str], None]
-
 _WORKER_CACHE: dict[str, tuple[str, Any]] = {}
 _UNPACKED: dict[str, str] = {}  # a user's zipped code (source.pack) by digest -> its folder, in this process
 # Ray's switch (ray/_private/accelerators/nvidia_gpu.py) to leave CUDA_VISIBLE_DEVICES as the worker started.
@@ -167,9 +165,9 @@ UNIT_PAUSE_ENV = "RNA_TEST_UNIT_PAUSE_S"
 
 
 def evaluate_unit(model_box: list, data_box: list, task: dict[str, Any]) -> dict[str, Any]:
-    """Ray task: the counts of the units of one attack, trial and shard (one per protocol in
-    `task["protocols"]`), batch by batch with the sequential run's seeds; the protocols that share
-    an attack run it once (`run_protocols`)."""
+    """Ray task: the counts of its units (one attack, trial and shard; one unit per protocol in
+    `task["protocols"]`), batch by batch with the sequential run's seeds; protocols that share an
+    attack run it once (`run_protocols`)."""
     unit_ids = list(task["unit_ids"])
     fail_once(task.get("fail_once_marker"), unit_ids[0])
     time.sleep(float(os.environ.get(UNIT_PAUSE_ENV) or 0))
