@@ -182,6 +182,24 @@ def test_report_shows_the_tables_numbers_and_the_in_progress_state(tmp_path):
     assert (out / "reproduction.md").read_text() == text
 
 
+def test_report_of_an_all_fp32_run_claims_no_bf16_cells(tmp_path):
+    """A driver that ran every step fp32 (no bf16 fast path) gets a caption and a precision section
+    that say so, not the plan's bf16 steps."""
+    base, out = tmp_path / "base", tmp_path / "docs"
+    state = _experiment(base, with_stability=False)
+    reason = "auto: no bf16 fast path on this machine (every step fp32)"
+    state["bf16_steps"] = {"choice": "auto", "bf16": False, "reason": reason}
+    (base / "reproduction" / "state.json").write_text(json.dumps(state))
+    for folder in (base / "eval_results" / "reproduction_cpu").iterdir():  # rewrite the bf16 rows as fp32
+        if folder.name == "rna-autoattack":
+            rows = [_row("rna", "natural", "transfer", 40, n=100), _row("rna", "autoattack", "transfer", 30, n=100)]
+            write_rows_parquet(rows, folder / "results.parquet")
+    text = report.render(base, out, None)
+    assert f"Every cell is fp32 ({reason})." in text and report.BF16_MARK not in text
+    check = text.split("## bf16 against fp32")[1].split("## ")[0]
+    assert "Every step of this run ran the model's forward in fp32" in check and reason in check
+
+
 def test_report_before_anything_ran_says_so(tmp_path):
     text = report.render(tmp_path / "empty", tmp_path / "out", None)
     assert "**Not started**" in text and "No finished evaluation" in text

@@ -193,6 +193,27 @@ def precision_check(
     return rows
 
 
+def bf16_planned(state: Mapping[str, Any]) -> bool:
+    """Whether the driver ran the plan's bf16 steps in bf16 (run.py `--bf16-steps`; older states: yes)."""
+    return bool(state.get("bf16_steps", {}).get("bf16", True))
+
+
+def bf16_reason(state: Mapping[str, Any]) -> str:
+    return str(state.get("bf16_steps", {}).get("reason", "run.py --bf16-steps"))
+
+
+def precision_caption(state: Mapping[str, Any]) -> str:
+    """Which cells ran the forward in bf16: the plan's costly steps where the driver turned them on."""
+    if not bf16_planned(state):
+        return f"Every cell is fp32 ({bf16_reason(state)})."
+    return (
+        f"{BF16_MARK}: that evaluation ran the model's forward in bf16 (`--forward-precision bf16`: the repeated, "
+        "costly steps, "
+        + ", ".join(s.name for s in PLAN if s.precision != "fp32")
+        + "; see 'bf16 against fp32' below); every other cell is fp32."
+    )
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [
         "| " + " | ".join(header) + " |",
@@ -474,11 +495,7 @@ def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
         + ", ".join(f"{s.name} {s.limit}" for s in PLAN)
         + ". "
         "BN has no random layer: its fixed-path and eot cells are its transfer numbers (the same computation; "
-        "EOT over identical forwards is PGD-20), and AutoAttack-rand is not run on it. "
-        f"{BF16_MARK}: that evaluation ran the model's forward in bf16 (`--forward-precision bf16`: the repeated, "
-        "costly steps, "
-        + ", ".join(s.name for s in PLAN if s.precision != "fp32")
-        + "; see 'bf16 against fp32' below); every other cell is fp32.",
+        "EOT over identical forwards is PGD-20), and AutoAttack-rand is not run on it. " + precision_caption(state),
         "",
         f"Published: {'; '.join(p['source'] for p in PUBLISHED.values())}. {RELATED}",
         "",
@@ -544,6 +561,11 @@ def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
             "",
         ]
         L += md_table(["arm", "attack / protocol", "images", "fp32", "bf16 (trial 0)", "bf16 - fp32"], check)
+    elif not bf16_planned(state):
+        L += [
+            f"Every step of this run ran the model's forward in fp32 ({bf16_reason(state)}), so there is no pair "
+            "to compare; docs/benchmarks.md section 7 compares the two precisions on a CPU with a bf16 fast path."
+        ]
     else:
         L += ["(no pair of an fp32 step and a bf16 Table 4 trial yet)"]
     L += [""]
