@@ -1,12 +1,15 @@
-"""Benchmark 8, `norm_layout`: GroupNorm on a channels_last batch, in place vs through a contiguous copy.
+"""Benchmark 8, `norm_layout`: GroupNorm on a channels_last batch: torch's kernel, a contiguous copy, fused.
 
-Why: `rna_core.speed.use_channels_last` runs GroupNorm layers with fewer than
-`SMALL_GROUP_CHANNELS` channels per group on a contiguous copy when the batch is bf16 on a CPU
-(the channels_last CPU kernel handles about one group per instruction there), and hands the
-result back in channels_last. This times both ways, forward + input gradient, at the four
-ResNet-18 stage shapes (batch 128) and several group sizes, interleaved, and prints
-time(channels_last kernel) / time(copy, contiguous kernel, copy back): above 1 the copies pay.
-BatchNorm2d in channels_last is timed beside them for scale.
+Why: `rna_core.speed.use_channels_last` routes GroupNorm layers with fewer than
+`SMALL_GROUP_CHANNELS` channels per group around torch's channels_last CPU kernel when the batch
+is bf16 (that kernel handles about one group per instruction there): with one channel per group
+(`gns:1`) through the fused kernel torch.compile builds for `rna_core.speed.ChannelsLastGroupNorm`,
+otherwise (or where that kernel cannot be built) through a contiguous copy and back. This times
+the three ways (fused: one channel per group only), forward + input gradient, at the
+four ResNet-18 stage shapes (batch 128) and several group sizes, interleaved, and prints
+time(copy route) / time(fused) (the headline, for `gns:1` at the first stage: above 1 the fused
+kernel pays) and time(channels_last kernel) / time(copy route). BatchNorm2d in channels_last is
+timed beside them for scale: the fused `gns:1` against it is what RNA's cost over BN comes from.
 
     PYTHONPATH=. python bench/norm_layout.py --threads 2             # bf16
     PYTHONPATH=. python bench/norm_layout.py --threads 2 --dtype fp32
@@ -21,11 +24,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` and `rna_core` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import copy
+
 import torch
 import torch.nn as nn
 
 from bench.common import add_common_args, apply_threads, measure_interleaved, paired_ratio, report
-from rna_core.speed import SMALL_GROUP_CHANNELS
+from rna_core import speed
+from rna_core.speed import SMALL_GROUP_CHANNELS, ChannelsLastGroupNorm
 
 STAGES = ((64, 32), (128, 16), (256, 8), (512, 4))  # ResNet-18 (CIFAR): channels, spatial size
 
@@ -34,6 +40,12 @@ def _pass(layer: nn.Module, x: torch.Tensor, via_contiguous: bool) -> None:
     x_req = x.detach().requires_grad_(True)
     out = layer(x_req.contiguous()).contiguous(memory_format=torch.channels_last) if via_contiguous else layer(x_req)
     torch.autograd.grad(out, [x_req], torch.ones_like(out))
+
+
+def _fused(gn: nn.GroupNorm) -> nn.Module:
+    layer = copy.deepcopy(gn)
+    layer.__class__ = ChannelsLastGroupNorm
+    return layer
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,13 +69,17 @@ def main(argv: list[str] | None = None) -> dict:
             gn = nn.GroupNorm(channels // d, channels).to(dtype)
             cases[f"gn C={channels} D={d} channels_last"] = lambda gn=gn, x=x: _pass(gn, x, False)
             cases[f"gn C={channels} D={d} via_contiguous"] = lambda gn=gn, x=x: _pass(gn, x, True)
+            if dtype == torch.bfloat16 and d == 1:  # the case ChannelsLastGroupNorm fuses
+                cases[f"gn C={channels} D={d} fused"] = lambda gn=_fused(gn), x=x: _pass(gn, x, False)
             rows.append((channels, d))
         bn = nn.BatchNorm2d(channels).to(dtype)
         cases[f"bn C={channels} channels_last"] = lambda bn=bn, x=x: _pass(bn, x, False)
     timings = measure_interleaved(cases, args.batch, args.repeats, args.warmup)
     extra: dict[str, str] = {
         "sizes": f"batch={args.batch} dtype={args.dtype} threads={args.threads}",
-        "rule in rna_core.speed": f"via contiguous when bf16/fp16 on CPU and D < {SMALL_GROUP_CHANNELS}",
+        "rule in rna_core.speed": (
+            f"bf16/fp16 on CPU: fused when D = 1, via contiguous when 1 < D < {SMALL_GROUP_CHANNELS}"
+        ),
     }
     for channels, d in rows:
         cl, via = timings[f"gn C={channels} D={d} channels_last"], timings[f"gn C={channels} D={d} via_contiguous"]
@@ -71,22 +87,25 @@ def main(argv: list[str] | None = None) -> dict:
         extra[f"C={channels} D={d}: channels_last / via_contiguous"] = (
             f"{r:.2f} ({cl.median * 1e3:.1f} vs {via.median * 1e3:.1f} ms)"
         )
-    first_cl, first_via = (
-        timings[f"gn C={rows[0][0]} D={rows[0][1]} channels_last"],
-        timings[f"gn C={rows[0][0]} D={rows[0][1]} via_contiguous"],
-    )
-    value = paired_ratio(first_cl, first_via)
-    return report(
-        "norm_layout",
-        argv,
-        timings,
-        f"time({first_cl.name}) / time({first_via.name})",
-        value,
-        "> 1 (the copies pay for gns:1)",
-        value > 1,
-        extra,
-        args.json,
-    )
+        fused = timings.get(f"gn C={channels} D={d} fused")
+        if fused is not None:
+            bn = timings[f"bn C={channels} channels_last"]
+            extra[f"C={channels} D={d}: via_contiguous / fused"] = (
+                f"{paired_ratio(via, fused):.2f} ({via.median * 1e3:.1f} vs {fused.median * 1e3:.1f} ms); "
+                f"fused / bn {paired_ratio(fused, bn):.2f}"
+            )
+    head = f"gn C={rows[0][0]} D={rows[0][1]}"
+    if f"{head} fused" in timings:
+        if not speed.fused_group_norm_active():
+            raise SystemExit(f"norm_layout: the fused GroupNorm could not be built: {speed._fused_state['failure']}")
+        slow, fast = timings[f"{head} via_contiguous"], timings[f"{head} fused"]
+        criterion = "> 1 (the fused kernel pays)"
+    else:  # fp32, or the first group size not one channel: the question is whether the copies pay
+        slow, fast = timings[f"{head} channels_last"], timings[f"{head} via_contiguous"]
+        criterion = "> 1 (the copies pay)"
+    value = paired_ratio(slow, fast)
+    ratio_name = f"time({slow.name}) / time({fast.name})"
+    return report("norm_layout", argv, timings, ratio_name, value, criterion, value > 1, extra, args.json)
 
 
 if __name__ == "__main__":

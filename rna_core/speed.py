@@ -16,18 +16,24 @@ stay fp32 as autocast recommends), inside :func:`bf16_weight_cache`, which makes
 each weight to bf16 once per attack instead of once per PGD step. The update forward runs under
 autocast with the loss in fp32 and the backward outside it; the optimizer updates fp32 weights.
 In channels_last, norm layers whose CPU kernels are slow in that layout (GroupNorm with small
-groups, e.g. `gns:1`: 10x slower than on a contiguous tensor) run on a contiguous copy and hand
-channels_last back (:func:`use_channels_last`), so the batch keeps its layout through the network.
+groups, e.g. `gns:1`: 10x slower than on a contiguous tensor in bf16) are routed around those
+kernels (:func:`use_channels_last`), so the batch keeps its layout through the network: GroupNorm
+with one channel per group runs as one fused kernel that torch.compile generates for that layer
+alone (forward and backward in channels_last, statistics in fp32); 2-7 channels per group, or
+where that kernel cannot be built, run on a contiguous copy.
 
-torch.compile is not offered: with random paths dynamo treats each RandomLayer's integer
+The model itself is not compiled: with random paths dynamo treats each RandomLayer's integer
 `choice` as a constant, so every new path is a new graph (K^L paths; after `recompile_limit`
-graphs it falls back to eager), measured in docs/benchmarks.md.
+graphs it falls back to eager), measured in docs/benchmarks.md. The fused GroupNorm is a
+function of the tensors alone (no path inside), so one graph serves every path and shape.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,20 +188,91 @@ def _layout_guarded(module: nn.Module) -> bool:
     return isinstance(module, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, BatchGroupNorm))
 
 
-def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
-    """Small-group GroupNorm on a reduced-precision channels_last CPU tensor: run it contiguous."""
-    x = args[0]
-    if (
-        isinstance(module, nn.GroupNorm)
-        and module.num_channels // module.num_groups < SMALL_GROUP_CHANNELS
+def _small_group_bf16_cpu(module: nn.GroupNorm, x: Any) -> bool:
+    """The case the channels_last CPU GroupNorm kernel is slow at: few channels per group, bf16/fp16."""
+    return (
+        module.num_channels // module.num_groups < SMALL_GROUP_CHANNELS
         and isinstance(x, torch.Tensor)
         and x.dim() == 4
         and x.device.type == "cpu"
         and x.dtype in (torch.bfloat16, torch.float16)
         and not x.is_contiguous()
-    ):
-        return (x.contiguous(), *args[1:])  # autograd copies the gradient back to the input's layout
-    return None
+    )
+
+
+def _channel_norm_math(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """GroupNorm with one channel per group written out, for torch.compile to fuse.
+
+    Statistics in fp32 and the output in x's dtype, as `F.group_norm` under autocast computes it;
+    on a channels_last batch the generated kernels read and write that layout directly.
+    """
+    c = x.shape[1]
+    xf = x.float()
+    var, mean = torch.var_mean(xf, dim=(2, 3), keepdim=True, correction=0)
+    y = (xf - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.float().view(1, c, 1, 1)
+    if bias is not None:
+        y = y + bias.float().view(1, c, 1, 1)
+    return y.to(x.dtype)
+
+
+# `RNA_FUSED_GROUPNORM=0` keeps the contiguous-copy route (to compare the two, or where building
+# the kernel misbehaves); the fused one is switched off by itself when it cannot be built.
+_fused_state = {"enabled": os.environ.get("RNA_FUSED_GROUPNORM", "1") != "0", "failure": None}
+
+
+@functools.cache
+def _compiled_group_norm() -> Any:
+    # dynamic: one graph for every layer's channels, spatial size and batch, not one per shape
+    return torch.compile(_channel_norm_math, dynamic=True)
+
+
+def set_fused_group_norm(enabled: bool) -> None:
+    """Route small-group bf16 channels_last GroupNorm through the fused kernel (True) or a copy."""
+    _fused_state["enabled"] = bool(enabled)
+
+
+def fused_group_norm_active() -> bool:
+    """Whether the fused kernel is in use: enabled and not switched off by a failed build."""
+    return bool(_fused_state["enabled"]) and _fused_state["failure"] is None
+
+
+def _fused_group_norm(module: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor | None:
+    """The fused kernel's output, or None where it is off or cannot be built (then: the copy)."""
+    if not fused_group_norm_active():
+        return None
+    try:
+        return _compiled_group_norm()(x, module.weight, module.bias, module.eps)
+    except Exception as exc:  # no C++ compiler, or inductor cannot build here: keep training, slower
+        _fused_state["failure"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        warnings.warn(
+            "rna_core.speed: the fused channels_last GroupNorm could not be built "
+            f"({_fused_state['failure']}); small-group GroupNorm runs on a contiguous copy instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+class ChannelsLastGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that steps around the slow channels_last CPU kernel for small groups in bf16.
+
+    Same parameters, buffers and state_dict as nn.GroupNorm (use_channels_last swaps the class of
+    existing layers in place); other inputs run nn.GroupNorm's own forward.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _small_group_bf16_cpu(self, x):
+            # fused for one channel per group only: with 2-4 channels per group the generated
+            # kernel was 10-30x slower than the copy route (bench/norm_layout.py)
+            out = _fused_group_norm(self, x) if self.num_groups == self.num_channels else None
+            if out is not None:
+                return out
+            x = x.contiguous()  # (the input gradient then comes back contiguous)
+        return super().forward(x)
 
 
 def _channels_last_output(module: nn.Module, args: tuple, out: Any) -> Any:
@@ -209,17 +286,21 @@ def use_channels_last(model: nn.Module) -> nn.Module:
     """Convert the model to channels_last, once (idempotent); same parameters, same state_dict.
 
     `Module.to(memory_format=...)` rewrites `param.data` in place, so an optimizer built earlier
-    still holds the same parameter objects. Norm layers get hooks (see `_contiguous_input`,
-    `_channels_last_output`): GroupNorm with small groups on a bf16 CPU batch runs on a contiguous
-    copy, and every norm hands channels_last on, so the next convolution sees channels_last again.
-    Without them a ResNet-18 `bn,gns:1` bf16 step on this CPU spent half its time in channels_last
-    GroupNorm kernels, and was only 1.4x faster than fp32. Call it before wrapping the model in DDP.
+    still holds the same parameter objects. GroupNorm layers become :class:`ChannelsLastGroupNorm`
+    (small groups on a bf16 CPU batch: the fused kernel for one channel per group, else a
+    contiguous copy), and every norm
+    that may change the layout gets a hook handing channels_last on, so the next convolution sees
+    channels_last again. Without them a ResNet-18 `bn,gns:1` bf16 step on this CPU spent half its
+    time in channels_last GroupNorm kernels, and was only 1.4x faster than fp32; with the copies
+    instead of the fused kernel it was 1.13x slower than the same `bn` step (docs/benchmarks.md).
+    Call it before wrapping the model in DDP.
     """
     if not getattr(model, _FLAG, False):
         model.to(memory_format=torch.channels_last)
         for module in model.modules():
+            if type(module) is nn.GroupNorm:
+                module.__class__ = ChannelsLastGroupNorm
             if _layout_guarded(module):
-                module.register_forward_pre_hook(_contiguous_input)
                 module.register_forward_hook(_channels_last_output)
         setattr(model, _FLAG, True)
     return model

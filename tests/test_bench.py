@@ -286,18 +286,21 @@ def test_eval_precision_tiny_runs_both_precisions_on_the_same_units(capsys, tmp_
     assert set(result["headlines"]) == {"speed pgd20:transfer", "speed eot_pgd:eot"}
 
 
-def test_norm_layout_tiny_times_both_ways(capsys):
+def test_norm_layout_tiny_times_the_three_ways(capsys):
     result = norm_layout.main(["--batch", "2", "--stages", "1", "--group-channels", "1,16", *TINY])
     out = capsys.readouterr().out
     _check_printed(out, "norm_layout", result)
     assert set(result["timings"]) == {
         "gn C=64 D=1 channels_last",
         "gn C=64 D=1 via_contiguous",
+        "gn C=64 D=1 fused",  # small groups only: the fused kernel is not used from 8 channels per group
         "gn C=64 D=16 channels_last",
         "gn C=64 D=16 via_contiguous",
         "bn C=64 channels_last",
     }
     assert "C=64 D=16: channels_last / via_contiguous" in result["extra"]
+    assert "fused / bn" in result["extra"]["C=64 D=1: via_contiguous / fused"]
+    assert result["ratio_name"] == "time(gn C=64 D=1 via_contiguous) / time(gn C=64 D=1 fused)"
 
 
 def test_shared_attack_tiny_gives_the_same_rows_both_ways(capsys):

@@ -4,7 +4,9 @@
   plain formula (below, as it was written before the speed work).
 - The CPU->GPU copy helper: same values.
 - channels_last (other convolution kernels): the same step within float rounding; the batch keeps
-  the layout through the PGD loop and the norms; small-group GroupNorm runs contiguous in bf16.
+  the layout through the PGD loop and the norms; small-group GroupNorm in bf16 runs the fused
+  channels_last kernel (same values as nn.GroupNorm within bf16 rounding, forward and gradients),
+  or a contiguous copy where that kernel is switched off or cannot be built.
 - bf16 autocast: actually runs the convolutions in bf16 (attack and update), loss within 5%; the
   same method (same paths, no parameter gradients in the attack, fp32 loss and weights); each
   weight cast to bf16 once per attack, bit-identical to casting it every step.
@@ -314,7 +316,7 @@ def test_weights_are_cast_to_bf16_once_per_attack_with_the_same_result(monkeypat
 def test_batch_keeps_channels_last_through_the_attack_and_the_norms():
     x, y = _batch(8)
     model = _model("gns:1,bn")
-    layouts = {"model_in": [], "conv_in": [], "gn_kernel_in": []}
+    layouts = {"model_in": [], "conv_in": [], "gn_in": [], "gn_out": []}
     cl = torch.channels_last
     model.register_forward_pre_hook(lambda m, a: layouts["model_in"].append(a[0].is_contiguous(memory_format=cl)))
     cfg = _cfg(3, amp_bf16="true", channels_last="true")
@@ -323,17 +325,101 @@ def test_batch_keeps_channels_last_through_the_attack_and_the_norms():
         if isinstance(m, nn.Conv2d):
             m.register_forward_pre_hook(lambda m, a: layouts["conv_in"].append(a[0].is_contiguous(memory_format=cl)))
         if isinstance(m, nn.GroupNorm):
-            m.register_forward_pre_hook(lambda m, a: layouts["gn_kernel_in"].append(a[0].is_contiguous()))
+            assert isinstance(m, speed.ChannelsLastGroupNorm)
+            m.register_forward_pre_hook(lambda m, a: layouts["gn_in"].append(a[0].is_contiguous(memory_format=cl)))
+            m.register_forward_hook(lambda m, a, o: layouts["gn_out"].append(o.is_contiguous(memory_format=cl)))
     sampler = PathSampler("fixed:0000", seed=0)  # every layer on gns:1, the small-group GroupNorm
     train_step(model, x, y, build_optimizer(model, cfg), cfg, sampler)
+    assert speed.fused_group_norm_active()  # the fused kernel was built and used, not the copy
     assert layouts["model_in"] == [True] * 4  # 3 PGD steps and the update: x_adv stays channels_last
     assert all(layouts["conv_in"]) and len(layouts["conv_in"]) == 16
-    assert all(layouts["gn_kernel_in"]) and len(layouts["gn_kernel_in"]) == 16  # bf16 small groups: contiguous kernel
-    # fp32 keeps the channels_last kernel (it is not slower enough to pay for the copies)
-    layouts["gn_kernel_in"].clear()
-    cfg32 = _cfg(1, channels_last="true")
-    train_step(model, x, y, build_optimizer(model, cfg32), cfg32, sampler)
-    assert layouts["gn_kernel_in"] == [False] * 8
+    assert layouts["gn_in"] == [True] * 16 and layouts["gn_out"] == [True] * 16  # no layout copy around it
+    # fp32 keeps nn.GroupNorm's own channels_last kernel (it is not slower enough to pay for a copy)
+    calls = []
+    real = speed._fused_group_norm
+    speed._fused_group_norm = lambda m, x: calls.append(1) or real(m, x)
+    try:
+        cfg32 = _cfg(1, channels_last="true")
+        train_step(model, x, y, build_optimizer(model, cfg32), cfg32, sampler)
+    finally:
+        speed._fused_group_norm = real
+    assert calls == []
+
+
+def _group_norm_pass(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    x_req = x.detach().requires_grad_(True)
+    out = layer(x_req)
+    norm = layer[0] if isinstance(layer, nn.Sequential) else layer
+    gx, gw, gb = torch.autograd.grad(out, [x_req, norm.weight, norm.bias], grad)
+    return out, gx, gw, gb
+
+
+@pytest.mark.parametrize("channels,groups", [(16, 16), (12, 4)])  # gns:1 (fused) and gns:3 (copy route)
+def test_small_group_norm_matches_group_norm_forward_and_gradients(channels, groups):
+    g = torch.Generator().manual_seed(0)
+    x32 = torch.randn(6, channels, 8, 8, generator=g) * 3 + 1
+    grad32 = torch.randn(6, channels, 8, 8, generator=g)
+    ref = nn.GroupNorm(groups, channels).double()
+    with torch.no_grad():
+        ref.weight.copy_(torch.rand(channels, generator=g) + 0.5)
+        ref.bias.copy_(torch.randn(channels, generator=g))
+    fused = use_channels_last(nn.Sequential(copy.deepcopy(ref).float()))  # as a model's layer gets it
+    assert isinstance(fused[0], speed.ChannelsLastGroupNorm)
+    x = x32.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    grad = grad32.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    want = _group_norm_pass(ref, x.double(), grad.double())
+    got = _group_norm_pass(fused, x, grad)
+    assert speed.fused_group_norm_active()
+    assert got[0].dtype == torch.bfloat16 and got[0].is_contiguous(memory_format=torch.channels_last)
+    if groups == channels:  # fused: the input gradient keeps the layout too
+        assert got[1].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(got, want):  # bf16 output rounding: 2^-8 relative
+        assert (a.double() - b).abs().max() <= 1e-2 * b.abs().max(), (a.double() - b).abs().max()
+    # and the copy route gives the same within the same rounding
+    speed.set_fused_group_norm(False)
+    try:
+        copied = _group_norm_pass(fused, x, grad)
+    finally:
+        speed.set_fused_group_norm(True)
+    for a, b in zip(copied, want):
+        assert (a.double() - b).abs().max() <= 1e-2 * b.abs().max()
+    # two kernels really ran (their outputs agree to the bit here: both keep fp32 statistics)
+    fused_here = type(got[0].grad_fn).__name__ == "CompiledFunctionBackward"
+    assert fused_here == (groups == channels)  # fused for one channel per group only
+    assert type(copied[0].grad_fn).__name__ != "CompiledFunctionBackward"
+
+
+def test_fused_group_norm_that_cannot_be_built_falls_back_to_the_copy_with_a_warning(monkeypatch):
+    def no_compiler():
+        def fail(*args):
+            raise RuntimeError("no C++ compiler here")
+
+        return fail
+
+    monkeypatch.setattr(speed, "_compiled_group_norm", no_compiler)
+    monkeypatch.setitem(speed._fused_state, "failure", None)
+    layer = nn.GroupNorm(8, 8)
+    layer.__class__ = speed.ChannelsLastGroupNorm
+    x = torch.randn(2, 8, 4, 4).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler here"):
+        out = layer(x)
+    assert not speed.fused_group_norm_active()
+    assert torch.allclose(out.float(), F.group_norm(x.float(), 8, layer.weight, layer.bias), atol=2e-2)
+    layer(x)  # switched off for good: no second build, no second warning (pytest would not fail on it)
+    assert speed._fused_state["failure"].startswith("RuntimeError: no C++ compiler here")
+
+
+def test_fused_group_norm_switch_reads_the_environment():
+    import subprocess
+    import sys
+
+    code = "from rna_core import speed; print(speed.fused_group_norm_active())"
+    env = {**__import__("os").environ, "RNA_FUSED_GROUPNORM": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    env["RNA_FUSED_GROUPNORM"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
 
 
 def test_compile_is_not_a_flag_but_old_stored_configs_still_load():
