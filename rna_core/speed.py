@@ -200,23 +200,35 @@ def _small_group_bf16_cpu(module: nn.GroupNorm, x: Any) -> bool:
     )
 
 
-def _channel_norm_math(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-) -> torch.Tensor:
-    """GroupNorm with one channel per group written out, for torch.compile to fuse.
+def _channel_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GroupNorm with one channel per group: output in x's dtype, fp32 mean and 1/std per (n, c).
 
-    Statistics in fp32 and the output in x's dtype, as `F.group_norm` under autocast computes it;
-    on a channels_last batch the generated kernels read and write that layout directly.
+    Statistics in fp32, as `F.group_norm` under autocast computes them; compiled, the kernels read
+    and write the batch's layout (channels_last) directly.
     """
-    c = x.shape[1]
     xf = x.float()
     var, mean = torch.var_mean(xf, dim=(2, 3), keepdim=True, correction=0)
-    y = (xf - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * weight.float().view(1, c, 1, 1)
-    if bias is not None:
-        y = y + bias.float().view(1, c, 1, 1)
-    return y.to(x.dtype)
+    rstd = torch.rsqrt(var + eps)
+    y = (xf - mean) * rstd * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    return y.to(x.dtype), mean, rstd
+
+
+def _channel_norm_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `_channel_norm_forward` for x (x's dtype), weight and bias (fp32), in fp32 inside."""
+    g = grad.float()
+    xhat = (x.float() - mean) * rstd
+    # one reduction pass for the per-(n, c) sums, one pointwise pass for grad_x
+    sum_g = g.sum(dim=(2, 3), keepdim=True)
+    sum_g_xhat = (g * xhat).sum(dim=(2, 3), keepdim=True)
+    grad_bias = sum_g.sum(dim=(0, 2, 3))
+    grad_weight = sum_g_xhat.sum(dim=(0, 2, 3))
+    hw = x.shape[2] * x.shape[3]
+    grad_x = (g - sum_g / hw - xhat * (sum_g_xhat / hw)) * (rstd * weight.view(1, -1, 1, 1))
+    return grad_x.to(x.dtype), grad_weight, grad_bias
 
 
 # `RNA_FUSED_GROUPNORM=0` keeps the contiguous-copy route (to compare the two, or where building
@@ -224,10 +236,47 @@ def _channel_norm_math(
 _fused_state = {"enabled": os.environ.get("RNA_FUSED_GROUPNORM", "1") != "0", "failure": None}
 
 
+# Graphs each kernel may have. Dynamic shapes and detached inputs leave few (autocast on or off,
+# the input dtype, small tensors); dynamo's default of 8 per function is shared by all code and,
+# when reached, silently runs the Python function eagerly, which is slower than the copy route.
+RECOMPILE_LIMIT = 32
+
+
 @functools.cache
-def _compiled_group_norm() -> Any:
-    # dynamic: one graph for every layer's channels, spatial size and batch, not one per shape
-    return torch.compile(_channel_norm_math, dynamic=True)
+def _compiled(fn: Any) -> Any:
+    # dynamic: one graph for every layer's channels, spatial size and batch, not one per shape.
+    # Both run inside an autograd.Function on detached tensors (never nn.Parameters, whose shapes
+    # dynamo keeps static), so training, attacks and no-grad evaluation share their graphs.
+    compiled = torch.compile(fn, dynamic=True)
+
+    @functools.wraps(fn)
+    def run(*args: Any) -> Any:
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return compiled(*args)
+
+    return run
+
+
+class _FusedChannelNorm(torch.autograd.Function):
+    """Autograd around the two compiled kernels (the backward is written out, see above)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        x, weight = x.detach(), weight.detach()
+        y, mean, rstd = _compiled(_channel_norm_forward)(x, weight, bias.detach(), eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        try:
+            grad_x, grad_weight, grad_bias = _compiled(_channel_norm_backward)(grad.detach(), x, weight, mean, rstd)
+        except Exception as exc:  # the backward kernel could not be built: the same math, uncompiled
+            _switch_off(exc)
+            grad_x, grad_weight, grad_bias = _channel_norm_backward(grad, x, weight, mean, rstd)
+        return grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None
 
 
 def set_fused_group_norm(enabled: bool) -> None:
@@ -244,17 +293,26 @@ def _fused_group_norm(module: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor | N
     """The fused kernel's output, or None where it is off or cannot be built (then: the copy)."""
     if not fused_group_norm_active():
         return None
+    weight = module.weight if module.weight is not None else torch.ones(x.shape[1])
+    bias = module.bias if module.bias is not None else torch.zeros(x.shape[1])
     try:
-        return _compiled_group_norm()(x, module.weight, module.bias, module.eps)
+        return _FusedChannelNorm.apply(x, weight, bias, module.eps)
     except Exception as exc:  # no C++ compiler, or inductor cannot build here: keep training, slower
-        _fused_state["failure"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        _switch_off(exc)
+        return None
+
+
+def _switch_off(exc: Exception) -> None:
+    """Remember why the fused kernel failed and warn once; from now on the copy route runs."""
+    first = _fused_state["failure"] is None
+    _fused_state["failure"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if first:
         warnings.warn(
             "rna_core.speed: the fused channels_last GroupNorm could not be built "
             f"({_fused_state['failure']}); small-group GroupNorm runs on a contiguous copy instead",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-        return None
 
 
 class ChannelsLastGroupNorm(nn.GroupNorm):
@@ -266,8 +324,8 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _small_group_bf16_cpu(self, x):
-            # fused for one channel per group only: with 2-4 channels per group the generated
-            # kernel was 10-30x slower than the copy route (bench/norm_layout.py)
+            # fused for one channel per group (RNA's `gns:1`) only: a grouped form of the kernel
+            # with 4 channels per group was 10-30x slower than the copy route (bench/norm_layout.py)
             out = _fused_group_norm(self, x) if self.num_groups == self.num_channels else None
             if out is not None:
                 return out
