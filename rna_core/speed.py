@@ -18,14 +18,14 @@ autocast with the loss in fp32 and the backward outside it; the optimizer update
 In channels_last, norm layers whose CPU kernels are slow in that layout (GroupNorm with small
 groups, e.g. `gns:1`: 10x slower than on a contiguous tensor in bf16) are routed around those
 kernels (:func:`use_channels_last`), so the batch keeps its layout through the network: GroupNorm
-with one channel per group runs as one fused kernel that torch.compile generates for that layer
-alone (forward and backward in channels_last, statistics in fp32); 2-7 channels per group, or
-where that kernel cannot be built, run on a contiguous copy.
+with one channel per group runs as two kernels that torch.compile generates for that norm alone
+(forward, and a written-out backward; both in channels_last, statistics in fp32); 2-7 channels
+per group, or where those kernels cannot be built, run on a contiguous copy.
 
 The model itself is not compiled: with random paths dynamo treats each RandomLayer's integer
 `choice` as a constant, so every new path is a new graph (K^L paths; after `recompile_limit`
-graphs it falls back to eager), measured in docs/benchmarks.md. The fused GroupNorm is a
-function of the tensors alone (no path inside), so one graph serves every path and shape.
+graphs it falls back to eager), measured in docs/benchmarks.md. The fused GroupNorm's kernels are
+functions of detached tensors alone (no path inside), so a few graphs serve every path and shape.
 """
 
 from __future__ import annotations
@@ -175,9 +175,10 @@ def _resolve_auto(amp: str, layout: str, device: str) -> SpeedFlags:
 
 # Below this many channels per group, the CPU's channels_last GroupNorm kernel in bf16 runs about
 # one group per instruction: `gns:1` (1 channel per group) forward + backward at batch 128 took
-# 3-12x longer than copying to contiguous, normalizing there and copying back; from 16 channels
-# per group on it is the faster one (measured per ResNet-18 stage, docs/benchmarks.md). In fp32
-# the channels_last kernel is not slower enough to pay for the copies.
+# 4-14x longer than copying to contiguous, normalizing there and copying back, and 8-19x longer
+# than the fused kernels below; from 16 channels per group on it is the fastest (measured per
+# ResNet-18 stage, bench/norm_layout.py, docs/benchmarks.md). In fp32 the channels_last kernel is
+# not slower enough to pay for the copies.
 SMALL_GROUP_CHANNELS = 8
 
 
