@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from bench.common import add_common_args, apply_threads, measure_interleaved, paired_ratio, report
 from rna_core import speed
-from rna_core.speed import SMALL_GROUP_CHANNELS, ChannelsLastGroupNorm
+from rna_core.speed import SMALL_GROUP_CHANNELS, ChannelsLastGroupNorm, use_channels_last
 
 STAGES = ((64, 32), (128, 16), (256, 8), (512, 4))  # ResNet-18 (CIFAR): channels, spatial size
 
@@ -43,8 +43,9 @@ def _pass(layer: nn.Module, x: torch.Tensor, via_contiguous: bool) -> None:
 
 
 def _fused(gn: nn.GroupNorm) -> nn.Module:
-    layer = copy.deepcopy(gn)
-    layer.__class__ = ChannelsLastGroupNorm
+    """A copy of `gn` as a model's layer gets it from use_channels_last (the fused route in bf16)."""
+    layer = use_channels_last(nn.Sequential(copy.deepcopy(gn)))
+    assert isinstance(layer[0], ChannelsLastGroupNorm)
     return layer
 
 

@@ -347,12 +347,11 @@ def use_channels_last(model: nn.Module) -> nn.Module:
     `Module.to(memory_format=...)` rewrites `param.data` in place, so an optimizer built earlier
     still holds the same parameter objects. GroupNorm layers become :class:`ChannelsLastGroupNorm`
     (small groups on a bf16 CPU batch: the fused kernel for one channel per group, else a
-    contiguous copy), and every norm
-    that may change the layout gets a hook handing channels_last on, so the next convolution sees
-    channels_last again. Without them a ResNet-18 `bn,gns:1` bf16 step on this CPU spent half its
-    time in channels_last GroupNorm kernels, and was only 1.4x faster than fp32; with the copies
-    instead of the fused kernel it was 1.13x slower than the same `bn` step (docs/benchmarks.md).
-    Call it before wrapping the model in DDP.
+    contiguous copy), and every norm that may change the layout gets a hook handing channels_last
+    on, so the next convolution sees channels_last again. Without them a ResNet-18 `bn,gns:1` bf16
+    step on this CPU spent half its time in channels_last GroupNorm kernels, and was only 1.4x
+    faster than fp32; with the copies instead of the fused kernel it was 1.13x slower than the
+    same `bn` step (docs/benchmarks.md). Call it before wrapping the model in DDP.
     """
     if not getattr(model, _FLAG, False):
         model.to(memory_format=torch.channels_last)

@@ -293,7 +293,7 @@ def test_norm_layout_tiny_times_the_three_ways(capsys):
     assert set(result["timings"]) == {
         "gn C=64 D=1 channels_last",
         "gn C=64 D=1 via_contiguous",
-        "gn C=64 D=1 fused",  # small groups only: the fused kernel is not used from 8 channels per group
+        "gn C=64 D=1 fused",  # one channel per group only: the case ChannelsLastGroupNorm fuses
         "gn C=64 D=16 channels_last",
         "gn C=64 D=16 via_contiguous",
         "bn C=64 channels_last",
