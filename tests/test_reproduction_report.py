@@ -76,6 +76,9 @@ def _experiment(base: Path, with_stability: bool = True) -> dict:
         results[("rna", "stability")] = [
             _row("rna", "pgd20", "transfer", c, trial=t, bf16=True) for t, c in enumerate((88, 90, 92, 94))
         ] + [_row("rna", "natural", "transfer", 110, trial=t, bf16=True) for t in range(4)]
+        results[("bn", "stability")] = [
+            _row("bn", "pgd20", "transfer", c, trial=t, bf16=True) for t, c in enumerate((60, 61, 59))
+        ] + [_row("bn", "natural", "transfer", 120, trial=t, bf16=True) for t in range(3)]
     for (arm, step), rows in results.items():
         out_dir = base / "eval_results" / "reproduction_cpu" / f"{arm}-{step}"
         out_dir.mkdir(parents=True)
@@ -162,6 +165,11 @@ def test_report_shows_the_tables_numbers_and_the_in_progress_state(tmp_path):
         f"{max(accs):.2f}",
     ]
     assert _table_row(text.split("## Table 4")[1], rna_label, "eot_pgd / eot")[2:] == ["-"] * 6
+    # BN: no random layer, so its fixed-path and EOT-PGD trials are its transfer trials
+    bn_t4 = _table_row(text.split("## Table 4")[1], bn_label, "pgd20 / transfer")
+    assert bn_t4[2:4] == ["3", "bf16"] and bn_t4[4] == f"{statistics.fmean([30.0, 30.5, 29.5]):.2f}"
+    for attack_protocol in ("pgd20 / fixed-path", "eot_pgd / eot"):
+        assert _table_row(text.split("## Table 4")[1], bn_label, attack_protocol)[2:] == bn_t4[2:]
     # bf16 against fp32: Table 4's trial 0 (bf16) beside the fp32 single-trial step with the same seeds
     check = text.split("## bf16 against fp32")[1].split("## ")[0]
     assert _table_row(check, rna_label, "pgd20 / transfer")[2:] == ["200", "45.0", "44.0", "-1.0"]
