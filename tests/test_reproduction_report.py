@@ -304,3 +304,50 @@ def test_measured_compute_states_the_elapsed_time_when_drivers_overlapped():
     assert "60 min from the start to the last finished step" in text
     steps["eval/bn/table1"]["finished"] = "2026-12-02T11:20:00Z"  # one after the other: no note
     assert "beside the training" not in report.measured_compute({"started": "2026-12-02T10:00:00Z", "steps": steps})
+
+
+def _cell(trials: tuple[float, ...]) -> report.Cell:
+    return report.Cell(mean=statistics.fmean(trials), trials=trials, n=1000, seconds=1.0)
+
+
+def test_findings_name_an_eot_attack_stronger_than_the_attacked_path_instead_of_a_negative_share():
+    below = {
+        ("pgd20", "transfer"): _cell((22.5,)),
+        ("pgd20", "fixed-path"): _cell((19.4,)),
+        ("eot_pgd", "eot"): _cell((17.0,)),
+    }
+    text = " ".join(report.findings({"rna_eot": below}))
+    assert "gap 3.1 points" in text and "below the attacked path itself" in text and "keeping" not in text
+
+
+def test_trial_findings_pair_the_trials_and_state_the_spread_of_the_scoring_draws():
+    rna = {
+        ("pgd20", "transfer"): _cell((24.0, 26.0, 22.0)),
+        ("pgd20", "fixed-path"): _cell((17.0, 18.0, 16.0)),
+        ("eot_pgd", "eot"): _cell((20.0, 23.0, 22.5)),  # drops 4.0, 3.0, -0.5 (paired by trial)
+        ("natural", "transfer"): _cell((32.0, 36.0, 34.0)),
+    }
+    bn = {("pgd20", "transfer"): _cell((22.6, 22.6, 22.6))}
+    one = {"rna": {("eot_pgd", "eot"): _cell((19.5,))}}
+    text = " ".join(report.trial_findings({"bn": bn, "rna": rna}, one))
+    assert "Over Table 4's 3 trials" in text and "gap 7.0 points" in text and "EOT-PGD 21.8%" in text
+    assert "it keeps 69% of the gap" in text  # (21.83 - 17) / (24 - 17)
+    assert "below PGD-20 `transfer` in 2 of 3 trials, by 2.2 points on average (-0.5 to 4.0)" in text
+    assert "below BN's PGD-20 (22.6%) in 2 of 3" in text
+    assert (
+        "from 32.0 to 36.0%" in text
+        and f"correlation {statistics.correlation((32.0, 36.0, 34.0), (20.0, 23.0, 22.5)):.2f}" in text
+    )
+    assert "single evaluation (19.5%)" in text
+    assert report.trial_findings({"bn": bn}, one) == []  # a deterministic arm alone: nothing to pair
+    # published numbers beside ours, column by column
+    pub = " ".join(report.published_findings({"rna": {("natural", "transfer"): _cell((32.0,))}}))
+    assert "natural 32.0 against 84.3" in pub and "PGD-20" not in pub
+
+
+def test_trials_of_a_cell_are_in_trial_order_whatever_the_row_order():
+    rows = [
+        {**_row("rna", "pgd20", "transfer", c, trial=t).__dict__, "_step": "stability"}
+        for t, c in ((2, 30), (0, 10), (1, 20))
+    ]
+    assert report.cells(rows)[("pgd20", "transfer")].trials == (5.0, 10.0, 15.0)

@@ -118,7 +118,7 @@ def cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str], Cell]:
         groups[key] = max(by_step.values(), key=lambda t: (len(t), max(r["n"] for r in t.values())))
     out = {}
     for key, trials in groups.items():
-        acc = tuple(100.0 * t["correct"] / t["n"] for t in trials.values() if t["n"])
+        acc = tuple(100.0 * t["correct"] / t["n"] for _, t in sorted(trials.items()) if t["n"])  # trial order
         if acc:
             out[key] = Cell(
                 statistics.fmean(acc),
@@ -304,10 +304,10 @@ def _finish(fig: Any, ax: Any, path: Path) -> str:
     """Legend, grid, layout; write the PNG and close the figure; the file's name."""
     import matplotlib.pyplot as plt
 
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4, frameon=False)  # below: never over a bar
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path.name
 
@@ -343,9 +343,12 @@ def findings(per_arm_cells: Mapping[str, Mapping[tuple[str, str], Cell]]) -> lis
             if e:
                 keeps = eot_keeps(c)
                 s += f"; EOT-PGD brings it to {fmt(e.mean)}%" + (
-                    f", keeping {fmt(keeps, 0)}% of the gap"
-                    if keeps is not None and abs(t.mean - f.mean) >= MEANINGFUL_GAP
-                    else " (a gap within the noise of one evaluation: nothing for EOT to keep)"
+                    " (a gap within the noise of one evaluation: nothing for EOT to keep)"
+                    if keeps is None or abs(t.mean - f.mean) < MEANINGFUL_GAP
+                    else ", below the attacked path itself: averaging the gradient over path draws is a stronger "
+                    "attack than the gradient of the scoring path alone, and none of the gap is left"
+                    if keeps < 0
+                    else f", keeping {fmt(keeps, 0)}% of the gap"
                 )
             if ("pgd20", "transfer") in bn:
                 b = bn[("pgd20", "transfer")].mean
@@ -355,6 +358,67 @@ def findings(per_arm_cells: Mapping[str, Mapping[tuple[str, str], Cell]]) -> lis
                     s += f", {'above' if e.mean > b else 'not above'} it under EOT"
                 s += ")"
             out.append(s + ".")
+    return out
+
+
+def trial_findings(
+    stab: Mapping[str, Mapping[tuple[str, str], Cell]], c1: Mapping[str, Mapping[tuple[str, str], Cell]]
+) -> list[str]:
+    """What Table 4's trials say about the gap: its means, the per-trial (paired) drop under EOT-PGD, and
+    how far one evaluation's numbers move with the scoring path draws."""
+    out = []
+    bn = stab.get("bn", {}).get(("pgd20", "transfer"))
+    for arm, label in ARMS:
+        c = stab.get(arm, {})
+        t, f, e = c.get(("pgd20", "transfer")), c.get(("pgd20", "fixed-path")), c.get(("eot_pgd", "eot"))
+        if arm in DETERMINISTIC or not (t and f and e) or not len(t.trials) == len(e.trials) > 1:
+            continue
+        n = len(t.trials)
+        drops = [a - b for a, b in zip(t.trials, e.trials)]  # the same trial: same images, same seed
+        s = (
+            f"Over Table 4's {n} trials, {label}: PGD-20 {fmt(t.mean)}% under `transfer`, {fmt(f.mean)}% on the "
+            f"attacked path (gap {fmt(t.mean - f.mean)} points), EOT-PGD {fmt(e.mean)}%"
+        )
+        keeps = eot_keeps(c)
+        if keeps is not None and t.mean - f.mean >= MEANINGFUL_GAP:
+            s += f" (it keeps {fmt(keeps, 0)}% of the gap)"
+        s += (
+            f"; EOT-PGD is below PGD-20 `transfer` in {sum(d > 0 for d in drops)} of {n} trials, by "
+            f"{fmt(statistics.fmean(drops))} points on average ({fmt(min(drops))} to {fmt(max(drops))})"
+        )
+        if bn:
+            s += f", and below BN's PGD-20 ({fmt(bn.mean)}%) in {sum(x < bn.mean for x in e.trials)} of {n}"
+        nat = c.get(("natural", "transfer"))
+        if nat and len(nat.trials) == n:
+            s += (
+                f". Natural accuracy moves from {fmt(min(nat.trials))} to {fmt(max(nat.trials))}% between trials "
+                "(the scoring path draws alone, one per batch)"
+            )
+            if statistics.pstdev(nat.trials) > 0 and statistics.pstdev(e.trials) > 0:
+                s += f" and EOT-PGD moves with it (correlation {statistics.correlation(nat.trials, e.trials):.2f})"
+        one = c1.get(arm, {}).get(("eot_pgd", "eot"))
+        if one:
+            s += f"; Table 1's single evaluation ({fmt(one.mean)}%) is one such draw"
+        out.append(s + ".")
+    return out
+
+
+def published_findings(c1: Mapping[str, Mapping[tuple[str, str], Cell]]) -> list[str]:
+    """Our numbers beside the published ones, column by column."""
+    out = []
+    for arm, pub in PUBLISHED.items():
+        c = c1.get(arm, {})
+        pairs = [
+            f"{name} {fmt(c[(k, 'transfer')].mean)} against {fmt(pub['values'][k])}"
+            for name, k in (("natural", "natural"), ("FGSM", "fgsm"), ("PGD-20", "pgd20"), ("MI-FGSM", "mifgsm"))
+            if k in pub["values"] and (k, "transfer") in c
+        ]
+        if pairs:
+            out.append(
+                f"Against the published {pub['label']} under the same `transfer` protocol, ours: "
+                + ", ".join(pairs)
+                + " (%)."
+            )
     return out
 
 
@@ -592,8 +656,12 @@ def render(base: Path, out: Path, sizing: dict[str, Any] | None) -> str:
     L += ["## Findings", ""]
     found = findings(c1)
     L += [" ".join(found) if found else "No finished evaluation of a random arm yet.", ""]
+    found = trial_findings(stab, c1)
+    if found:
+        L += [" ".join(found), ""]
     L += [
-        "Where our numbers and the seed's differ, the checked differences are the scale (the model, the "
+        " ".join(published_findings(c1))
+        + " Where our numbers and the seed's differ, the checked differences are the scale (the model, the "
         "training images, PGD steps and epochs below, against ResNet-18 / 200 epochs / PGD-10), the data "
         "(CIFAR-10 re-encoded as JPEG), and the evaluation slice; the protocols follow the official code "
         "(README, 'Where we still differ').",
