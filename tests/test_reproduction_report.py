@@ -294,6 +294,19 @@ def test_findings_do_not_read_a_share_into_a_gap_within_the_noise():
     assert "gap 10.5 points" in rna_part and "keeping 45% of the gap" in rna_part
 
 
+def test_findings_call_a_difference_from_bn_inside_the_noise_level():
+    def cell(mean: float) -> report.Cell:
+        return report.Cell(mean=mean, trials=(mean,), n=1000, seconds=1.0)
+
+    bn = {("pgd20", "transfer"): cell(25.4)}
+    rna = {("pgd20", "transfer"): cell(25.5), ("pgd20", "fixed-path"): cell(15.6), ("eot_pgd", "eot"): cell(19.3)}
+    rpt = {("pgd20", "transfer"): cell(28.4), ("pgd20", "fixed-path"): cell(25.1), ("eot_pgd", "eot"): cell(25.4)}
+    text = " ".join(report.findings({"bn": bn, "rna": rna, "rpt": rpt}))
+    rna_part, rpt_part = text.split(dict(report.ARMS)["rpt"])
+    assert "is level with it (+0.1 points) under `transfer`, 6.1 points below it under EOT" in rna_part
+    assert "is 3.0 points above it under `transfer`, level with it (+0.0 points) under EOT" in rpt_part
+
+
 def test_measured_compute_states_the_elapsed_time_when_drivers_overlapped():
     steps = {
         "sweep": {"seconds": 3600.0, "finished": "2026-12-02T11:00:00Z"},

@@ -331,6 +331,14 @@ def kept_share(c: Mapping[tuple[str, str], Cell]) -> float | None:
     return None if keeps is None or abs(t - f) < MEANINGFUL_GAP else keeps
 
 
+def versus(ours: float, baseline: float) -> str:
+    """Where a number stands against a baseline, saying 'level with' inside the noise of one evaluation."""
+    d = ours - baseline
+    if abs(d) < MEANINGFUL_GAP:
+        return f"level with it ({d:+.1f} points)"
+    return f"{fmt(abs(d))} points {'above' if d > 0 else 'below'} it"
+
+
 def findings(per_arm_cells: Mapping[str, Mapping[tuple[str, str], Cell]]) -> list[str]:
     """Sentences that state what the numbers show (each number comes from the tables above)."""
     out = []
@@ -359,10 +367,9 @@ def findings(per_arm_cells: Mapping[str, Mapping[tuple[str, str], Cell]]) -> lis
                 )
             if ("pgd20", "transfer") in bn:
                 b = bn[("pgd20", "transfer")].mean
-                above = "above" if t.mean > b else "not above"
-                s += f". Plain BN PGD-AT: {fmt(b)}% (this arm {above} it under `transfer`"
+                s += f". Plain BN PGD-AT: {fmt(b)}% (this arm is {versus(t.mean, b)} under `transfer`"
                 if e:
-                    s += f", {'above' if e.mean > b else 'not above'} it under EOT"
+                    s += f", {versus(e.mean, b)} under EOT"
                 s += ")"
             out.append(s + ".")
     return out
