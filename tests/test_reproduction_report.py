@@ -71,6 +71,7 @@ def _experiment(base: Path, with_stability: bool = True) -> dict:
             _row("rna", "autoattack", "transfer", 30, n=100, bf16=True),
         ],
         ("rna", "early_stop"): [_row("rna", "natural", "early-stop", 110), _row("rna", "pgd20", "early-stop", 70)],
+        ("rna", "autoattack_rand"): [_row("rna", "autoattack_rand", "eot", 27, n=100, bf16=True)],  # 27.0 %
     }
     if with_stability:
         results[("rna", "stability")] = [
@@ -136,7 +137,8 @@ def test_report_shows_the_tables_numbers_and_the_in_progress_state(tmp_path):
     assert (row["Natural"], row["FGSM"], row["PGD-20"], row["EOT-PGD (eot)"]) == ("55.0", "47.5", "45.0", "30.0")
     # from its 100-image step, marked: it ran the forward in bf16; Natural (55.0, fp32) from table1's 200
     assert row["AutoAttack"] == "30.0" + report.BF16_MARK
-    assert row["CW"] == "-" and row["AutoAttack-rand (eot)"] == "-"  # not run yet
+    assert row["CW"] == "-"  # not run yet
+    assert row["AutoAttack-rand (eot)"] == "27.0" + report.BF16_MARK
     fixed = dict(zip(header, _table_row(text, rna_label, "fixed-path")))
     assert (fixed["PGD-20"], fixed["FGSM"], fixed["EOT-PGD (eot)"]) == ("25.0", "40.0", "")
     # BN: deterministic, so its fixed-path and eot cells are its transfer numbers
@@ -148,11 +150,12 @@ def test_report_shows_the_tables_numbers_and_the_in_progress_state(tmp_path):
 
     t3 = dict(
         zip(
-            ["arm", "es", "t", "f", "e"],
+            ["arm", "es", "t", "f", "e", "aar"],
             _table_row(text.split("## Table 3")[1], rna_label),
         )
     )
     assert (t3["es"], t3["t"], t3["f"], t3["e"]) == ("35.0", "45.0", "25.0", "30.0")
+    assert t3["aar"] == "27.0" + report.BF16_MARK  # Table 1's cell, beside early-stop
 
     t4 = _table_row(text.split("## Table 4")[1], rna_label, "pgd20 / transfer")
     accs = [100 * c / 200 for c in (88, 90, 92, 94)]
@@ -179,6 +182,7 @@ def test_report_shows_the_tables_numbers_and_the_in_progress_state(tmp_path):
     # findings: the gap (20 points) and what EOT keeps of it (25 %), from the numbers above
     f = text.split("## Findings")[1]
     assert "gap 20.0 points" in f and "30.0%" in f and "keeping 25% of the gap" in f
+    assert f"{rna_label} 35.0% against 45.0% (-10.0 points)" in f  # Table 3 against Table 1
     # plots and path analysis copied beside the report; runs with their MLflow ids and wall times
     for png in ("reproduction_transfer_gap.png", "reproduction_eot_keeps.png"):
         blob = (out / png).read_bytes()
@@ -202,6 +206,8 @@ def test_report_of_an_all_fp32_run_claims_no_bf16_cells(tmp_path):
         if folder.name == "rna-autoattack":
             rows = [_row("rna", "natural", "transfer", 40, n=100), _row("rna", "autoattack", "transfer", 30, n=100)]
             write_rows_parquet(rows, folder / "results.parquet")
+        if folder.name == "rna-autoattack_rand":
+            write_rows_parquet([_row("rna", "autoattack_rand", "eot", 27, n=100)], folder / "results.parquet")
     text = report.render(base, out, None)
     assert f"Every cell is fp32 ({reason})." in text and report.BF16_MARK not in text
     check = text.split("## bf16 against fp32")[1].split("## ")[0]
