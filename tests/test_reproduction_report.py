@@ -301,12 +301,17 @@ def test_findings_do_not_read_a_share_into_a_gap_within_the_noise():
 
 
 def test_findings_call_a_difference_from_bn_inside_the_noise_level():
-    def cell(mean: float) -> report.Cell:
-        return report.Cell(mean=mean, trials=(mean,), n=1000, seconds=1.0)
-
-    bn = {("pgd20", "transfer"): cell(25.4)}
-    rna = {("pgd20", "transfer"): cell(25.5), ("pgd20", "fixed-path"): cell(15.6), ("eot_pgd", "eot"): cell(19.3)}
-    rpt = {("pgd20", "transfer"): cell(28.4), ("pgd20", "fixed-path"): cell(25.1), ("eot_pgd", "eot"): cell(25.4)}
+    bn = {("pgd20", "transfer"): _cell((25.4,))}
+    rna = {
+        ("pgd20", "transfer"): _cell((25.5,)),
+        ("pgd20", "fixed-path"): _cell((15.6,)),
+        ("eot_pgd", "eot"): _cell((19.3,)),
+    }
+    rpt = {
+        ("pgd20", "transfer"): _cell((28.4,)),
+        ("pgd20", "fixed-path"): _cell((25.1,)),
+        ("eot_pgd", "eot"): _cell((25.4,)),
+    }
     text = " ".join(report.findings({"bn": bn, "rna": rna, "rpt": rpt}))
     rna_part, rpt_part = text.split(dict(report.ARMS)["rpt"])
     assert "is level with it (+0.1 points) under `transfer`, 6.1 points below it under EOT" in rna_part
