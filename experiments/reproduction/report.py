@@ -379,7 +379,8 @@ def early_stop_findings(c1: Mapping[str, Mapping[tuple[str, str], Cell]]) -> lis
     """Table 3 against Table 1: how much Double-Win Quant's early-stop PGD-20 gives above `transfer`."""
     pairs = []
     for arm, label in ARMS:
-        es, t = c1.get(arm, {}).get(("pgd20", "early-stop")), c1.get(arm, {}).get(("pgd20", "transfer"))
+        c = c1.get(arm, {})
+        es, t = c.get(("pgd20", "early-stop")), c.get(("pgd20", "transfer"))
         if es and t:
             pairs.append(f"{label} {fmt(es.mean)}% against {fmt(t.mean)}% ({es.mean - t.mean:+.1f} points)")
     if not pairs:
